@@ -1,0 +1,20 @@
+"""tract_optax: TrAct (trainable first-layer pre-activations) for JAX and Optax.
+
+Example:
+  >>> import optax, tract_optax
+  >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
+"""
+
+from tract_optax.conv import conv_patches, conv_stats
+from tract_optax.precondition import precondition
+from tract_optax.stats import (TractStats, all_reduce_stats, combine_stats,
+                               dense_stats, stats_from_rows)
+from tract_optax.transform import TractState, tract
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'TractState', 'TractStats', 'all_reduce_stats', 'combine_stats',
+    'conv_patches', 'conv_stats', 'dense_stats', 'precondition',
+    'stats_from_rows', 'tract',
+]

@@ -5,6 +5,7 @@ Example:
   >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
 """
 
+from tract_optax.amortize import stats_due
 from tract_optax.conv import conv_patches, conv_stats
 from tract_optax.precondition import precondition
 from tract_optax.stats import (TractStats, all_reduce_stats, combine_stats,
@@ -16,5 +17,5 @@ __version__ = '0.1.0'
 __all__ = [
     'TractState', 'TractStats', 'all_reduce_stats', 'combine_stats',
     'conv_patches', 'conv_stats', 'dense_stats', 'precondition',
-    'stats_from_rows', 'tract',
+    'stats_due', 'stats_from_rows', 'tract',
 ]

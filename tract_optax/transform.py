@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tract_optax import amortize
 from tract_optax import paths as paths_lib
 from tract_optax.precondition import precondition
 from tract_optax.stats import TractStats, all_reduce_stats
@@ -36,9 +37,20 @@ _safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_inc
 
 
 class TractState(NamedTuple):
-  """State of :func:`tract`: the step count, for a lambda schedule."""
+  """State of :func:`tract`.
+
+  Attributes:
+    count: number of updates so far (drives a lambda schedule).
+    refresh_every: amortised mode's refresh period (1: per-batch statistic).
+    refreshes: number of refreshes of the kept statistics so far.
+    stats_cache: amortised mode's kept statistic per layer ('a/b' keys);
+      empty in the default per-batch mode.
+  """
 
   count: jax.Array
+  refresh_every: jax.Array
+  refreshes: jax.Array
+  stats_cache: dict
 
 
 def validate_lam(lam: Any, name: str = 'lam') -> None:
@@ -91,7 +103,23 @@ def _normalize_stats(tract_stats) -> dict:
   return normalized
 
 
-def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None
+def _validate_amortization(layers, refresh_every, stats_decay):
+  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.')
+  if not (isinstance(stats_decay, (int, float)) and 0 <= stats_decay < 1):
+    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.')
+  amortized = refresh_every > 1 or stats_decay > 0
+  if amortized and not layers:
+    raise ValueError(
+        'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
+        'moment per layer in the optimizer state, so tract needs the layers at '
+        "construction: tract(..., layers=[('stem',)]).")
+  return tuple(paths_lib.normalize_path(p) for p in (layers or ()))
+
+
+def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
+          layers: Optional[Sequence[paths_lib.PathLike]] = None,
+          refresh_every: int = 1, stats_decay: float = 0.0,
           ) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
@@ -107,6 +135,14 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None
       is split; statistics are then averaged to the global-batch statistic
       before the solve. Not needed under ``jit`` with a sharded batch, where
       the statistic is already global.
+    layers: module paths whose statistic is kept in the state (amortised mode
+      only; the default per-batch mode takes whatever ``tract_stats`` names).
+    refresh_every: opt-in amortisation: refresh the kept statistic every k
+      updates and reuse it in between (:func:`~tract_optax.stats_due` tells
+      the capture when to compute it). 1 (default) uses each batch's own
+      statistic, as the paper does.
+    stats_decay: opt-in: keep a moving average of refreshed statistics with
+      this decay (0 replaces the kept statistic at each refresh).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -128,10 +164,13 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None
     [-0.10000000149011612, -0.10000000149011612]
   """
   validate_lam(lam)
+  cached_layers = _validate_amortization(layers, refresh_every, stats_decay)
 
   def init_fn(params):
-    del params
-    return TractState(count=jnp.zeros([], jnp.int32))
+    cache = amortize.init_cache(params, cached_layers) if cached_layers else {}
+    return TractState(count=jnp.zeros([], jnp.int32),
+                      refresh_every=jnp.asarray(refresh_every, jnp.int32),
+                      refreshes=jnp.zeros([], jnp.int32), stats_cache=cache)
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
@@ -139,6 +178,17 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None
     lam_value = lam(state.count) if callable(lam) else lam
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     kernel_index = paths_lib.kernel_leaf_index(updates)
+    if axis_name is not None:
+      stats_by_path = {path: all_reduce_stats(stats, axis_name)
+                       for path, stats in stats_by_path.items()}
+    cache, refreshes = state.stats_cache, state.refreshes
+    if cached_layers:
+      due = state.count % refresh_every == 0
+      cache = amortize.refresh_cache(cache, stats_by_path, due,
+                                     state.refreshes == 0, stats_decay)
+      refreshes = refreshes + due.astype(refreshes.dtype)
+      for path in cached_layers:
+        stats_by_path[path] = cache[amortize.cache_key(path)]
     for module, stats in stats_by_path.items():
       if module not in kernel_index:
         known = ', '.join(repr(p) for p in sorted(kernel_index)) or 'none'
@@ -146,11 +196,11 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None
             f'tract_stats names the module path {module!r} '
             f'({paths_lib.format_path(module)!r}), but the updates have no '
             f"'kernel' under it. Module paths with a kernel: {known}.")
-      if axis_name is not None:
-        stats = all_reduce_stats(stats, axis_name)
       position = kernel_index[module]
       leaves[position] = precondition(leaves[position], stats, lam_value)
-    new_state = TractState(count=_safe_increment(state.count))
+    new_state = TractState(count=_safe_increment(state.count),
+                           refresh_every=state.refresh_every,
+                           refreshes=refreshes, stats_cache=cache)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -19,3 +19,13 @@ __all__ = [
     'conv_patches', 'conv_stats', 'dense_stats', 'precondition',
     'stats_due', 'stats_from_rows', 'tract',
 ]
+
+_FLAX_GLUE = ('linen', 'nnx')  # imported on first use: they import Flax
+
+
+def __getattr__(name):
+  """``tract_optax.linen`` / ``tract_optax.nnx`` without importing Flax eagerly."""
+  if name in _FLAX_GLUE:
+    import importlib
+    return importlib.import_module(f'tract_optax.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,333 @@
+"""Flax Linen glue: first-layer input statistics captured in the forward pass.
+
+:func:`apply_with_stats` runs ``module.apply`` under ``nn.intercept_methods``.
+When a selected ``nn.Conv`` / ``nn.Dense`` / ``nn.DenseGeneral`` is called, the
+interceptor computes the TrAct statistic of that call's input right there
+(never keeping the input itself) and ``sow``s it into a private collection,
+which Flax's lifted transforms (``nn.remat``, ``nn.scan``, ``nn.vmap``, ...)
+carry out like any other variable. The collection is stripped again, so the
+caller gets exactly what ``apply`` returns plus ``{module path: TractStats}``
+for :func:`tract_optax.tract`.
+
+:class:`TractTrainState` is Flax's ``TrainState`` whose ``apply_gradients``
+forwards ``tract_stats`` to ``tx.update``.
+
+Inside ``nn.scan`` / ``nn.vmap`` the collection must be lifted explicitly:
+add ``COLLECTION`` to ``variable_axes`` (e.g. ``{COLLECTION: 0}``). A layer whose
+kernel is shared across the lifted axis (``variable_broadcast='params'`` or
+``variable_axes={'params': None}``) then gets the statistic of the rows of all
+iterations together, exactly; a layer with one kernel per iteration
+(``variable_axes={'params': 0}``) is rejected, since ``tract`` treats a kernel
+as one ``(n, m)`` matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import core as flax_core
+from flax.core import meta
+from flax.core import scope as scope_lib
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+from flax.training import train_state
+
+from tract_optax import _capture
+from tract_optax import conv as conv_lib
+from tract_optax import paths as paths_lib
+from tract_optax import stats as stats_lib
+from tract_optax.stats import TractStats
+
+#: Variable collection the statistics are sown into during ``apply``; add it to
+#: ``variable_axes`` of any ``nn.scan`` / ``nn.vmap`` around a selected layer.
+COLLECTION = 'tract_stats'
+
+_SOW_NAME = 'tract_input_stats'
+
+ModulePath = Tuple[str, ...]
+
+#: Layers whose input statistic this module computes.
+SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+#: Layers with a kernel that are recognised (for auto-selection and errors) but
+#: rejected: their kernel is not a single ``(n, m)`` map of input rows.
+_KERNEL_LAYERS = SUPPORTED_LAYERS + (nn.ConvLocal, nn.ConvTranspose, nn.Einsum)
+
+
+def layer_input_stats(module: nn.Module, x: jax.Array, *,
+                      precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+                      max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES
+                      ) -> TractStats:
+  """Statistic of input ``x`` of a Linen layer, with the layer's own settings.
+
+  Args:
+    module: an ``nn.Dense``, ``nn.DenseGeneral`` or ``nn.Conv`` (bound or not).
+    x: the input the layer is (or would be) called with; gradients are stopped.
+    precision: matmul precision of the moment.
+    max_chunk_bytes: patch bytes materialised at once (convolutions).
+
+  Returns:
+    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+
+  Raises:
+    ValueError: for layers or settings TrAct does not support (``nn.ConvLocal``,
+      ``nn.ConvTranspose``, ``nn.Einsum``, ``input_dilation``, ``mask``,
+      DenseGeneral with several output axes or ``batch_dims``).
+
+  Example:
+    >>> import flax.linen as nn
+    >>> conv = nn.Conv(8, (3, 3), strides=2, padding='CIRCULAR')
+    >>> s = layer_input_stats(conv, jnp.ones((2, 8, 8, 3)))
+    >>> s.moment.shape, float(s.count)
+    ((27, 27), 32.0)
+  """
+  path = tuple(module.path) if module.scope is not None else ()
+  type_name = f'nn.{type(module).__name__}'
+  if isinstance(module, nn.Conv):
+    return _capture.conv_layer_stats(
+        path, type_name, x, kernel_size=module.kernel_size,
+        strides=module.strides, padding=module.padding,
+        input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count, mask=module.mask,
+        precision=precision, max_chunk_bytes=max_chunk_bytes)
+  if isinstance(module, nn.Dense):
+    return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features
+    batch_dims = module.batch_dims
+    return _capture.general_layer_stats(
+        path, type_name, x, axis=module.axis,
+        num_out_axes=1 if isinstance(features, int) else len(tuple(features)),
+        batch_axes=(batch_dims,) if isinstance(batch_dims, int) else tuple(batch_dims),
+        precision=precision)
+  if isinstance(module, nn.ConvLocal):
+    reason = 'its kernel is not shared across positions (one per output position).'
+  elif isinstance(module, _KERNEL_LAYERS):
+    reason = 'its kernel does not map input rows to output rows.'
+  else:
+    reason = 'it is not a Dense or Conv layer.'
+  raise _capture.unsupported_layer(path, type_name, reason)
+
+
+def _lookup(tree, path: ModulePath):
+  node = tree
+  for name in path:
+    if not hasattr(node, 'keys') or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+class _Recorder:
+  """Python-side bookkeeping of one ``apply_with_stats`` call (static only)."""
+
+  def __init__(self, selected: Optional[List[ModulePath]], precision,
+               max_chunk_bytes):
+    self.selected = selected
+    self.precision = precision
+    self.max_chunk_bytes = max_chunk_bytes
+    self.auto_path: Optional[ModulePath] = None
+    self.called: List[ModulePath] = []      # kernel layers called, in order
+    self.recorded: List[ModulePath] = []    # layers with sown statistics
+    self.kernel_shapes: Dict[ModulePath, Tuple[int, ...]] = {}
+    self.active: List[list] = []            # [path, superseded] frames
+
+  def wants(self, module: nn.Module, path: ModulePath) -> bool:
+    if self.selected is not None:
+      return path in self.selected
+    if not isinstance(module, _KERNEL_LAYERS):
+      return False
+    if self.auto_path is None:
+      self.auto_path = path
+    return path == self.auto_path
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
+      self.called.append(path)
+    if not self.wants(module, path):
+      return next_fun(*args, **kwargs)
+    for frame in self.active:  # a subclass calling super().__call__: the
+      if frame[0] == path:     # innermost call is the one the kernel sees
+        frame[1] = True
+    frame = [path, False]
+    self.active.append(frame)
+    try:
+      output = next_fun(*args, **kwargs)
+    finally:
+      self.active.pop()
+    if not frame[1]:
+      self._record(module, path, args, kwargs)
+    return output
+
+  def _record(self, module, path, args, kwargs):
+    inputs = _capture.call_input(path, args, kwargs)
+    if not module.scope.is_mutable_collection(COLLECTION):
+      raise ValueError(
+          f'The layer {paths_lib.format_path(path)!r} runs inside a lifted '
+          f'transform (nn.scan, nn.vmap, ...) that does not carry the '
+          f'collection {COLLECTION!r}, so its statistic cannot leave the '
+          f'transform. Add it to the transform\'s variable_axes, e.g. '
+          f'variable_axes={{{COLLECTION!r}: 0, ...}}.')
+    stats = layer_input_stats(module, inputs, precision=self.precision,
+                              max_chunk_bytes=self.max_chunk_bytes)
+    module.sow(COLLECTION, _SOW_NAME, stats)
+    if module.has_variable('params', 'kernel'):
+      kernel = module.get_variable('params', 'kernel')
+      self.kernel_shapes[path] = tuple(jnp.shape(meta.unbox(kernel)))
+    if path not in self.recorded:
+      self.recorded.append(path)
+
+  def collect(self, sown, variables) -> Dict[ModulePath, TractStats]:
+    """``{path: TractStats}`` from the sown collection, lifted axes merged."""
+    result = {}
+    params = variables.get('params', {})
+    for path in self.recorded:
+      entry = _lookup(sown, path)
+      if entry is None or _SOW_NAME not in entry:
+        raise ValueError(
+            f'The statistic of layer {paths_lib.format_path(path)!r} did not come '
+            'out of the forward pass: a lifted transform around it dropped the '
+            f'collection {COLLECTION!r}; lift it like any sown collection.')
+      calls = entry[_SOW_NAME]
+      kernel = _lookup(params, path + (paths_lib.KERNEL_NAME,))
+      outer = None if kernel is None else tuple(jnp.shape(meta.unbox(kernel)))
+      result[path] = _capture.combine_calls(
+          path, calls, outer, self.kernel_shapes.get(path), self.precision)
+    return result
+
+  def check_selection(self) -> None:
+    if self.selected is None:
+      if self.auto_path is None:
+        raise _capture.no_layer_called()
+      return
+    missing = [path for path in self.selected if path not in self.recorded]
+    if missing:
+      raise _capture.not_called(missing, self.called)
+
+
+def _strip_collection(mutated):
+  """``mutated`` without :data:`COLLECTION` (dict or FrozenDict alike)."""
+  if COLLECTION not in mutated:
+    return mutated
+  rest, _ = flax_core.pop(mutated, COLLECTION)
+  return rest
+
+
+def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.LayersLike = None,
+                     precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+                     max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+                     **apply_kwargs) -> Tuple[Any, Dict[ModulePath, TractStats]]:
+  """``module.apply`` that also returns the TrAct statistics of chosen layers.
+
+  The statistic of each selected layer's input is computed inside the forward
+  pass (under ``stop_gradient``) when the layer is called; a layer called
+  several times gets the statistic of all its calls' rows together.
+
+  Args:
+    module: the Linen module to apply.
+    variables: its variables, as for ``module.apply``.
+    *args: positional arguments of the applied method.
+    layers: ``None`` for the first ``nn.Conv`` / ``nn.Dense`` /
+      ``nn.DenseGeneral`` called, or a list of module paths (tuples like
+      ``('backbone', 'patch_embed')`` or strings like ``'backbone/patch_embed'``);
+      a single string names one layer.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    **apply_kwargs: everything else ``module.apply`` takes (``rngs``,
+      ``mutable``, ``method``, ...) and keyword arguments of the method.
+
+  Returns:
+    ``(apply_output, tract_stats)``: ``apply_output`` is exactly what
+    ``module.apply`` returns (``(out, updates)`` with ``mutable=...``);
+    ``tract_stats`` maps each selected layer's path (relative to ``module``, as
+    in the params tree) to its :class:`~tract_optax.TractStats`.
+
+  Raises:
+    ValueError: a selected layer was never called, no Conv/Dense layer was
+      called, the (first) layer is of an unsupported kind, or it sits in an
+      ``nn.scan`` / ``nn.vmap`` that does not lift ``COLLECTION`` or has one
+      kernel per iteration.
+    TypeError: ``layers`` is an ambiguous tuple of names.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((8, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> out, stats = apply_with_stats(model, variables, x)
+    >>> list(stats), stats[('layers_0',)].moment.shape
+    ([('layers_0',)], (3, 3))
+  """
+  recorder = _Recorder(_capture.normalize_layers(layers), precision, max_chunk_bytes)
+  user_mutable = apply_kwargs.pop('mutable', False)
+  mutable = scope_lib.union_filters(user_mutable, COLLECTION)
+  with nn.intercept_methods(recorder):
+    output, mutated = module.apply(variables, *args, mutable=mutable,
+                                   **apply_kwargs)
+  recorder.check_selection()
+  tract_stats = recorder.collect(mutated.get(COLLECTION, {}), variables)
+  if user_mutable is False:
+    return output, tract_stats
+  return (output, _strip_collection(mutated)), tract_stats
+
+
+class TractTrainState(train_state.TrainState):
+  """Flax ``TrainState`` whose ``apply_gradients`` hands ``tract_stats`` on.
+
+  Flax's own ``apply_gradients`` calls ``tx.update(grads, opt_state, params)``
+  and cannot pass the statistics :func:`tract_optax.tract` needs. Everything
+  else (step count, ``create``, ``replace``) is Flax's.
+
+  Attributes:
+    batch_stats: optional non-trained collection (e.g. BatchNorm running
+      statistics) for models that have one; ``None`` (an empty pytree) if not.
+      Update it with ``apply_gradients(..., batch_stats=new)``.
+
+  Example:
+    >>> import flax.linen as nn, optax
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((8, 3))
+    >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}
+    >>> tx = optax.chain(tract_optax.tract(0.1), optax.sgd(0.1))
+    >>> state = TractTrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    >>> def loss_fn(params):
+    ...   out, stats = apply_with_stats(model, {'params': params}, x)
+    ...   return jnp.mean(out ** 2), stats
+    >>> grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+    >>> int(state.apply_gradients(grads=grads, tract_stats=stats).step)
+    1
+  """
+
+  batch_stats: Any = None
+
+  def apply_gradients(self, *, grads, tract_stats=None, **kwargs) -> 'TractTrainState':
+    """Updates ``step``, ``params``, ``opt_state`` (and ``**kwargs`` fields).
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      tract_stats: ``{module path: TractStats}`` for ``tx.update``; ``None``
+        calls ``tx.update`` without it (a plain optimizer).
+      **kwargs: other dataclass fields to replace, e.g. ``batch_stats``.
+
+    Returns:
+      The new state, ``step`` incremented by one.
+    """
+    overwrite = OVERWRITE_WITH_GRADIENT in grads
+    grads_with_opt = grads['params'] if overwrite else grads
+    params_with_opt = self.params['params'] if overwrite else self.params
+    extra = {} if tract_stats is None else {'tract_stats': tract_stats}
+    updates, new_opt_state = self.tx.update(grads_with_opt, self.opt_state,
+                                            params_with_opt, **extra)
+    new_params = optax.apply_updates(params_with_opt, updates)
+    if overwrite:
+      new_params = {'params': new_params,
+                    OVERWRITE_WITH_GRADIENT: grads[OVERWRITE_WITH_GRADIENT]}
+    return self.replace(step=self.step + 1, params=new_params,
+                        opt_state=new_opt_state, **kwargs)

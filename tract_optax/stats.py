@@ -192,6 +192,32 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
   return TractStats(moment=weighted / total, rows=None, count=total)
 
 
+def _axis_size(axis_name) -> int:
+  """Number of members of the mapped axis (or axes) ``axis_name``."""
+  if hasattr(jax.lax, 'axis_size'):
+    return jax.lax.axis_size(axis_name)
+  return jax.lax.psum(1, axis_name)  # a Python int for a Python int operand
+
+
+def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
+  """Every device's rows, concatenated along the row axis, on every device.
+
+  A ``psum`` of zero-padded blocks rather than ``all_gather``: under
+  ``shard_map`` with replication checking (``check_vma``, on by default) the
+  output of ``all_gather`` counts as device-varying, so a result built from it
+  cannot be returned as replicated (``out_specs=P()``); a ``psum`` is
+  device-invariant. Only zeros are added, so the sum is exact.
+  """
+  size = _axis_size(axis_name)
+  local = rows.shape[-2]
+  row_axis = rows.ndim - 2
+  padded = jnp.zeros(rows.shape[:-2] + (size * local, rows.shape[-1]), rows.dtype)
+  start = [0] * rows.ndim
+  start[row_axis] = jax.lax.axis_index(axis_name) * local
+  padded = jax.lax.dynamic_update_slice(padded, rows, start)
+  return jax.lax.psum(padded, axis_name)
+
+
 def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
   """Global-batch statistic from per-device statistics over ``axis_name``.
 
@@ -208,9 +234,8 @@ def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
   """
   total = jax.lax.psum(stats.count, axis_name)
   if stats.is_woodbury:
-    rows = jax.lax.all_gather(stats.rows, axis_name, axis=stats.rows.ndim - 2,
-                              tiled=True)
-    return TractStats(moment=None, rows=rows, count=total)
+    return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name),
+                      count=total)
   moment = jax.lax.psum(stats.moment * stats.count, axis_name) / total
   return TractStats(moment=moment, rows=None, count=total)
 

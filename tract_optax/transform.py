@@ -78,7 +78,9 @@ def validate_lam(lam: Any, name: str = 'lam') -> None:
     array = np.asarray(lam)
   except Exception:  # pylint: disable=broad-except
     raise ValueError(message) from None
-  if array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
+  # jnp.issubdtype also knows bfloat16 (inject_hyperparams stores lam in the
+  # params dtype), which np.issubdtype does not count as a number.
+  if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.number):
     raise ValueError(message)
   value = float(array)
   if not math.isfinite(value) or value <= 0:
@@ -103,11 +105,17 @@ def _normalize_stats(tract_stats) -> dict:
   return normalized
 
 
+_INJECT_HINT = (' With optax.inject_hyperparams, pass static_args=('
+                "'refresh_every', 'stats_decay') so that they stay Python numbers.")
+
+
 def _validate_amortization(layers, refresh_every, stats_decay):
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.')
+    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.'
+                     + _INJECT_HINT)
   if not (isinstance(stats_decay, (int, float)) and 0 <= stats_decay < 1):
-    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.')
+    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.'
+                     + _INJECT_HINT)
   amortized = refresh_every > 1 or stats_decay > 0
   if amortized and not layers:
     raise ValueError(
@@ -119,7 +127,8 @@ def _validate_amortization(layers, refresh_every, stats_decay):
 
 def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
           layers: Optional[Sequence[paths_lib.PathLike]] = None,
-          refresh_every: int = 1, stats_decay: float = 0.0,
+          refresh_every: Optional[int] = None,
+          stats_decay: Optional[float] = None,
           ) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
@@ -139,10 +148,11 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
       only; the default per-batch mode takes whatever ``tract_stats`` names).
     refresh_every: opt-in amortisation: refresh the kept statistic every k
       updates and reuse it in between (:func:`~tract_optax.stats_due` tells
-      the capture when to compute it). 1 (default) uses each batch's own
-      statistic, as the paper does.
+      the capture when to compute it). None or 1 (default) uses each batch's
+      own statistic, as the paper does.
     stats_decay: opt-in: keep a moving average of refreshed statistics with
-      this decay (0 replaces the kept statistic at each refresh).
+      this decay (None or 0, the default, replaces the kept statistic at each
+      refresh).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -164,6 +174,11 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
     [-0.10000000149011612, -0.10000000149011612]
   """
   validate_lam(lam)
+  # None defaults, not 1 and 0.0: optax.inject_hyperparams(tract)(lam=...)
+  # turns every numeric argument into an array hyperparameter, but leaves None
+  # alone, so these structural settings stay static unless given.
+  refresh_every = 1 if refresh_every is None else refresh_every
+  stats_decay = 0.0 if stats_decay is None else stats_decay
   cached_layers = _validate_amortization(layers, refresh_every, stats_decay)
 
   def init_fn(params):

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import statistics
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -38,6 +39,11 @@ from tqdm import tqdm
 import tract_optax
 from tract_optax import linen as tract_linen
 from tract_optax import models as model_zoo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import imagenet_models  # pylint: disable=g-bad-import-order  (benchmarks/ is on sys.path)
+
+imagenet_models.register()
 
 
 @dataclasses.dataclass(frozen=True)

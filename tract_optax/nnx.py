@@ -270,6 +270,30 @@ class _Recorder:
     return result
 
 
+def _registered_nodes(model: nnx.Module) -> List[Tuple[nnx.Module, Any]]:
+  """Each module of ``model`` with its set of registered data attributes.
+
+  Flax before 0.12 registers an attribute that holds a Variable in the
+  module's ``_pytree__nodes`` when it is set, but ``nnx.pop`` deletes the
+  attribute without unregistering it, so its name would stay in the model's
+  GraphDef. :func:`_unregister_popped` undoes that from this snapshot.
+  """
+  return [(module, vars(module).get('_pytree__nodes'))
+          for _, module in _iter_modules(model)]
+
+
+def _unregister_popped(registered: List[Tuple[nnx.Module, Any]]) -> None:
+  """Unregisters the popped statistics attribute (see :func:`_registered_nodes`)."""
+  for module, before in registered:
+    nodes = vars(module).get('_pytree__nodes')
+    if (not isinstance(nodes, frozenset) or _SOW_NAME not in nodes
+        or _SOW_NAME in vars(module)):
+      continue  # Flax 0.12+ keeps a mapping and unregisters on delete
+    after = nodes - {_SOW_NAME}
+    # the very object from before keeps the GraphDef's text (set order) as it was
+    object.__setattr__(module, '_pytree__nodes', before if before == after else after)
+
+
 def _drop_captures(model: nnx.Module) -> None:
   """Removes what a failed ``nnx.capture`` leaves on the modules."""
   for _, module in _iter_modules(model):
@@ -334,6 +358,7 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
           recorder.annotate(error)
           raise
       else:
+        registered = _registered_nodes(model)
         try:
           result = fn(model, *args, **kwargs)
         except Exception as error:
@@ -341,6 +366,7 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
           raise
         finally:
           sown = nnx.pop(model, TractInputStats)
+          _unregister_popped(registered)
     finally:
       _active.stack.pop()
       recorder.unhook()

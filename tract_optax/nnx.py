@@ -244,13 +244,7 @@ class _Recorder:
           f'{_capture.format_paths(self.recorded)} before this error. ' + _TRANSFORM_HINT)
 
   def check_selection(self) -> None:
-    if self.selected is None:
-      if self.auto_path is None:
-        raise _capture.no_layer_called()
-      return
-    missing = [path for path in self.selected if path not in self.recorded]
-    if missing:
-      raise _capture.not_called(missing, self.called)
+    _capture.check_selection(self.selected, self.auto_path, self.recorded, self.called)
 
   def collect(self, sown) -> Dict[Path, TractStats]:
     result = {}

@@ -123,11 +123,15 @@ def spatial_ints(value, size: int) -> Tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def conv_layer_stats(path: Path, type_name: str, x: jax.Array, *, kernel_size,
-                     strides, padding, input_dilation, kernel_dilation,
-                     feature_group_count: int, mask, precision,
-                     max_chunk_bytes) -> TractStats:
-  """Statistic of one call of a Flax (Linen or NNX) ``Conv`` layer."""
+def conv_layer_stats(path: Path, type_name: str, x: jax.Array, conv: Any, *,
+                     precision, max_chunk_bytes) -> TractStats:
+  """Statistic of one call of a Flax ``Conv`` layer, Linen or NNX.
+
+  Both kinds name their settings alike (``kernel_size``, ``strides``,
+  ``padding``, ``input_dilation``, ``kernel_dilation``, ``feature_group_count``,
+  ``mask``), so they are read from the layer here, once for both.
+  """
+  kernel_size, input_dilation, mask = conv.kernel_size, conv.input_dilation, conv.mask
   kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
   size = len(kernel_size)
   if any(d != 1 for d in spatial_ints(input_dilation, size)):
@@ -139,8 +143,9 @@ def conv_layer_stats(path: Path, type_name: str, x: jax.Array, *, kernel_size,
         path, type_name, 'a masked kernel (mask=...) is not supported: the '
         'TrAct update of a masked kernel is a constrained least-squares problem.')
   return conv_lib.conv_stats(
-      as_float(x), kernel_size, spatial_ints(strides, size), padding,
-      spatial_ints(kernel_dilation, size), feature_group_count=feature_group_count,
+      as_float(x), kernel_size, spatial_ints(conv.strides, size), conv.padding,
+      spatial_ints(conv.kernel_dilation, size),
+      feature_group_count=conv.feature_group_count,
       precision=precision, max_chunk_bytes=max_chunk_bytes)
 
 

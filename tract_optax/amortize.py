@@ -39,10 +39,9 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   cache = {}
   for path in layers:
     if path not in kernels:
-      known = ', '.join(repr(p) for p in sorted(kernels)) or 'none'
       raise KeyError(
           f'tract(layers=...) names {path!r}, but params have no kernel under '
-          f'it. Module paths with a kernel: {known}.')
+          'it. ' + paths_lib.kernel_paths_text(kernels))
     kernel = leaves[kernels[path]]
     n = math.prod(kernel.shape[:-1])
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)

@@ -86,13 +86,8 @@ def layer_input_stats(module: nn.Module, x: jax.Array, *,
   path = tuple(module.path) if module.scope is not None else ()
   type_name = f'nn.{type(module).__name__}'
   if isinstance(module, nn.Conv):
-    return _capture.conv_layer_stats(
-        path, type_name, x, kernel_size=module.kernel_size,
-        strides=module.strides, padding=module.padding,
-        input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation,
-        feature_group_count=module.feature_group_count, mask=module.mask,
-        precision=precision, max_chunk_bytes=max_chunk_bytes)
+    return _capture.conv_layer_stats(path, type_name, x, module, precision=precision,
+                                     max_chunk_bytes=max_chunk_bytes)
   if isinstance(module, nn.Dense):
     return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
   if isinstance(module, nn.DenseGeneral):

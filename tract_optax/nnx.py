@@ -117,12 +117,8 @@ def layer_input_stats(layer: nnx.Module, x: jax.Array, *, path: Path = (),
   """
   type_name = f'nnx.{type(layer).__name__}'
   if isinstance(layer, nnx.Conv):
-    return _capture.conv_layer_stats(
-        path, type_name, x, kernel_size=layer.kernel_size, strides=layer.strides,
-        padding=layer.padding, input_dilation=layer.input_dilation,
-        kernel_dilation=layer.kernel_dilation,
-        feature_group_count=layer.feature_group_count, mask=layer.mask,
-        precision=precision, max_chunk_bytes=max_chunk_bytes)
+    return _capture.conv_layer_stats(path, type_name, x, layer, precision=precision,
+                                      max_chunk_bytes=max_chunk_bytes)
   if isinstance(layer, nnx.Linear):
     return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
   if isinstance(layer, nnx.LinearGeneral):

@@ -73,5 +73,16 @@ def kernel_leaf_index(tree) -> Dict[ModulePath, int]:
   return index
 
 
+def kernel_paths_text(kernel_index: Dict[ModulePath, int]) -> str:
+  """The module paths that have a kernel, for error messages.
+
+  Example:
+    >>> kernel_paths_text({('stem',): 2, ('head',): 0})
+    "Module paths with a kernel: ('head',), ('stem',)."
+  """
+  known = ', '.join(repr(p) for p in sorted(kernel_index)) or 'none'
+  return f'Module paths with a kernel: {known}.'
+
+
 def format_path(path: ModulePath) -> str:
   return '/'.join(path) if path else '<root>'

@@ -206,11 +206,10 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
         stats_by_path[path] = cache[amortize.cache_key(path)]
     for module, stats in stats_by_path.items():
       if module not in kernel_index:
-        known = ', '.join(repr(p) for p in sorted(kernel_index)) or 'none'
         raise KeyError(
             f'tract_stats names the module path {module!r} '
             f'({paths_lib.format_path(module)!r}), but the updates have no '
-            f"'kernel' under it. Module paths with a kernel: {known}.")
+            f"'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index))
       position = kernel_index[module]
       leaves[position] = precondition(leaves[position], stats, lam_value)
     new_state = TractState(count=_safe_increment(state.count),

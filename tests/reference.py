@@ -1,13 +1,15 @@
 """Independent reference computations in plain numpy, for the tests.
 
 Nothing here uses tract_optax or XLA's patch extraction: patches are gathered
-with explicit loops, padding is computed from its definition.
+with explicit loops (:func:`explicit_patches`, the one numpy patch builder),
+padding is computed from its definition (:func:`same_pads`, :func:`flax_pads`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,6 +56,50 @@ def explicit_patches(x, kernel_size, strides, pads, dilation, groups=1,
         rows.append(row)
     result.append(np.array(rows))
   return result[0] if groups == 1 else np.stack(result)
+
+
+Padding = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
+
+
+def flax_pads(padding: Padding, spatial_shape: Sequence[int], kernel_size: Sequence[int],
+              strides: Sequence[int], dilation: Sequence[int]):
+  """``(pads, pad_mode)`` of a padding as Flax's Conv takes it, for :func:`explicit_patches`.
+
+  Args:
+    padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``
+      (1-D), an int, or one int or ``(low, high)`` pair per spatial dimension.
+    spatial_shape, kernel_size, strides, dilation: one int per spatial dim.
+
+  Returns:
+    ``[(low, high), ...]`` per spatial dim and numpy's ``np.pad`` mode.
+  """
+  windows = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+  if isinstance(padding, int):
+    return [(padding, padding)] * len(spatial_shape), 'constant'
+  if isinstance(padding, str):
+    name = padding.upper()
+    if name == 'SAME':
+      return [same_pads(size, k, s, d) for size, k, s, d in
+              zip(spatial_shape, kernel_size, strides, dilation)], 'constant'
+    if name == 'VALID':
+      return [(0, 0)] * len(spatial_shape), 'constant'
+    if name == 'CAUSAL':
+      return [(windows[0] - 1, 0)], 'constant'
+    mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[name]
+    return [((w - 1) // 2, w // 2) for w in windows], mode
+  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding], 'constant'
+
+
+def patch_rows(x, kernel_size, strides, padding: Padding, dilation, groups=1):
+  """``(groups, N, n)`` patch rows of a Flax Conv, ``padding`` as Flax takes it.
+
+  ``rows[g] @ kernel[..., g-th output block].reshape(-1, c_out // groups)`` is
+  the convolution's output (window-major, channel-minor rows).
+  """
+  x = np.asarray(x, np.float64)
+  pads, mode = flax_pads(padding, x.shape[1:-1], kernel_size, strides, dilation)
+  rows = explicit_patches(x, kernel_size, strides, pads, dilation, groups, pad_mode=mode)
+  return rows[None] if groups == 1 else rows
 
 
 def tract_solve(rows, grad, lam):

@@ -1,6 +1,7 @@
-"""Executes notebooks/quickstart.ipynb end to end with nbclient."""
+"""Executes notebooks/quickstart.ipynb end to end with nbclient, on 8 simulated devices."""
 
 import pathlib
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ kernelspec = pytest.importorskip('jupyter_client.kernelspec')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'notebooks' / 'quickstart.ipynb'
+DEVICES = 8  # a Colab TPU's cores, simulated on the CPU
 
 
 def _python3_kernel_available() -> bool:
@@ -22,29 +24,61 @@ def _python3_kernel_available() -> bool:
   return True
 
 
+def _sources(cell_type):
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  return [cell.source for cell in notebook.cells if cell.cell_type == cell_type]
+
+
 def test_notebook_is_valid_nbformat4():
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(notebook)
   assert notebook.nbformat == 4
-  sources = [cell.source for cell in notebook.cells if cell.cell_type == 'code']
-  assert 'except ImportError' in sources[0] and '%pip install' in sources[0]
-  assert 'TRAIN_EXAMPLES' in sources[1]  # one cell holds every size
-  assert any('optax.chain(tract_optax.tract(LAM)' in source for source in sources)
+  assert not any(cell.get('outputs') for cell in notebook.cells if cell.cell_type == 'code')
+
+
+def test_notebook_installs_from_its_checkout_and_explains_colab():
+  code, markdown = _sources('code'), '\n'.join(_sources('markdown'))
+  install = code[0]
+  assert 'except ImportError' in install and '%pip install -q -e "{root}[demo]"' in install
+  assert "'pyproject.toml'" in install  # the checkout it sits in, found from notebooks/ too
+  text = '\n'.join(code) + markdown
+  assert 'YOUR_ORG' not in text and 'git+https' not in text
+  for step in ('!git clone', '%cd tract_optax', '%pip install -q -e ".[demo]"'):
+    assert step in markdown
+
+
+def test_notebook_shows_the_gradient_route_and_shards_the_batch():
+  code = '\n'.join(_sources('code'))
+  assert 'TRAIN_EXAMPLES' in _sources('code')[1]  # one cell holds every size
+  assert 'apply_tract(model, variables, images, lam=LAM)' in code
+  assert 'train_state.TrainState.create' in code and 'TractTrainState' not in code
+  assert "Mesh(np.array(devices), ('data',))" in code and 'NamedSharding' in code
+  assert '.lower(*example).compile()' in code  # compiled before anything is timed
+  assert 'optax.chain(tract_optax.tract(LAM)' in '\n'.join(_sources('markdown'))
 
 
 @pytest.mark.slow
-def test_notebook_executes():
+def test_notebook_executes_on_eight_devices(monkeypatch):
   if not _python3_kernel_available():
     pytest.skip('no python3 Jupyter kernel (install ipykernel)')
+  # The kernel inherits this environment: XLA simulates 8 CPU devices there.
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count={DEVICES}')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=240, kernel_name='python3',
-                                   resources={'metadata': {'path': str(REPO_ROOT)}})
+  client = nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
+                                   resources={'metadata': {'path': str(NOTEBOOK.parent)}})
   client.execute()
   outputs = [output for cell in notebook.cells if cell.cell_type == 'code'
              for output in cell.get('outputs', [])]
   assert not [output for output in outputs if output.output_type == 'error']
   text = ''.join(output.get('text', '') for output in outputs
                  if output.output_type == 'stream')
-  assert 'plain: final test accuracy' in text.replace('plain :', 'plain:').replace('  ', ' ')
-  assert 'TrAct: final test accuracy' in text
+  assert f'{DEVICES} device(s): cpu' in text
+  difference = re.search(r'gradient route vs Optax route: max \|difference\| (\S+) '
+                         r'\(plain gradient differs by (\S+)\)', text)
+  assert float(difference.group(1)) < 1e-5 < float(difference.group(2))
+  for name in ('plain', 'TrAct'):
+    line = re.search(rf'{name} *: final test accuracy (\S+) \+- \S+ over 3 seeds; training '
+                     r'(\S+) s \(compiled before, in (\S+) s\)', text)
+    assert line, text
+    assert 0.5 < float(line.group(1)) <= 1.0
   assert any('image/png' in output.get('data', {}) for output in outputs)

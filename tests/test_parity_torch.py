@@ -1,40 +1,42 @@
 """Parity with the authors' PyTorch reference, PyPI ``torch_tract`` 1.0.0.
 
 The reference wraps nn.Linear / nn.Conv2d and returns the TrAct weight gradient
-from backward. Here the same layer, weights, inputs and output cotangent go
-through torch (plain and TrAct) and through tract_optax (statistic of the
-inputs + ``precondition`` of the plain kernel gradient in Flax layout).
+from backward. For the same layer, weights, inputs and output cotangent,
+tract_optax (statistic of the inputs + ``precondition`` of the plain kernel
+gradient in Flax layout) must return the reference's TrAct gradient.
+
+Two sources of the reference's outputs, the same checks on both:
+
+- golden (always runs, no torch needed): ``tests/golden/torch_tract_parity.npz``,
+  written by ``python -m tests.golden.make_torch_golden``;
+- live (only when torch and torch_tract are importable, e.g. after
+  ``pip install -e ".[test,parity]"``): torch computes every case now, and its
+  outputs must also still match the golden file.
+
 Measured errors are printed (run with ``-s``) and asserted.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-torch = pytest.importorskip('torch')
-torch_tract = pytest.importorskip('torch_tract')
-
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
-
 import tract_optax
+from tests import parity_cases
 from tests import reference
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+try:
+  import torch  # noqa: F401  pylint: disable=unused-import
+  import torch_tract  # noqa: F401  pylint: disable=unused-import
+  HAVE_TORCH = True
+except ImportError:
+  HAVE_TORCH = False
+live = pytest.mark.skipif(not HAVE_TORCH, reason='torch and torch_tract are not installed '
+                          '(pip install -e ".[test,parity]"); the golden checks still ran')
 
-
-def _torch_grads(layer, x, cotangent):
-  """Plain and TrAct weight gradients of ``layer`` for sum(out * cotangent)."""
-  plain_grad = None
-  for module in (layer, torch_tract.TrAct(layer, l=LAM)):
-    layer.weight.grad = None
-    out = module(x)
-    (out * cotangent).sum().backward()
-    if plain_grad is None:
-      plain_grad = layer.weight.grad.clone()
-  return plain_grad, layer.weight.grad.clone()
-
-
-LAM = 0.1
+TOLERANCE = {'float64': 1e-10, 'float32': 1e-5}
+LAM = parity_cases.LAM
 
 
 def _condition_number(rows, lam):
@@ -55,16 +57,17 @@ def _check(name, got, want, dtype, kappa=1.0):
   """
   err = reference.rel_err(got, want)
   tolerance = TOLERANCE[dtype]
-  if dtype == torch.float32 and kappa > 300:
+  if dtype == 'float32' and kappa > 300:
     tolerance = 3e-7 * kappa
-  print(f'parity {name} {str(dtype)[6:]}: relative error {err:.2e} '
+  print(f'parity {name} {dtype}: relative error {err:.2e} '
         f'(kappa {kappa:.0f}, bound {tolerance:.1e})')
   assert err < tolerance
 
 
-@pytest.fixture(params=[torch.float64, torch.float32], ids=['float64', 'float32'])
+@pytest.fixture(params=parity_cases.DTYPES)
 def dtype(request):
-  if request.param == torch.float64:
+  """The case dtype; float64 cases run with ``jax_enable_x64``."""
+  if request.param == 'float64':
     previous = jax.config.jax_enable_x64
     jax.config.update('jax_enable_x64', True)
     yield request.param
@@ -73,66 +76,130 @@ def dtype(request):
     yield request.param
 
 
-@pytest.mark.parametrize('shape,out_features', [
-    ((64, 10), 7),       # N > n
-    ((8, 16, 12), 5),    # ViT-like batch x tokens x features
-    ((5, 24), 6),        # N < n: Woodbury branch in both
-    ((2, 3, 20), 4),     # N = 6 < n = 20 with 3-D inputs
-])
-def test_linear_parity(dtype, shape, out_features):
-  torch.manual_seed(0)
-  layer = torch.nn.Linear(shape[-1], out_features).to(dtype)
-  x = torch.randn(*shape, dtype=dtype)
-  cotangent = torch.randn(*shape[:-1], out_features, dtype=dtype)
-  plain, tract_ref = _torch_grads(layer, x, cotangent)
-  stats = tract_optax.dense_stats(jnp.asarray(x.numpy()))
+@pytest.fixture(scope='module')
+def golden():
+  with np.load(parity_cases.GOLDEN_PATH) as stored:
+    return {name: stored[name] for name in stored.files}
+
+
+def _live_case(kind, *args):
+  """The case computed by torch now (imports torch only when called)."""
+  from tests.golden import make_torch_golden  # pylint: disable=import-outside-toplevel
+  return getattr(make_torch_golden, f'{kind}_case')(*args)
+
+
+# ------------------------------------------------------------ the checks
+
+
+def check_linear(arrays, shape, dtype):
+  """tract_optax on a Linear case's input and plain gradient vs the reference's TrAct."""
+  x = arrays['x']
+  stats = tract_optax.dense_stats(jnp.asarray(x), precision='highest')
   assert stats.is_woodbury == (np.prod(shape[:-1]) < shape[-1])
-  got = tract_optax.precondition(jnp.asarray(plain.numpy().T), stats, LAM)  # (n, m)
-  _check(f'linear {shape}', np.asarray(got).T, tract_ref.numpy(), dtype,
-         _condition_number(x.numpy(), LAM))
+  got = tract_optax.precondition(jnp.asarray(arrays['plain'].T), stats, LAM)  # (n, m)
+  _check(f'linear {shape}', np.asarray(got).T, arrays['tract'], dtype,
+         _condition_number(x, LAM))
 
 
-@pytest.mark.parametrize('batch,channels,size,kernel,stride,padding', [
-    (4, 3, 10, 3, 1, 1),
-    (4, 3, 11, 3, 2, 1),
-    (2, 1, 12, 5, 2, 2),
-    (3, 2, 9, 3, 1, 0),
-    (2, 3, 16, 4, 4, 0),   # ViT-style patchify
-    (2, 4, 8, 1, 1, 0),
-    (1, 8, 3, 3, 1, 0),    # N = 1 < n = 72: Woodbury
-    (2, 6, 4, 3, 2, 1),    # N = 8 < n = 54: Woodbury
-])
-def test_conv2d_parity(dtype, batch, channels, size, kernel, stride, padding):
-  torch.manual_seed(1)
-  layer = torch.nn.Conv2d(channels, 6, kernel, stride=stride, padding=padding).to(dtype)
-  x = torch.randn(batch, channels, size, size, dtype=dtype)
-  out_shape = layer(x).shape
-  cotangent = torch.randn(*out_shape, dtype=dtype)
-  plain, tract_ref = _torch_grads(layer, x, cotangent)
-  x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-  stats = tract_optax.conv_stats(x_nhwc, (kernel, kernel), stride, padding)
+def check_conv(arrays, case, dtype):
+  """The same for a Conv2d case (NCHW / OIHW in the arrays, Flax layout in tract_optax)."""
+  batch, channels, _, kernel, stride, padding = case
+  out_shape = arrays['out_shape']
+  x_nhwc = jnp.asarray(arrays['x'].transpose(0, 2, 3, 1))
+  stats = tract_optax.conv_stats(x_nhwc, (kernel, kernel), stride, padding,
+                                 precision='highest')
   num_rows = batch * out_shape[2] * out_shape[3]
   assert stats.is_woodbury == (num_rows < channels * kernel * kernel)
-  flax_grad = jnp.asarray(plain.numpy().transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  flax_grad = jnp.asarray(arrays['plain'].transpose(2, 3, 1, 0))  # OIHW -> HWIO
   got = np.asarray(tract_optax.precondition(flax_grad, stats, LAM)).transpose(3, 2, 0, 1)
   rows = tract_optax.conv_patches(x_nhwc, (kernel, kernel), stride, padding)
-  _check(f'conv2d b{batch} c{channels} s{size} k{kernel} st{stride} p{padding}',
-         got, tract_ref.numpy(), dtype, _condition_number(rows, LAM))
+  _check(parity_cases.conv_id(*case), got, arrays['tract'], dtype,
+         _condition_number(rows, LAM))
 
 
-def test_full_transformation_matches_reference_step():
-  """One SGD step of a conv stem through optax.chain equals torch_tract's."""
-  torch.manual_seed(2)
-  layer = torch.nn.Conv2d(3, 5, 3, stride=1, padding=1)
-  x = torch.randn(4, 3, 8, 8)
-  cotangent = torch.randn(4, 5, 8, 8)
-  plain, tract_ref = _torch_grads(layer, x, cotangent)
-  import optax  # pylint: disable=g-import-not-at-top
-  params = {'stem': {'kernel': jnp.asarray(layer.weight.detach().numpy().transpose(2, 3, 1, 0))}}
-  grads = {'stem': {'kernel': jnp.asarray(plain.numpy().transpose(2, 3, 1, 0))}}
-  tx = optax.chain(tract_optax.tract(LAM), optax.sgd(0.5))
-  stats = {('stem',): tract_optax.conv_stats(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
-                                             (3, 3), 1, 1)}
+def check_step(arrays):
+  """One SGD step of a conv stem through optax.chain equals the reference's."""
+  to_hwio = lambda a: jnp.asarray(a.transpose(2, 3, 1, 0))  # noqa: E731
+  params = {'stem': {'kernel': to_hwio(arrays['weight'])}}
+  grads = {'stem': {'kernel': to_hwio(arrays['plain'])}}
+  tx = optax.chain(tract_optax.tract(LAM), optax.sgd(parity_cases.STEP_LEARNING_RATE))
+  stats = {('stem',): tract_optax.conv_stats(jnp.asarray(arrays['x'].transpose(0, 2, 3, 1)),
+                                             (3, 3), 1, 1, precision='highest')}
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, tract_stats=stats)
-  expected = -0.5 * tract_ref.numpy().transpose(2, 3, 1, 0)
-  _check('optax.chain sgd step', updates['stem']['kernel'], expected, torch.float32)
+  expected = -parity_cases.STEP_LEARNING_RATE * arrays['tract'].transpose(2, 3, 1, 0)
+  _check('optax.chain sgd step', updates['stem']['kernel'], expected, 'float32')
+
+
+def _matches_golden(live_arrays, stored):
+  """torch's outputs now are the recorded ones (same inputs, same TrAct gradient)."""
+  assert set(live_arrays) == set(stored)
+  for name, value in live_arrays.items():
+    np.testing.assert_allclose(value, stored[name], rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+# ------------------------------------------------------------ golden
+
+
+LINEAR = pytest.mark.parametrize('shape,out_features', parity_cases.LINEAR_CASES,
+                                 ids=[parity_cases.linear_id(*c) for c in
+                                      parity_cases.LINEAR_CASES])
+CONV = pytest.mark.parametrize('case', parity_cases.CONV_CASES,
+                               ids=[parity_cases.conv_id(*c) for c in parity_cases.CONV_CASES])
+
+
+def test_golden_file_covers_every_case(golden):
+  expected = {parity_cases.key(parity_cases.linear_id(*c), d, name)
+              for c in parity_cases.LINEAR_CASES for d in parity_cases.DTYPES
+              for name in ('x', 'plain', 'tract')}
+  expected |= {parity_cases.key(parity_cases.conv_id(*c), d, name)
+               for c in parity_cases.CONV_CASES for d in parity_cases.DTYPES
+               for name in ('x', 'plain', 'tract', 'out_shape')}
+  expected |= {parity_cases.key(parity_cases.STEP_CASE, 'float32', name)
+               for name in ('x', 'weight', 'plain', 'tract')}
+  assert set(golden) == expected | {'versions'}
+  assert list(golden['versions']) == ['torch 2.13.0+cpu', 'torch_tract 1.0.0']
+  for name, value in golden.items():
+    if name.endswith(('__x', '__plain', '__tract', '__weight')):
+      assert value.dtype == np.dtype(name.split('__')[1]), name
+
+
+@LINEAR
+def test_linear_parity_golden(golden, dtype, shape, out_features):
+  arrays = parity_cases.case_arrays(golden, parity_cases.linear_id(shape, out_features), dtype)
+  check_linear(arrays, shape, dtype)
+
+
+@CONV
+def test_conv2d_parity_golden(golden, dtype, case):
+  check_conv(parity_cases.case_arrays(golden, parity_cases.conv_id(*case), dtype), case, dtype)
+
+
+def test_full_transformation_matches_reference_step_golden(golden):
+  check_step(parity_cases.case_arrays(golden, parity_cases.STEP_CASE, 'float32'))
+
+
+# ------------------------------------------------------------ live
+
+
+@live
+@LINEAR
+def test_linear_parity_live(golden, dtype, shape, out_features):
+  arrays = _live_case('linear', shape, out_features, dtype)
+  check_linear(arrays, shape, dtype)
+  _matches_golden(arrays, parity_cases.case_arrays(
+      golden, parity_cases.linear_id(shape, out_features), dtype))
+
+
+@live
+@CONV
+def test_conv2d_parity_live(golden, dtype, case):
+  arrays = _live_case('conv', *case, dtype)
+  check_conv(arrays, case, dtype)
+  _matches_golden(arrays, parity_cases.case_arrays(golden, parity_cases.conv_id(*case), dtype))
+
+
+@live
+def test_full_transformation_matches_reference_step_live(golden):
+  arrays = _live_case('step')
+  check_step(arrays)
+  _matches_golden(arrays, parity_cases.case_arrays(golden, parity_cases.STEP_CASE, 'float32'))

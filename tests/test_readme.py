@@ -32,3 +32,17 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_python_block_runs(index):
   namespace = {'__name__': f'readme_block_{index}'}
   exec(compile(PYTHON_BLOCKS[index], f'README.md block {index}', 'exec'), namespace)  # pylint: disable=exec-used
+
+
+def test_default_tests_need_no_torch_and_ci_runs_live_parity():
+  tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+  extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project'][
+      'optional-dependencies']
+  assert not [r for r in extras['test'] if r.lower().startswith(('torch', 'tract_optax[parity'))]
+  assert sorted(extras['parity']) == ['torch==2.13.0', 'torch_tract==1.0.0']
+  assert 'equinox' in ' '.join(extras['test'])
+  assert 'torch' not in BASH_BLOCKS[1]
+  script = (ROOT / '.ci' / 'run').read_text()
+  install = script.index('pip install -e ".[test,parity]"')
+  assert install < script.index('bash -c "${command}"')
+  assert 'pip install -e ".[test,parity]"' in README  # the documented second command

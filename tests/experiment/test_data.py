@@ -1,13 +1,14 @@
-"""Tests of tract_optax.data: IDX and CIFAR readers, lookup order, batches, augmentation."""
+"""Tests of tract_optax.experiment.data: IDX/CIFAR readers, lookup, sources, batches."""
 
 import gzip
+import hashlib
 import pickle
 import struct
 
 import numpy as np
 import pytest
 
-from tract_optax import data as data_lib
+from tract_optax.experiment import data as data_lib
 
 DatasetError = data_lib.DatasetError
 STEMS = data_lib.FASHION_MNIST_FILES
@@ -188,9 +189,37 @@ def test_fashion_mnist_truncated_file_named(tmp_path, no_system_data):
 
 
 def test_fashion_mnist_not_found_explains(tmp_path, no_system_data):
-  with pytest.raises(DatasetError, match=r'(?s)Fashion-MNIST was not found.*'
+  with pytest.raises(DatasetError, match=r'(?s)Fashion-MNIST was not found. Looked for.*'
                      r'apt-get install dataset-fashion-mnist.*--data-dir'):
-    data_lib.fashion_mnist(tmp_path / 'empty', download=False)
+    data_lib.fashion_mnist(download=False)
+
+
+def _refuse_network(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('no download may be tried')
+
+  monkeypatch.setattr(data_lib.urllib.request, 'urlopen', refuse)
+
+
+def test_data_dir_without_files_is_an_error_naming_it(tmp_path, monkeypatch):
+  """A data_dir given is the only source: no fallback to $TRACT_OPTAX_DATA, no download."""
+  _fake_fashion(tmp_path / 'env')
+  monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path / 'env'))
+  _refuse_network(monkeypatch)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(DatasetError, match=r'(?s)Fashion-MNIST was not found in .*empty: it '
+                     r'needs train-images-idx3-ubyte'):
+    data_lib.fashion_mnist(tmp_path / 'empty')
+
+
+@pytest.mark.parametrize('loader', [data_lib.fashion_mnist, data_lib.cifar10])
+def test_data_dir_missing_or_a_file(tmp_path, loader, monkeypatch):
+  _refuse_network(monkeypatch)
+  with pytest.raises(DatasetError, match=r'The data folder .*nowhere does not exist'):
+    loader(tmp_path / 'nowhere')
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(DatasetError, match=r'The data folder .*file is not a folder'):
+    loader(tmp_path / 'file')
 
 
 def test_fashion_mnist_download_failure_explains(tmp_path, no_system_data, monkeypatch):
@@ -200,7 +229,7 @@ def test_fashion_mnist_download_failure_explains(tmp_path, no_system_data, monke
   monkeypatch.setattr(data_lib.urllib.request, 'urlopen', refuse)
   with pytest.raises(DatasetError, match=r'(?s)Downloading failed.*network unreachable.*'
                      r'apt-get install dataset-fashion-mnist'):
-    data_lib.fashion_mnist(tmp_path / 'target')
+    data_lib.fashion_mnist(cache_dir=tmp_path / 'target')
 
 
 def test_fashion_mnist_download_writes_checked_files(tmp_path, no_system_data, monkeypatch):
@@ -231,6 +260,8 @@ def test_fashion_mnist_download_writes_checked_files(tmp_path, no_system_data, m
   assert sorted(p.name for p in (tmp_path / 'cache').iterdir()) == sorted(
       s + '.gz' for s in STEMS.values())
   np.testing.assert_array_equal(dataset.test_labels, arrays['test_labels'])
+  assert dataset.source.origin == 'download'
+  assert dataset.source.folder == str((tmp_path / 'cache').resolve())
 
 
 def test_fashion_mnist_download_rejects_bad_payload(tmp_path, no_system_data, monkeypatch):
@@ -257,21 +288,56 @@ def test_lookup_order_data_dir_env_system(tmp_path, monkeypatch):
   _fake_fashion(system / 'fashion-mnist', train=5)  # a subfolder is found too
   monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(env))
   monkeypatch.setattr(data_lib, 'SYSTEM_FASHION_MNIST_DIRS', (str(system),))
-  assert len(data_lib.fashion_mnist(explicit, download=False).train_labels) == 3
-  assert len(data_lib.fashion_mnist(tmp_path / 'empty', download=False).train_labels) == 4
-  assert len(data_lib.fashion_mnist(download=False).train_labels) == 4
+  dataset = data_lib.fashion_mnist(explicit, download=False)
+  assert len(dataset.train_labels) == 3 and dataset.source.origin == 'data_dir'
+  dataset = data_lib.fashion_mnist(download=False)
+  assert len(dataset.train_labels) == 4 and dataset.source.origin == '$TRACT_OPTAX_DATA'
   monkeypatch.delenv(data_lib.DATA_ENV_VAR)
-  assert len(data_lib.fashion_mnist(download=False).train_labels) == 5
+  dataset = data_lib.fashion_mnist(download=False)
+  assert len(dataset.train_labels) == 5 and dataset.source.origin == 'system'
+  assert dataset.source.folder == str((system / 'fashion-mnist').resolve())
   assert data_lib.find_fashion_mnist() == system / 'fashion-mnist'
 
 
-def test_incomplete_folder_is_skipped(tmp_path, monkeypatch):
+def test_incomplete_folder_is_not_used(tmp_path, monkeypatch):
   partial, env = tmp_path / 'partial', tmp_path / 'env'
   _fake_fashion(partial)
   (partial / (STEMS['test_labels'] + '.gz')).unlink()
   _fake_fashion(env, train=7)
   monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(env))
-  assert data_lib.find_fashion_mnist(partial) == env
+  assert data_lib.find_fashion_mnist(partial) is None  # never another source
+  monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(partial))
+  monkeypatch.setattr(data_lib, 'SYSTEM_FASHION_MNIST_DIRS', (str(env),))
+  assert data_lib.find_fashion_mnist() == env
+
+
+def test_source_names_every_file_with_its_sha256(tmp_path, no_system_data):
+  folder = tmp_path / 'fm'
+  _fake_fashion(folder, compress=False)
+  source = data_lib.fashion_mnist(folder).source
+  assert source.origin == 'data_dir' and source.folder == str(folder.resolve())
+  assert [f.name for f in source.files] == list(STEMS.values())
+  for entry in source.files:
+    content = (folder / entry.name).read_bytes()
+    assert entry.sha256 == hashlib.sha256(content).hexdigest()
+    assert entry.size_bytes == len(content)
+  assert source.to_dict()['files'][0]['name'] == STEMS['train_images']
+  text = source.describe()
+  assert str(folder.resolve()) in text and source.files[2].sha256 in text
+
+
+def test_raw_input_scale_keeps_pixel_values(tmp_path, no_system_data):
+  arrays = _fake_fashion(tmp_path / 'fm')
+  raw = data_lib.fashion_mnist(tmp_path / 'fm', input_scale='raw')
+  assert raw.input_scale == 'raw' and raw.train_images.dtype == np.float32
+  np.testing.assert_array_equal(raw.train_images[..., 0], arrays['train_images'])
+  assert raw.mean.tolist() == [0.0] and raw.std.tolist() == [1.0]
+  standardized = data_lib.fashion_mnist(tmp_path / 'fm')
+  assert standardized.input_scale == 'standardized'
+  np.testing.assert_allclose(raw.test_images, standardized.test_images * standardized.std
+                             + standardized.mean, atol=1e-3)
+  with pytest.raises(ValueError, match=r"input_scale must be one of \('standardized', 'raw'\)"):
+    data_lib.fashion_mnist(tmp_path / 'fm', input_scale='unit')
 
 
 # ------------------------------------------------------------------ digits
@@ -289,8 +355,18 @@ def test_digits_split_is_deterministic_and_stratified():
   assert not np.array_equal(other.test_labels, first.test_labels)
 
 
-def test_load_by_name_and_unknown():
+def test_digits_source_and_raw_scale():
+  dataset = data_lib.load('digits', input_scale='raw')
+  (entry,) = dataset.source.files
+  assert dataset.source.origin == 'scikit-learn' and entry.name == 'digits.csv.gz'
+  assert len(entry.sha256) == 64
+  assert dataset.train_images.min() == 0 and dataset.train_images.max() == 16
+
+
+def test_load_by_name_and_unknown(tmp_path):
   assert data_lib.load('digits').name == 'digits'
+  with pytest.raises(ValueError, match='digits ships with scikit-learn and takes no data folder'):
+    data_lib.load('digits', tmp_path)
   with pytest.raises(ValueError, match=r"Unknown dataset 'mnist'; choose one of"):
     data_lib.load('mnist')
 
@@ -339,12 +415,27 @@ def test_cifar10_loads(tmp_path, monkeypatch, nested):
   raw = batches['test_batch'][b'data'][0].reshape(3, 32, 32)
   restored = dataset.test_images[0] * dataset.std + dataset.mean
   np.testing.assert_allclose(restored[..., 1], raw[1], atol=1e-3)
+  folder = tmp_path / data_lib.CIFAR10_FOLDER if nested else tmp_path
+  assert dataset.source.folder == str(folder.resolve())
+  assert [f.name for f in dataset.source.files] == list(batches)
+
+
+def test_cifar10_data_dir_is_the_only_source(tmp_path, monkeypatch):
+  _fake_cifar(tmp_path / 'env')
+  monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path / 'env'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(DatasetError, match=r'CIFAR-10 was not found: .* in .*empty or its'):
+    data_lib.cifar10(tmp_path / 'empty')
 
 
 def test_cifar10_from_env(tmp_path, monkeypatch):
   _fake_cifar(tmp_path / 'env' / data_lib.CIFAR10_FOLDER)
   monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path / 'env'))
-  assert data_lib.cifar10().test_images.shape == (4, 32, 32, 3)
+  dataset = data_lib.cifar10()
+  assert dataset.test_images.shape == (4, 32, 32, 3)
+  assert dataset.source.origin == '$TRACT_OPTAX_DATA'
+  raw = data_lib.cifar10(input_scale='raw')
+  assert raw.train_images.max() > 200 and raw.input_scale == 'raw'
 
 
 def test_cifar10_missing_explains(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
-"""Flax Linen image classifiers for the TrAct demos: a small CNN, ResNet-18, a ViT.
+"""Flax Linen image classifiers for the experiment: a small CNN, ResNet-18, a ViT.
 
 Every model takes channels-last images ``(B, H, W, C)`` with any number of
 channels and a ``train`` flag (batch statistics vs running averages), and its
 first layer (the layer TrAct preconditions) is the first Conv or Dense called:
-the stem convolution, or the ViT's patch embedding.
+the stem convolution, or the ViT's patch embedding. Part of the experiment
+application (``tract-optax-train``), not of the library.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     ValueError: unknown name.
 
   Example:
-    >>> model = tract_optax.models.create_model('cnn', num_classes=10)
+    >>> model = tract_optax.experiment.models.create_model('cnn', num_classes=10)
     >>> x = jnp.zeros((2, 28, 28, 1))
     >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only
     >>> variables['params']['stem']['kernel'].shape  # the first layer

@@ -1,22 +1,30 @@
 """Small image datasets as numpy arrays, a batch iterator and augmentation.
 
-Loaders return a :class:`Dataset` of channels-last ``float32`` images,
-standardised with the training set's per-channel mean and standard deviation
-(TrAct's ``lam`` assumes inputs of mean 0 and std 1), and ``int32`` labels:
+Part of the experiment application (``tract-optax-train``), not of the library.
 
-- :func:`fashion_mnist`: IDX files (``.gz`` or uncompressed), looked up in
-  ``data_dir``, then ``$TRACT_OPTAX_DATA``, then the Debian package's folder;
-  downloaded from the public mirror as a last resort.
+Loaders return a :class:`Dataset` of channels-last ``float32`` images and
+``int32`` labels. With ``input_scale='standardized'`` (the default) the images
+are standardised with the training set's per-channel mean and standard
+deviation (TrAct's absolute ``lam`` assumes inputs of mean 0 and std 1); with
+``input_scale='raw'`` they are the stored pixel values as float (0..255 for
+Fashion-MNIST and CIFAR-10, 0..16 for digits).
+
+- :func:`fashion_mnist`: IDX files (``.gz`` or uncompressed). A ``data_dir``
+  given is the only place looked at; without one, ``$TRACT_OPTAX_DATA``, then
+  the Debian package's folder, then a download into the user's cache.
 - :func:`digits`: scikit-learn's 8x8 digits, split deterministically.
 - :func:`cifar10`: the python-pickle batches of CIFAR-10 in a folder.
 
-A damaged file raises :class:`DatasetError`, naming the file and the fault.
+Every dataset records the files it was read from, with their SHA-256, in
+:attr:`Dataset.source`. A missing or damaged file raises
+:class:`DatasetError`, naming the file (or folder) and the fault.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -57,6 +65,9 @@ CIFAR10_FOLDER = 'cifar-10-batches-py'
 CIFAR10_TRAIN_FILES: Tuple[str, ...] = tuple(f'data_batch_{i}' for i in range(1, 6))
 CIFAR10_TEST_FILE = 'test_batch'
 
+#: Values of ``input_scale``: standardised per channel, or the stored pixel values.
+INPUT_SCALES: Tuple[str, ...] = ('standardized', 'raw')
+
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'),
                0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
@@ -66,6 +77,84 @@ class DatasetError(ValueError):
 
   The message names the file and what is wrong with it.
   """
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+  """One file a dataset was read from.
+
+  Attributes:
+    name: file name inside :attr:`DataSource.folder`.
+    sha256: hex SHA-256 of the file's bytes as stored (compressed or not).
+    size_bytes: file size.
+  """
+
+  name: str
+  sha256: str
+  size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where a dataset was read from.
+
+  Attributes:
+    origin: how the folder was chosen: ``'data_dir'``, ``'$TRACT_OPTAX_DATA'``,
+      ``'system'``, ``'download'`` or ``'scikit-learn'``.
+    folder: the folder holding the files (absolute).
+    files: every file read, in reading order.
+  """
+
+  origin: str
+  folder: str
+  files: Tuple[DataFile, ...]
+
+  def to_dict(self) -> Dict[str, object]:
+    """A JSON-ready dict: origin, folder and ``files`` as name/sha256/size_bytes."""
+    return dataclasses.asdict(self)
+
+  def describe(self) -> str:
+    """Lines naming the folder and every file with its SHA-256.
+
+    Example:
+      >>> from tract_optax.experiment import data
+      >>> source = data.DataSource('data_dir', '/d', (data.DataFile('a.gz', 'ab12', 3),))
+      >>> print(source.describe())
+      data read from /d (data_dir):
+        a.gz  sha256 ab12  (3 bytes)
+    """
+    lines = [f'data read from {self.folder} ({self.origin}):']
+    lines += [f'  {f.name}  sha256 {f.sha256}  ({f.size_bytes} bytes)' for f in self.files]
+    return '\n'.join(lines)
+
+
+def file_sha256(path: PathLike) -> str:
+  """Hex SHA-256 of a file's bytes, read in 1 MiB blocks.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), 'empty')
+    >>> open(path, 'wb').close()
+    >>> tract_optax.experiment.data.file_sha256(path)[:16]
+    'e3b0c44298fc1c14'
+  """
+  digest = hashlib.sha256()
+  with open(path, 'rb') as handle:
+    for block in iter(lambda: handle.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _source(origin: str, paths: Sequence[Path]) -> DataSource:
+  """The :class:`DataSource` of files that all sit in one folder."""
+  folder = paths[0].resolve().parent
+  files = []
+  for path in paths:
+    try:
+      files.append(DataFile(path.name, file_sha256(path), path.stat().st_size))
+    except OSError as error:
+      raise DatasetError(f'Cannot read {path}: {error}.') from error
+  return DataSource(origin=origin, folder=str(folder), files=tuple(files))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +169,12 @@ class Dataset:
       set's statistics.
     test_labels: ``(M,)`` int32.
     num_classes: number of classes.
-    mean: per-channel mean of the raw training pixels that was subtracted.
-    std: per-channel standard deviation that was divided out.
+    mean: per-channel mean of the raw training pixels that was subtracted
+      (zeros for ``input_scale='raw'``).
+    std: per-channel standard deviation that was divided out (ones for
+      ``input_scale='raw'``).
+    input_scale: ``'standardized'`` or ``'raw'`` (see :data:`INPUT_SCALES`).
+    source: the files the dataset was read from (``None`` when built in memory).
   """
 
   name: str
@@ -92,6 +185,8 @@ class Dataset:
   num_classes: int
   mean: np.ndarray
   std: np.ndarray
+  input_scale: str = 'standardized'
+  source: Optional[DataSource] = None
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
@@ -111,7 +206,7 @@ class Dataset:
       A new :class:`Dataset`; the same seed always gives the same subset.
 
     Example:
-      >>> data = tract_optax.data.digits()
+      >>> data = tract_optax.experiment.data.digits()
       >>> data.subset(100, 50).train_images.shape
       (100, 8, 8, 1)
     """
@@ -147,7 +242,7 @@ def standardize(train_images: np.ndarray, test_images: np.ndarray
 
   Example:
     >>> train = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
-    >>> out, _, mean, std = tract_optax.data.standardize(train, train)
+    >>> out, _, mean, std = tract_optax.experiment.data.standardize(train, train)
     >>> round(float(out.mean()), 6), round(float(out.std()), 6), mean.tolist()
     (0.0, 1.0, [3.5])
   """
@@ -163,13 +258,24 @@ def standardize(train_images: np.ndarray, test_images: np.ndarray
   return apply(train_images), apply(test_images), mean.astype(np.float32), std.astype(np.float32)
 
 
+def _check_input_scale(input_scale: str) -> None:
+  if input_scale not in INPUT_SCALES:
+    raise ValueError(f'input_scale must be one of {INPUT_SCALES}; got {input_scale!r}.')
+
+
 def _make_dataset(name: str, train: Tuple[np.ndarray, np.ndarray],
-                  test: Tuple[np.ndarray, np.ndarray], num_classes: int) -> Dataset:
-  train_images, test_images, mean, std = standardize(train[0], test[0])
+                  test: Tuple[np.ndarray, np.ndarray], num_classes: int,
+                  input_scale: str, source: Optional[DataSource]) -> Dataset:
+  if input_scale == 'standardized':
+    train_images, test_images, mean, std = standardize(train[0], test[0])
+  else:
+    channels = train[0].shape[-1]
+    train_images, test_images = train[0].astype(np.float32), test[0].astype(np.float32)
+    mean, std = np.zeros(channels, np.float32), np.ones(channels, np.float32)
   return Dataset(name=name, train_images=train_images,
                  train_labels=train[1].astype(np.int32), test_images=test_images,
                  test_labels=test[1].astype(np.int32), num_classes=num_classes,
-                 mean=mean, std=std)
+                 mean=mean, std=std, input_scale=input_scale, source=source)
 
 
 # ---------------------------------------------------------------- IDX files
@@ -216,7 +322,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     >>> path = os.path.join(tempfile.mkdtemp(), 'labels-idx1-ubyte')
     >>> with open(path, 'wb') as f:
     ...   _ = f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))
-    >>> tract_optax.data.read_idx(path).tolist()
+    >>> tract_optax.experiment.data.read_idx(path).tolist()
     [7, 8, 9]
   """
   path = Path(path)
@@ -254,8 +360,8 @@ def write_idx(path: PathLike, array: np.ndarray) -> None:
   Example:
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), 'x-idx3-ubyte.gz')
-    >>> tract_optax.data.write_idx(path, np.zeros((2, 3, 3), np.uint8))
-    >>> tract_optax.data.read_idx(path).shape
+    >>> tract_optax.experiment.data.write_idx(path, np.zeros((2, 3, 3), np.uint8))
+    >>> tract_optax.experiment.data.read_idx(path).shape
     (2, 3, 3)
   """
   array = np.asarray(array)
@@ -282,40 +388,50 @@ def _has_fashion_mnist(folder: Path) -> bool:
   return all(_idx_file(folder, stem) for stem in FASHION_MNIST_FILES.values())
 
 
+def _with_subfolders(folder: Path) -> Tuple[Path, ...]:
+  return (folder, folder / 'fashion-mnist', folder / 'fashion_mnist')
+
+
 def _candidate_dirs(data_dir: Optional[PathLike]) -> Sequence[Tuple[str, Path]]:
-  """Where Fashion-MNIST is looked for, in order, each with its origin."""
-  candidates = []
+  """Where Fashion-MNIST is looked for, in order, each with its origin.
+
+  A ``data_dir`` given is the only candidate (with its subfolders): a run
+  never falls back silently to another source than the one asked for.
+  """
   if data_dir is not None:
-    candidates.append(('data_dir', Path(data_dir)))
-  if os.environ.get(DATA_ENV_VAR):
-    candidates.append((f'${DATA_ENV_VAR}', Path(os.environ[DATA_ENV_VAR])))
-  candidates.extend(('system', Path(d)) for d in SYSTEM_FASHION_MNIST_DIRS)
-  expanded = []
-  for origin, folder in candidates:
-    expanded.append((origin, folder))
-    expanded.extend((origin, folder / sub) for sub in ('fashion-mnist', 'fashion_mnist'))
-  return expanded
+    candidates = [('data_dir', Path(data_dir))]
+  else:
+    candidates = []
+    if os.environ.get(DATA_ENV_VAR):
+      candidates.append((f'${DATA_ENV_VAR}', Path(os.environ[DATA_ENV_VAR])))
+    candidates.extend(('system', Path(d)) for d in SYSTEM_FASHION_MNIST_DIRS)
+  return [(origin, sub) for origin, folder in candidates for sub in _with_subfolders(folder)]
+
+
+def _find_fashion_mnist(data_dir: Optional[PathLike]) -> Optional[Tuple[str, Path]]:
+  for origin, folder in _candidate_dirs(data_dir):
+    if _has_fashion_mnist(folder):
+      return origin, folder
+  return None
 
 
 def find_fashion_mnist(data_dir: Optional[PathLike] = None) -> Optional[Path]:
-  """The first folder holding all four Fashion-MNIST IDX files, or None.
+  """The folder holding all four Fashion-MNIST IDX files, or None.
 
-  Looks in ``data_dir``, then ``$TRACT_OPTAX_DATA``, then
-  :data:`SYSTEM_FASHION_MNIST_DIRS`; in each also in a ``fashion-mnist`` or
-  ``fashion_mnist`` subfolder.
+  With ``data_dir``, looks there only; without, in ``$TRACT_OPTAX_DATA``, then
+  :data:`SYSTEM_FASHION_MNIST_DIRS`. In each folder also in a
+  ``fashion-mnist`` or ``fashion_mnist`` subfolder.
 
   Example:
     >>> import pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> for stem in FASHION_MNIST_FILES.values():
     ...   (folder / (stem + '.gz')).touch()
-    >>> tract_optax.data.find_fashion_mnist(folder) == folder
+    >>> tract_optax.experiment.data.find_fashion_mnist(folder) == folder
     True
   """
-  for _, folder in _candidate_dirs(data_dir):
-    if _has_fashion_mnist(folder):
-      return folder
-  return None
+  found = _find_fashion_mnist(data_dir)
+  return None if found is None else found[1]
 
 
 def default_cache_dir() -> Path:
@@ -375,12 +491,27 @@ def download_fashion_mnist(folder: PathLike, *, timeout: float = 20.0,
   return folder
 
 
+_FASHION_FILE_LIST = ('train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), '
+                      't10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)')
+
+
+def _check_data_dir(data_dir: PathLike) -> Path:
+  folder = Path(data_dir)
+  if not folder.exists():
+    raise DatasetError(f'The data folder {folder} does not exist.')
+  if not folder.is_dir():
+    raise DatasetError(f'The data folder {folder} is not a folder.')
+  return folder
+
+
 def _not_found_message(data_dir: Optional[PathLike], download_error: Optional[str]) -> str:
-  searched = ', '.join(str(folder) for _, folder in _candidate_dirs(data_dir))
-  message = (
-      'Fashion-MNIST was not found. Looked for train-images-idx3-ubyte(.gz), '
-      'train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and '
-      f't10k-labels-idx1-ubyte(.gz) in: {searched}. ')
+  if data_dir is not None:
+    return (f'Fashion-MNIST was not found in {data_dir}: it needs {_FASHION_FILE_LIST} '
+            "there or in its 'fashion-mnist' subfolder. Put the four files there, or "
+            f'leave the folder out to use ${DATA_ENV_VAR}, the Debian package '
+            '(apt-get install dataset-fashion-mnist) or a download.')
+  searched = ', '.join(str(folder) for _, folder in _candidate_dirs(None))
+  message = f'Fashion-MNIST was not found. Looked for {_FASHION_FILE_LIST} in: {searched}. '
   if download_error:
     message += f'Downloading failed ({download_error}). '
   return message + (
@@ -390,22 +521,26 @@ def _not_found_message(data_dir: Optional[PathLike], download_error: Optional[st
 
 
 def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
-                  cache_dir: Optional[PathLike] = None) -> Dataset:
+                  cache_dir: Optional[PathLike] = None,
+                  input_scale: str = 'standardized') -> Dataset:
   """Fashion-MNIST: 60k training and 10k test images, 28x28x1, 10 classes.
 
   Args:
-    data_dir: folder with the IDX files (searched first).
-    download: if no folder has the files, download them into ``data_dir``
-      (or ``cache_dir``, default :func:`default_cache_dir`) when the network
-      allows.
-    cache_dir: download destination when ``data_dir`` is None.
+    data_dir: folder with the IDX files. When given it is the only place
+      looked at (or its ``fashion-mnist`` subfolder); nothing is downloaded.
+    download: without ``data_dir``, if neither ``$TRACT_OPTAX_DATA`` nor the
+      system folder has the files, download them into ``cache_dir`` (default
+      :func:`default_cache_dir`) when the network allows.
+    cache_dir: download destination.
+    input_scale: ``'standardized'`` or ``'raw'`` (pixels 0..255 as float32).
 
   Returns:
-    The standardised :class:`Dataset`.
+    The :class:`Dataset`, with :attr:`Dataset.source` naming the files read.
 
   Raises:
-    DatasetError: the files are nowhere to be found (the message says how to
-      get them), or a file is damaged, or images and labels disagree.
+    DatasetError: ``data_dir`` does not exist or lacks the files, or the files
+      are nowhere to be found (the message says how to get them), or a file is
+      damaged, or images and labels disagree.
 
   Example:
     >>> import tempfile
@@ -415,26 +550,28 @@ def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
     ...             rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
     ...   write_idx(f'{folder}/{split}-labels-idx1-ubyte.gz',
     ...             rng.integers(0, 10, count, dtype=np.uint8))
-    >>> data = tract_optax.data.fashion_mnist(folder)
-    >>> data.train_images.shape, data.test_labels.dtype
-    ((20, 28, 28, 1), dtype('int32'))
+    >>> data = tract_optax.experiment.data.fashion_mnist(folder)
+    >>> data.train_images.shape, data.test_labels.dtype, data.source.origin
+    ((20, 28, 28, 1), dtype('int32'), 'data_dir')
   """
-  folder = find_fashion_mnist(data_dir)
-  if folder is None and download:
-    cache = Path(data_dir) if data_dir is not None else Path(cache_dir or default_cache_dir())
+  _check_input_scale(input_scale)
+  if data_dir is not None:
+    _check_data_dir(data_dir)
+  found = _find_fashion_mnist(data_dir)
+  if found is None and download and data_dir is None:
     try:
-      folder = download_fashion_mnist(cache)
+      found = 'download', download_fashion_mnist(Path(cache_dir or default_cache_dir()))
     except (OSError, DatasetError) as error:
-      raise DatasetError(_not_found_message(data_dir, str(error))) from error
-  if folder is None:
+      raise DatasetError(_not_found_message(None, str(error))) from error
+  if found is None:
     raise DatasetError(_not_found_message(data_dir, None))
-  arrays = {key: read_idx(_idx_file(folder, stem))
-            for key, stem in FASHION_MNIST_FILES.items()}
+  origin, folder = found
+  paths = {key: _idx_file(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
+  arrays = {key: read_idx(path) for key, path in paths.items()}
   splits = []
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
-    image_file = _idx_file(folder, FASHION_MNIST_FILES[f'{split}_images'])
-    label_file = _idx_file(folder, FASHION_MNIST_FILES[f'{split}_labels'])
+    image_file, label_file = paths[f'{split}_images'], paths[f'{split}_labels']
     if images.ndim != 3 or labels.ndim != 1:
       raise DatasetError(
           f'{image_file} must hold 3-D images (count, rows, cols) and '
@@ -447,27 +584,43 @@ def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
       raise DatasetError(f'{label_file} has label {int(labels.max())}; '
                          'Fashion-MNIST labels are 0..9.')
     splits.append((images[..., None], labels))
-  return _make_dataset('fashion_mnist', splits[0], splits[1], 10)
+  source = _source(origin, list(paths.values()))
+  return _make_dataset('fashion_mnist', splits[0], splits[1], 10, input_scale, source)
 
 
 # ------------------------------------------------------------------ digits
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+#: The file inside scikit-learn that ``load_digits`` reads.
+SKLEARN_DIGITS_FILE = 'digits.csv.gz'
+
+
+def _sklearn_digits_path() -> Path:
+  import importlib.resources  # pylint: disable=import-outside-toplevel
+  return Path(str(importlib.resources.files('sklearn.datasets.data') / SKLEARN_DIGITS_FILE))
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0, *,
+           input_scale: str = 'standardized') -> Dataset:
   """scikit-learn's 8x8 handwritten digits (1797 images), split deterministically.
 
   Args:
     test_fraction: share of the images held out as the test set (stratified).
     seed: seed of the split; the same seed gives the same split.
+    input_scale: ``'standardized'`` or ``'raw'`` (the stored values 0..16).
 
   Returns:
-    The standardised :class:`Dataset`, images ``(N, 8, 8, 1)``.
+    The :class:`Dataset`, images ``(N, 8, 8, 1)``; its source is
+    scikit-learn's ``digits.csv.gz``.
 
   Example:
-    >>> data = tract_optax.data.digits()
+    >>> data = tract_optax.experiment.data.digits()
     >>> data.train_images.shape, data.test_images.shape, data.num_classes
     ((1438, 8, 8, 1), (359, 8, 8, 1), 10)
+    >>> data.source.files[0].name
+    'digits.csv.gz'
   """
+  _check_input_scale(input_scale)
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   bunch = load_digits()
   images = bunch.images.astype(np.float32)[..., None]
@@ -480,8 +633,9 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     test_index.extend(rng.permutation(members)[:count])
   test_mask = np.zeros(len(labels), bool)
   test_mask[test_index] = True
+  source = _source('scikit-learn', [_sklearn_digits_path()])
   return _make_dataset('digits', (images[~test_mask], labels[~test_mask]),
-                       (images[test_mask], labels[test_mask]), 10)
+                       (images[test_mask], labels[test_mask]), 10, input_scale, source)
 
 
 # ----------------------------------------------------------------- CIFAR-10
@@ -542,65 +696,109 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def find_cifar10(data_dir: Optional[PathLike] = None) -> Optional[Path]:
-  """The folder with the CIFAR-10 batches: ``data_dir`` or its
-  ``cifar-10-batches-py`` subfolder, then the same under ``$TRACT_OPTAX_DATA``."""
-  roots = [Path(d) for d in (data_dir, os.environ.get(DATA_ENV_VAR)) if d]
-  for root in roots:
+def _find_cifar10(data_dir: Optional[PathLike]) -> Optional[Tuple[str, Path]]:
+  if data_dir is not None:
+    roots = [('data_dir', Path(data_dir))]
+  elif os.environ.get(DATA_ENV_VAR):
+    roots = [(f'${DATA_ENV_VAR}', Path(os.environ[DATA_ENV_VAR]))]
+  else:
+    roots = []
+  for origin, root in roots:
     for folder in (root, root / CIFAR10_FOLDER):
       if all((folder / name).is_file() for name in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)):
-        return folder
+        return origin, folder
   return None
 
 
-def cifar10(data_dir: Optional[PathLike] = None) -> Dataset:
+def find_cifar10(data_dir: Optional[PathLike] = None) -> Optional[Path]:
+  """The folder with the CIFAR-10 batches, or None.
+
+  ``data_dir`` or its ``cifar-10-batches-py`` subfolder when ``data_dir`` is
+  given; otherwise the same under ``$TRACT_OPTAX_DATA``.
+  """
+  found = _find_cifar10(data_dir)
+  return None if found is None else found[1]
+
+
+def cifar10(data_dir: Optional[PathLike] = None, *,
+            input_scale: str = 'standardized') -> Dataset:
   """CIFAR-10 from its python-pickle batches (``data_batch_1..5``, ``test_batch``).
 
   Args:
     data_dir: folder holding the batches, or holding ``cifar-10-batches-py``
-      (as the official ``cifar-10-python.tar.gz`` unpacks); then
+      (as the official ``cifar-10-python.tar.gz`` unpacks); without it,
       ``$TRACT_OPTAX_DATA`` is searched the same way.
+    input_scale: ``'standardized'`` or ``'raw'`` (pixels 0..255 as float32).
 
   Returns:
-    The standardised :class:`Dataset`, images ``(N, 32, 32, 3)``.
+    The :class:`Dataset`, images ``(N, 32, 32, 3)``.
 
   Raises:
-    DatasetError: the batches are missing (the message says where to get them)
-      or one is damaged.
+    DatasetError: ``data_dir`` does not exist, the batches are missing (the
+      message says where to get them) or one is damaged.
   """
-  folder = find_cifar10(data_dir)
-  if folder is None:
+  _check_input_scale(input_scale)
+  if data_dir is not None:
+    _check_data_dir(data_dir)
+  found = _find_cifar10(data_dir)
+  if found is None:
+    where = data_dir if data_dir is not None else f'${DATA_ENV_VAR} (--data-dir)'
     raise DatasetError(
         'CIFAR-10 was not found: need data_batch_1..5 and test_batch in '
-        f'{data_dir or "--data-dir"} or its {CIFAR10_FOLDER}/ subfolder (or under '
-        f'${DATA_ENV_VAR}). Download '
+        f'{where} or its {CIFAR10_FOLDER}/ subfolder. Download '
         'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, unpack it '
         'and pass the folder as --data-dir.')
-  train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
-  test = _read_cifar_batch(folder / CIFAR10_TEST_FILE)
+  origin, folder = found
+  paths = [folder / name for name in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)]
+  train = [_read_cifar_batch(path) for path in paths[:-1]]
+  test = _read_cifar_batch(paths[-1])
   train_images = np.concatenate([images for images, _ in train])
   train_labels = np.concatenate([labels for _, labels in train])
-  return _make_dataset('cifar10', (train_images, train_labels), test, 10)
+  return _make_dataset('cifar10', (train_images, train_labels), test, 10, input_scale,
+                       _source(origin, paths))
 
 
-#: Loaders by name; each takes ``data_dir`` (digits ignores it).
+def _digits_loader(data_dir: Optional[PathLike] = None, *,
+                   input_scale: str = 'standardized') -> Dataset:
+  if data_dir is not None:
+    raise ValueError('digits ships with scikit-learn and takes no data folder; '
+                     f'got {data_dir}.')
+  return digits(input_scale=input_scale)
+
+
+#: Loaders by name: ``loader(data_dir=None, *, input_scale='standardized')``.
 LOADERS: Dict[str, Callable[..., Dataset]] = {
     'fashion_mnist': fashion_mnist,
-    'digits': lambda data_dir=None: digits(),
+    'digits': _digits_loader,
     'cifar10': cifar10,
 }
 
+#: Datasets that read files from a folder (``data_dir``).
+FOLDER_DATASETS: Tuple[str, ...] = ('fashion_mnist', 'cifar10')
 
-def load(name: str, data_dir: Optional[PathLike] = None) -> Dataset:
+
+def load(name: str, data_dir: Optional[PathLike] = None, *,
+         input_scale: str = 'standardized') -> Dataset:
   """Loads a dataset by name: ``'fashion_mnist'``, ``'digits'`` or ``'cifar10'``.
 
+  Args:
+    name: a key of :data:`LOADERS`.
+    data_dir: the folder to read from (not for ``'digits'``).
+    input_scale: ``'standardized'`` or ``'raw'``.
+
+  Raises:
+    ValueError: unknown name or input scale, or a folder for ``'digits'``.
+    DatasetError: the files are missing or damaged.
+
   Example:
-    >>> tract_optax.data.load('digits').num_classes
+    >>> tract_optax.experiment.data.load('digits').num_classes
     10
+    >>> float(tract_optax.experiment.data.load('digits', input_scale='raw').train_images.max())
+    16.0
   """
   if name not in LOADERS:
     raise ValueError(f'Unknown dataset {name!r}; choose one of {sorted(LOADERS)}.')
-  return LOADERS[name](data_dir=data_dir)
+  return LOADERS[name](data_dir=data_dir, input_scale=input_scale)
 
 
 # ------------------------------------------------------ batches, augmentation
@@ -621,10 +819,11 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
       shape avoids recompiling).
 
   Example:
+    >>> from tract_optax.experiment.data import batches
     >>> x, y = np.arange(10), np.arange(10)
-    >>> [len(b) for b, _ in tract_optax.data.batches(x, y, 4)]
+    >>> [len(b) for b, _ in batches(x, y, 4)]
     [4, 4, 2]
-    >>> [len(b) for b, _ in tract_optax.data.batches(x, y, 4, seed=0, drop_remainder=True)]
+    >>> [len(b) for b, _ in batches(x, y, 4, seed=0, drop_remainder=True)]
     [4, 4]
   """
   if batch_size < 1:
@@ -644,7 +843,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, pad: int =
   """Random crops from zero-padded images, and random horizontal flips.
 
   Vectorised numpy (one gather per batch), cheap enough for a CPU input loop.
-  Zero padding is the standardised mean, not black.
+  Zero padding is the mean for standardised images, black for raw ones.
 
   Args:
     images: ``(B, H, W, C)`` batch.
@@ -658,7 +857,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, pad: int =
 
   Example:
     >>> x = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
-    >>> out = tract_optax.data.random_crop_flip(x, np.random.default_rng(0), pad=1)
+    >>> out = tract_optax.experiment.data.random_crop_flip(x, np.random.default_rng(0), pad=1)
     >>> out.shape
     (2, 4, 4, 1)
   """

@@ -1,0 +1,333 @@
+"""Optimizers, the jitted train and eval steps, and one training run.
+
+Part of the experiment application (``tract-optax-train``), not of the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import tract_optax
+from tract_optax import linen as tract_linen
+from tract_optax.experiment import data as data_lib
+from tract_optax.experiment import models as models_lib
+from tract_optax.experiment.config import BASELINE, METHOD_LABELS, Config
+
+
+def _kernel_mask(params):
+  """True for kernels (weight decay), False for biases and norm parameters."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def base_optimizer(config: Config) -> optax.GradientTransformation:
+  """The optimizer without TrAct; its learning rate is set every step.
+
+  The last element is ``inject_hyperparams(scale_by_learning_rate)``, so the
+  learning rate is a value in the optimizer state (see
+  :func:`set_learning_rate`) and one compiled step serves every budget.
+  SGD adds the weight decay to the gradient before momentum (as
+  ``torch.optim.SGD`` does); Adam decouples it (AdamW).
+  """
+  learning_rate = optax.inject_hyperparams(optax.scale_by_learning_rate)(
+      learning_rate=config.lr)
+  decay = optax.add_decayed_weights(config.weight_decay, mask=_kernel_mask)
+  if config.optimizer == 'sgd':
+    return optax.chain(decay, optax.trace(config.momentum, nesterov=config.nesterov),
+                       learning_rate)
+  return optax.chain(optax.scale_by_adam(), decay, learning_rate)
+
+
+def tract_options(config: Config, method: str) -> Dict[str, Any]:
+  """Keyword arguments of ``tract_optax.tract`` for a TrAct method.
+
+  ``'tract_rel'`` adds ``relative_lam=True``; ``refresh_every > 1`` names the
+  model's first layer and the refresh period (the amortised statistic).
+
+  Example:
+    >>> from tract_optax.experiment import cli, training
+    >>> config = cli.parse_config(['--dataset', 'digits', '--refresh-every', '4'])
+    >>> training.tract_options(config, 'tract_rel')
+    {'relative_lam': True, 'layers': [('stem',)], 'refresh_every': 4}
+  """
+  options: Dict[str, Any] = {}
+  if method == 'tract_rel':
+    options['relative_lam'] = True
+  if config.refresh_every > 1:
+    options.update(layers=[models_lib.FIRST_LAYER[config.model]],
+                   refresh_every=config.refresh_every)
+  return options
+
+
+def make_optimizer(config: Config, method: str) -> optax.GradientTransformation:
+  """``optax.chain(tract(lam, ...), base)`` for a TrAct method, ``base`` for plain.
+
+  See :func:`tract_options` for what the TrAct methods pass to ``tract``.
+  """
+  base = base_optimizer(config)
+  if method == BASELINE:
+    return base
+  return optax.chain(tract_optax.tract(config.lam, **tract_options(config, method)), base)
+
+
+def set_learning_rate(opt_state, learning_rate: jax.Array):
+  """Returns ``opt_state`` with the injected learning rate replaced."""
+  return optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
+
+
+def cosine_learning_rate(step: jax.Array, peak: float, total_steps: jax.Array,
+                         warmup_steps: jax.Array) -> jax.Array:
+  """Linear warm-up to ``peak``, then cosine decay to 0 at ``total_steps``.
+
+  Example:
+    >>> from tract_optax.experiment import training
+    >>> [round(float(training.cosine_learning_rate(s, 1.0, 10, 2)), 3)
+    ...  for s in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+  """
+  step = jnp.asarray(step, jnp.float32)
+  total = jnp.asarray(total_steps, jnp.float32)
+  warmup = jnp.asarray(warmup_steps, jnp.float32)
+  warm = peak * step / jnp.maximum(warmup, 1.0)
+  progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+  cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+  return jnp.where(step < warmup, warm, cosine)
+
+
+# ---------------------------------------------------------------- the steps
+
+
+class TrainState(tract_linen.TractTrainState):
+  """Flax's TrainState with ``batch_stats``, forwarding ``tract_stats``."""
+
+  batch_stats: Any
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: nn.Module) -> Callable:
+  # Un-jitted, init dispatches op by op: many seconds for the small CNN on a CPU.
+  return jax.jit(functools.partial(model.init, train=False))
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation,
+                 image_shape: Sequence[int], seed: int) -> TrainState:
+  """Initialises the model with ``jax.random.key(seed)`` and the optimizer."""
+  variables = _jitted_init(model)(jax.random.key(seed),
+                                  jnp.zeros((1, *image_shape), jnp.float32))
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables.get('batch_stats', {}))
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model: nn.Module, method: str, peak_lr: float,
+                    refresh_every: int = 1) -> Callable:
+  """A ``step(state, images, labels, total_steps, warmup_steps, step_index=0)``.
+
+  The plain and the TrAct step run the same code except that the TrAct step
+  captures the first layer's input statistic with
+  ``tract_optax.linen.apply_with_stats`` and hands it to the optimizer.
+
+  With ``refresh_every > 1`` (TrAct only) two steps are compiled: one that
+  captures the statistic, used when ``step_index % refresh_every == 0``, and
+  one that runs the plain forward pass and lets TrAct reuse its kept
+  statistic; ``step_index`` is the step count of the run, known on the host.
+
+  Returns:
+    ``step -> (new_state, {'loss', 'accuracy'})``; the state is donated.
+  """
+  use_tract = method != BASELINE
+
+  def step(state, images, labels, total_steps, warmup_steps, capture=True):
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      if use_tract and not capture:
+        logits, updates = model.apply(variables, images, train=True,
+                                      mutable=['batch_stats'])
+        tract_stats = {}
+      elif use_tract:
+        (logits, updates), tract_stats = tract_linen.apply_with_stats(
+            model, variables, images, train=True, mutable=['batch_stats'])
+      else:
+        logits, updates = model.apply(variables, images, train=True,
+                                      mutable=['batch_stats'])
+        tract_stats = None
+      return _cross_entropy(logits, labels), (logits, updates, tract_stats)
+
+    (loss, (logits, updates, tract_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    learning_rate = cosine_learning_rate(state.step, peak_lr, total_steps, warmup_steps)
+    state = state.replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
+    state = state.apply_gradients(grads=grads, tract_stats=tract_stats,
+                                  batch_stats=updates.get('batch_stats', state.batch_stats))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return state, {'loss': loss, 'accuracy': accuracy}
+
+  jitted = jax.jit(step, donate_argnums=(0,), static_argnames=('capture',))
+
+  def run_step(state, images, labels, total_steps, warmup_steps, step_index=0):
+    capture = not use_tract or refresh_every == 1 or step_index % refresh_every == 0
+    return jitted(state, images, labels, total_steps, warmup_steps, capture=capture)
+
+  return run_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """A jitted ``step(params, batch_stats, images, labels, mask) -> (correct, loss sum)``."""
+
+  def step(params, batch_stats, images, labels, mask):
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(correct), jnp.sum(jnp.where(mask, losses, 0.0))
+
+  return jax.jit(step)
+
+
+def evaluate(eval_step: Callable, state: TrainState, images: np.ndarray,
+             labels: np.ndarray, batch_size: int) -> Tuple[float, float]:
+  """Accuracy and mean loss over all examples (last batch padded and masked)."""
+  totals = []
+  for start in range(0, len(labels), batch_size):
+    batch_images = images[start:start + batch_size]
+    batch_labels = labels[start:start + batch_size]
+    valid = len(batch_labels)
+    mask = np.arange(batch_size) < valid
+    if valid < batch_size:
+      pad = batch_size - valid
+      batch_images = np.concatenate([batch_images, np.zeros((pad,) + images.shape[1:],
+                                                            images.dtype)])
+      batch_labels = np.concatenate([batch_labels, np.zeros(pad, labels.dtype)])
+    totals.append(eval_step(state.params, state.batch_stats, batch_images, batch_labels,
+                            mask))
+  correct, loss_sum = np.sum(jax.device_get(totals), axis=0)
+  return float(correct) / len(labels), float(loss_sum) / len(labels)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@dataclasses.dataclass
+class Run:
+  """Result of one training run (one input scale, method, seed and budget)."""
+
+  method: str
+  seed: int
+  budget: int
+  test_accuracy_per_epoch: List[float]
+  test_loss_per_epoch: List[float]
+  train_loss_per_epoch: List[float]
+  final_accuracy: float
+  train_time_s: float
+  eval_time_s: float
+  wall_time_s: float
+  steps: int
+  input_scale: str = 'standardized'
+
+
+class _Progress:
+  """A tqdm bar per run when stderr is a terminal; otherwise one log line per epoch."""
+
+  def __init__(self, enabled: bool, total: int, description: str,
+               log: Callable[[str], None]):
+    self.bar = None
+    self.description = description
+    self.log = log if enabled else None
+    if enabled and sys.stderr.isatty():
+      try:
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        return
+      self.bar = tqdm(total=total, desc=description, unit='step', leave=False,
+                      dynamic_ncols=True, file=sys.stderr)
+
+  def update(self, count: int = 1) -> None:
+    if self.bar is not None:
+      self.bar.update(count)
+
+  def epoch_done(self, **values) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(values)
+    elif self.log is not None:
+      self.log(f'    {self.description}: ' + ', '.join(f'{k} {v}' for k, v in values.items()))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
+              budget: int, model: nn.Module, tx: optax.GradientTransformation,
+              train_step: Callable, eval_step: Callable,
+              log: Callable[[str], None]) -> Run:
+  """Trains one model for ``budget`` epochs, evaluating after every epoch.
+
+  The data order and augmentation depend on ``(seed, epoch)`` only, never on
+  the method, so plain and TrAct runs of a seed see the same batches. ``tx``
+  is the method's optimizer, built once: the jitted step treats it as static,
+  so a new optimizer object per run would recompile the step.
+  """
+  state = create_state(model, tx, dataset.image_shape, seed)
+  name = f'{METHOD_LABELS[method]:13s} seed {seed} budget {budget} ep'
+  if dataset.input_scale != 'standardized':
+    name += f' ({dataset.input_scale} input)'
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+  total_steps = budget * steps_per_epoch
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  total_array, warmup_array = jnp.asarray(total_steps), jnp.asarray(warmup_steps)
+  progress = _Progress(config.progress, total_steps, name, log)
+  accuracies, test_losses, train_losses = [], [], []
+  train_time = eval_time = 0.0
+  start_run = time.perf_counter()
+  step_index = 0
+  for epoch in range(budget):
+    start = time.perf_counter()
+    augment_rng = np.random.default_rng([seed, epoch, 1])
+    losses = []
+    for images, labels in data_lib.batches(dataset.train_images, dataset.train_labels,
+                                           config.batch_size, seed=(seed, epoch, 0),
+                                           drop_remainder=True):
+      if config.crop_pad or config.flip:
+        images = data_lib.random_crop_flip(images, augment_rng, pad=config.crop_pad,
+                                           flip=config.flip)
+      state, metrics = train_step(state, images, labels, total_array, warmup_array,
+                                  step_index=step_index)
+      step_index += 1
+      losses.append(metrics['loss'])
+      progress.update()
+    train_loss = float(np.mean(jax.device_get(losses)))
+    train_time += time.perf_counter() - start
+    start = time.perf_counter()
+    accuracy, test_loss = evaluate(eval_step, state, dataset.test_images,
+                                   dataset.test_labels, config.eval_batch_size)
+    eval_time += time.perf_counter() - start
+    accuracies.append(accuracy)
+    test_losses.append(test_loss)
+    train_losses.append(train_loss)
+    elapsed = time.perf_counter() - start_run
+    progress.epoch_done(epoch=epoch + 1, train_loss=f'{train_loss:.3f}',
+                        test_acc=f'{accuracy:.4f}', seconds=f'{elapsed:.1f}')
+    if not math.isfinite(train_loss):
+      log(f'  {name}: the training loss is {train_loss} at epoch {epoch + 1}; lower --lr.')
+  progress.close()
+  per_epoch = ', '.join(f'{a:.4f}' for a in accuracies)
+  log(f'  {name}: test accuracy {accuracies[-1]:.4f} (per epoch {per_epoch}), '
+      f'train {train_time:.1f} s')
+  return Run(method=method, seed=seed, budget=budget, test_accuracy_per_epoch=accuracies,
+             test_loss_per_epoch=test_losses, train_loss_per_epoch=train_losses,
+             final_accuracy=accuracies[-1], train_time_s=train_time, eval_time_s=eval_time,
+             wall_time_s=time.perf_counter() - start_run, steps=total_steps,
+             input_scale=dataset.input_scale)

@@ -21,9 +21,13 @@ import jax.numpy as jnp
 PrecisionLike = Union[None, str, jax.lax.Precision]
 
 #: Matmul precision used for statistics unless the caller picks another one.
-#: HIGHEST keeps the statistic exact in float32 on GPUs and TPUs (TF32/bf16
-#: passes moved the TrAct gradient by about 1.6e-4 relative on an H200).
-DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+#: ``None`` follows JAX's own matmul precision (``jax.default_matmul_precision``
+#: or the ``jax_default_matmul_precision`` flag), the precision at which the
+#: model's kernel gradient ``G`` is computed too: full float32 on CPUs, TF32
+#: on recent GPUs, bfloat16 passes on TPUs. Pass ``'highest'`` for an exact
+#: float32 statistic there (TF32 moved the TrAct gradient by about 1.6e-4
+#: relative on an H200). The solve always runs at full precision.
+DEFAULT_PRECISION: Optional[jax.lax.Precision] = None
 
 
 class TractStats(NamedTuple):
@@ -66,6 +70,110 @@ class TractStats(NamedTuple):
   def is_woodbury(self) -> bool:
     """Whether the statistic keeps the rows (``N < n``) instead of the moment."""
     return self.rows is not None
+
+
+  def validate(self, where: str = 'tract_optax') -> 'TractStats':
+    """Returns ``self`` after checking that it is a well-formed statistic.
+
+    Args:
+      where: who asks, for the message.
+
+    Raises:
+      TypeError: if not exactly one of ``moment`` and ``rows`` is set, or the
+        count is missing.
+      ValueError: if the shapes do not form a statistic.
+    """
+    if (self.moment is None) == (self.rows is None):
+      raise TypeError(
+          f'{where}: a TractStats holds exactly one of moment (A^T A / N) and '
+          f'rows (Woodbury form); got moment={_shape_text(self.moment)}, '
+          f'rows={_shape_text(self.rows)}. Build it with dense_stats, '
+          'conv_stats or stats_from_rows.')
+    if self.count is None:
+      raise TypeError(f'{where}: TractStats.count (the row count N) is missing.')
+    if self.moment is not None:
+      shape = jnp.shape(self.moment)
+      if len(shape) not in (2, 3) or shape[-1] != shape[-2] or shape[-1] == 0:
+        raise ValueError(
+            f'{where}: TractStats.moment must be (n, n) or (groups, n, n) with '
+            f'n >= 1; got shape {shape}.')
+    else:
+      shape = jnp.shape(self.rows)
+      if len(shape) not in (2, 3) or shape[-1] == 0:
+        raise ValueError(
+            f'{where}: TractStats.rows must be (N, n) or (groups, N, n) with '
+            f'n >= 1; got shape {shape}.')
+    return self
+
+
+def _shape_text(value) -> str:
+  return 'None' if value is None else f'array of shape {jnp.shape(value)}'
+
+
+def as_real_input(x, where: str) -> jax.Array:
+  """``x`` as an array fit for a statistic: floats kept, integers as float32.
+
+  Integer and bool inputs (e.g. uint8 images, or numpy's default int64 with
+  ``jax_enable_x64``) become float32; complex inputs are rejected, since
+  TrAct's statistic ``A^T A`` is defined for real inputs.
+
+  Args:
+    x: layer inputs.
+    where: the calling function, for the message.
+
+  Returns:
+    ``x`` as a real floating-point array.
+
+  Raises:
+    TypeError: if ``x`` is complex or not numeric.
+
+  Example:
+    >>> as_real_input(jnp.arange(3, dtype=jnp.uint8), 'dense_stats').dtype
+    dtype('float32')
+  """
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(
+        f'{where}: TrAct statistics are defined for real inputs; got '
+        f'{x.dtype}. Feed the real and imaginary parts as separate features '
+        'if the layer is real-valued.')
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    return x.astype(jnp.float32)
+  raise TypeError(f'{where}: inputs must be real numbers; got dtype {x.dtype}.')
+
+
+def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
+  """``total / count``, and zeros where ``count`` is 0 (no rows: no moment)."""
+  count = jnp.asarray(count, total.dtype)
+  return total / jnp.where(count > 0, count, jnp.ones_like(count))
+
+
+def mean_eigenvalue(stats: 'TractStats') -> jax.Array:
+  """``trace(A^T A / N) / n`` per feature group: the scale of the inputs.
+
+  The relative ridge of :func:`~tract_optax.tract` (``relative_lam=True``) is
+  ``lam`` times this value. It is 0 for a statistic of no rows.
+
+  Args:
+    stats: a statistic in either form.
+
+  Returns:
+    ``(groups,)`` array (``(1,)`` for an ungrouped statistic).
+
+  Example:
+    >>> s = tract_optax.dense_stats(3.0 * jnp.ones((4, 2)))
+    >>> mean_eigenvalue(s).tolist()
+    [9.0]
+  """
+  n = stats.num_features
+  if stats.moment is not None:
+    moment = stats.moment.reshape((-1, n, n))
+    return jnp.trace(moment, axis1=-2, axis2=-1) / n
+  rows = stats.rows.reshape((stats.groups, -1, n))
+  squares = jnp.sum(jnp.square(rows), axis=(-2, -1))
+  return safe_divide(squares, stats.count) / n
 
 
 def stats_dtype(input_dtype: jnp.dtype) -> jnp.dtype:
@@ -127,24 +235,35 @@ def stats_from_rows(rows: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECI
   Returns:
     The :class:`TractStats` of ``rows``.
 
+  Raises:
+    ValueError: if ``rows`` is not 2-D (or 3-D, grouped) or has no features.
+    TypeError: for complex rows.
+
   Example:
     >>> import jax.numpy as jnp
     >>> stats_from_rows(jnp.ones((2, 5))).is_woodbury
     True
   """
+  rows = as_real_input(rows, 'stats_from_rows')
+  if rows.ndim not in (2, 3) or rows.shape[-1] == 0:
+    raise ValueError(
+        'stats_from_rows needs rows of shape (N, n), or (groups, N, n), with '
+        f'n >= 1 features; got shape {rows.shape}. For a single input row use '
+        'rows[None]; for inputs with several leading axes use dense_stats.')
   num_rows, num_features = rows.shape[-2], rows.shape[-1]
   dtype = stats_dtype(rows.dtype)
   count = jnp.asarray(num_rows, dtype)
   if num_rows < num_features and not force_moment:
     return TractStats(moment=None, rows=rows.astype(dtype), count=count)
-  return TractStats(moment=gram(rows, precision) / num_rows, rows=None, count=count)
+  return TractStats(moment=safe_divide(gram(rows, precision), count), rows=None,
+                    count=count)
 
 
 def to_moment(stats: TractStats, precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
   """Converts a statistic to the moment form (a no-op if it is in that form)."""
   if stats.moment is not None:
     return stats
-  return TractStats(moment=gram(stats.rows, precision) / stats.count,
+  return TractStats(moment=safe_divide(gram(stats.rows, precision), stats.count),
                     rows=None, count=stats.count)
 
 
@@ -160,6 +279,7 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
   Returns:
     The combined :class:`TractStats`; rows are concatenated while the total
     stays below ``n``, otherwise moments are averaged weighted by row count.
+    A statistic of zero rows contributes nothing.
 
   Raises:
     ValueError: if ``stats`` is empty or the feature counts differ.
@@ -171,7 +291,7 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
     >>> s.moment.tolist(), float(s.count)
     ([[0.5, 0.5], [0.5, 0.5]], 8.0)
   """
-  stats = list(stats)
+  stats = [TractStats(*s).validate('combine_stats') for s in stats]
   if not stats:
     raise ValueError('combine_stats needs at least one statistic.')
   if len(stats) == 1:
@@ -189,7 +309,7 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
     return stats_from_rows(rows)
   moments = [to_moment(s) for s in stats]
   weighted = sum(s.moment * s.count for s in moments)
-  return TractStats(moment=weighted / total, rows=None, count=total)
+  return TractStats(moment=safe_divide(weighted, total), rows=None, count=total)
 
 
 def _axis_size(axis_name) -> int:
@@ -230,13 +350,19 @@ def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
     axis_name: the mapped axis (or tuple of axes) that splits the batch.
 
   Returns:
-    The global-batch :class:`TractStats`.
+    The global-batch :class:`TractStats`. Its form follows the global row
+    count: the rows of all devices are gathered only while they number fewer
+    than ``n`` (a small system); otherwise each device turns its rows into a
+    moment first, so no device ever factors a (devices x local rows)^2 system.
   """
   total = jax.lax.psum(stats.count, axis_name)
   if stats.is_woodbury:
-    return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name),
-                      count=total)
-  moment = jax.lax.psum(stats.moment * stats.count, axis_name) / total
+    global_rows = _axis_size(axis_name) * stats.rows.shape[-2]
+    if global_rows < stats.num_features:
+      return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name),
+                        count=total)
+    stats = to_moment(stats)
+  moment = safe_divide(jax.lax.psum(stats.moment * stats.count, axis_name), total)
   return TractStats(moment=moment, rows=None, count=total)
 
 
@@ -256,7 +382,8 @@ def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -
     The :class:`TractStats` of the ``N x n`` input rows.
 
   Raises:
-    ValueError: if ``x`` is a scalar.
+    ValueError: if ``x`` is a scalar or has no features.
+    TypeError: for complex inputs (integer inputs are read as float32).
 
   Example:
     >>> import jax.numpy as jnp
@@ -264,8 +391,10 @@ def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -
     >>> s.moment.shape, float(s.count)
     ((8, 8), 64.0)
   """
-  x = jnp.asarray(x)
-  if x.ndim < 1:
-    raise ValueError(f'dense_stats needs inputs of shape (..., n), got a scalar.')
+  x = as_real_input(x, 'dense_stats')
+  if x.ndim < 1 or x.shape[-1] == 0:
+    raise ValueError(
+        f'dense_stats needs inputs of shape (..., n) with n >= 1 features; got '
+        f'shape {x.shape}.')
   with jax.named_scope('tract_dense_stats'):
     return stats_from_rows(x.reshape(-1, x.shape[-1]), precision=precision)

@@ -182,7 +182,7 @@ def test_two_layers_at_once_and_no_recompilation():
   @jax.jit
   def update(g, s, xa, xb):
     traces.append(1)
-    stats = {('a',): tract_optax.dense_stats(xa), ('b',): tract_optax.conv_stats(xb, (3, 3))}
+    stats = {('a',): tract_optax.dense_stats(xa), ('b',): tract_optax.conv_stats(xb, (3, 3), padding='VALID')}
     return tx.update(g, s, tract_stats=stats)
 
   state = tx.init(grads)

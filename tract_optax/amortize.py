@@ -3,17 +3,20 @@
 A first layer's input statistic depends on the data only, never on the
 weights, so each batch's statistic is a noisy estimate of one fixed population
 moment. In amortised mode :func:`~tract_optax.tract` keeps a moment per layer
-in its state, refreshes it every ``refresh_every`` steps (as an exponential
-moving average when ``stats_decay > 0``), and preconditions with the kept
-moment in between; the capture may skip computing the statistic on steps where
-:func:`stats_due` is false. The paper's (and our default) behaviour is the
-exact per-batch statistic.
+in its state, refreshes it when a refresh is due (every ``refresh_every``
+steps, as an exponential moving average when ``stats_decay > 0``), and
+preconditions with the kept moment in between; the capture may skip computing
+the statistic on steps where :func:`~tract_optax.stats_due` is false. The
+paper's (and our default) behaviour is the exact per-batch statistic.
+
+This module holds the cache arithmetic; the state and the schedule of
+refreshes live in :mod:`tract_optax.transform`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +32,7 @@ def cache_key(path: paths_lib.ModulePath) -> str:
 
 
 def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
-  """Zero moments sized from each layer's kernel in ``params``.
+  """Zero moments (count 0: never refreshed) sized from each layer's kernel.
 
   Raises:
     KeyError: if a layer has no ``kernel`` in ``params``.
@@ -38,11 +41,12 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   leaves = jax.tree_util.tree_leaves(params)
   cache = {}
   for path in layers:
-    if path not in kernels:
+    position = paths_lib.find_kernel(kernels, path)
+    if position is None:
       raise KeyError(
           f'tract(layers=...) names {path!r}, but params have no kernel under '
           'it. ' + paths_lib.kernel_paths_text(kernels))
-    kernel = leaves[kernels[path]]
+    kernel = leaves[position]
     n = math.prod(kernel.shape[:-1])
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     cache[cache_key(path)] = TractStats(
@@ -51,35 +55,41 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
 
 
 def refresh_cache(cache: Cache, fresh: Mapping[paths_lib.ModulePath, TractStats],
-                  due: jax.Array, first: jax.Array, decay: float) -> Cache:
-  """The cache after a step: fresh statistics blended in where ``due``.
+                  due: jax.Array, decay: float) -> Cache:
+  """The cache with ``fresh`` statistics blended in where ``due``.
+
+  Every kept layer must have a fresh statistic (the caller checks); a layer
+  never refreshed before (count 0) takes its fresh statistic as is.
 
   Args:
     cache: the kept statistics by :func:`cache_key`.
-    fresh: this step's statistics by module path (missing layers keep theirs).
+    fresh: this step's statistics by module path, one per kept layer.
     due: scalar bool, whether this step refreshes.
-    first: scalar bool, whether no refresh has happened yet (take fresh as is).
     decay: weight of the kept moment in the moving average (0: replace).
 
   Returns:
     The new cache (same structure and dtypes).
+
+  Raises:
+    ValueError: for a grouped statistic, or one that does not fit the cache.
   """
   new_cache = dict(cache)
   for path, stats in fresh.items():
     key = cache_key(path)
-    if key not in cache:
-      continue
     kept = cache[key]
     if stats.groups != 1:
       raise ValueError(
-          f'The amortised statistic supports ungrouped layers; {path!r} has '
-          f'{stats.groups} feature groups.')
+          f'The amortised statistic (refresh_every/stats_decay) supports '
+          f'ungrouped layers; {path!r} has {stats.groups} feature groups. Use '
+          'the per-batch statistic (the default) for a grouped or depthwise '
+          'first layer.')
     moment = to_moment(stats).moment.astype(kept.moment.dtype)
     if moment.shape != kept.moment.shape:
       raise ValueError(
           f'The statistic of {path!r} has shape {moment.shape}, but the '
           f'amortised cache holds {kept.moment.shape} (from the kernel).')
     count = jnp.asarray(stats.count, kept.count.dtype)
+    first = kept.count == 0
     blended = jnp.where(first, moment, decay * kept.moment + (1 - decay) * moment)
     new_cache[key] = TractStats(
         moment=jnp.where(due, blended, kept.moment), rows=None,
@@ -87,34 +97,6 @@ def refresh_cache(cache: Cache, fresh: Mapping[paths_lib.ModulePath, TractStats]
   return new_cache
 
 
-def stats_due(opt_state) -> jax.Array:
-  """Whether the next update of a :func:`~tract_optax.tract` refreshes its statistic.
-
-  Finds the TrAct state anywhere inside an optimizer state (e.g. of an
-  ``optax.chain``). Use it to skip computing the statistic on other steps.
-
-  Args:
-    opt_state: the optimizer state holding exactly one ``TractState``.
-
-  Returns:
-    A scalar bool array (always True without amortisation).
-
-  Raises:
-    ValueError: if ``opt_state`` holds no TrAct state, or several.
-
-  Example:
-    >>> import optax
-    >>> tx = optax.chain(tract_optax.tract(0.1), optax.sgd(0.1))
-    >>> bool(tract_optax.stats_due(tx.init({'w': jnp.zeros(2)})))
-    True
-  """
-  from tract_optax.transform import TractState  # pylint: disable=g-import-not-at-top
-  found = [s for s in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, TractState))
-           if isinstance(s, TractState)]
-  if len(found) != 1:
-    raise ValueError(
-        f'stats_due needs an optimizer state with exactly one TrAct state; '
-        f'found {len(found)}.')
-  state = found[0]
-  return state.count % state.refresh_every == 0
+def is_filled(stats: TractStats) -> jax.Array:
+  """Whether a kept statistic has been refreshed at least once."""
+  return stats.count > 0

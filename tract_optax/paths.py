@@ -3,13 +3,14 @@
 A module path is a tuple of names, e.g. ``('stem',)`` or
 ``('backbone', 'patch_embed')``; ``'backbone/patch_embed'`` is accepted too.
 The kernel of the module at ``path`` is the leaf whose key path reads
-``path + ('kernel',)``, optionally below a top-level ``'params'`` collection
-(Linen variables) and above a trailing ``.value`` (NNX variables).
+``path + ('kernel',)`` (above a trailing ``.value`` for NNX variables), or
+``('params',) + path + ('kernel',)`` when a whole Linen variables dict is
+passed; :func:`find_kernel` tries both and refuses to guess if both exist.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
 
@@ -31,9 +32,21 @@ def normalize_path(path: PathLike) -> ModulePath:
   if isinstance(path, str):
     return tuple(part for part in path.split('/') if part)
   if isinstance(path, (tuple, list)):
-    return tuple(str(part) for part in path)
+    return tuple(_part_name(part) for part in path)
   raise TypeError(
       f'A module path must be a tuple of names or an "a/b" string; got {path!r}.')
+
+
+def _part_name(part) -> str:
+  if isinstance(part, str):
+    return part
+  if isinstance(part, int) and not isinstance(part, bool):
+    return str(part)
+  if hasattr(part, '__index__') and not isinstance(part, bool):
+    return str(part.__index__())  # numpy integers
+  raise TypeError(
+      f'A module path is made of names (str) and indices (int); got {part!r} '
+      f'of type {type(part).__name__}.')
 
 
 def _key_name(key) -> str:
@@ -51,8 +64,6 @@ def kernel_module_path(key_path) -> ModulePath | None:
   if not names or names[-1] != KERNEL_NAME:
     return None
   names.pop()
-  if names and names[0] == 'params':
-    names.pop(0)
   return tuple(names)
 
 
@@ -71,6 +82,30 @@ def kernel_leaf_index(tree) -> Dict[ModulePath, int]:
     if module is not None:
       index[module] = position
   return index
+
+
+def find_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath) -> Optional[int]:
+  """The leaf index of the kernel of module ``path``, or None if there is none.
+
+  ``path`` as given, or below a top-level ``'params'`` collection (a Linen
+  variables dict); a module really named ``params`` (NNX) is found as given.
+
+  Raises:
+    ValueError: if both spellings name a kernel (the tree is ambiguous).
+
+  Example:
+    >>> index = kernel_leaf_index({'params': {'stem': {'kernel': 1.0}}})
+    >>> find_kernel(index, ('stem',)), find_kernel(index, ('head',))
+    (0, None)
+  """
+  found = [candidate for candidate in (path, ('params',) + path)
+           if candidate in kernel_index]
+  if len(found) > 1:
+    raise ValueError(
+        f'The module path {path!r} is ambiguous: the tree has a kernel under '
+        f'{found[0]!r} and under {found[1]!r}. Pass the updates of the params '
+        'collection alone (grads["params"]), or name the full path.')
+  return kernel_index[found[0]] if found else None
 
 
 def kernel_paths_text(kernel_index: Dict[ModulePath, int]) -> str:

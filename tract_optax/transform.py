@@ -7,33 +7,45 @@ any optimizer after it sees the TrAct gradient as if it were the gradient.
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, Union
+import collections
+import weakref
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from tract_optax import amortize
+from tract_optax import axes as axes_lib
 from tract_optax import paths as paths_lib
+from tract_optax import ridge as ridge_lib
 from tract_optax.precondition import precondition
 from tract_optax.stats import TractStats, all_reduce_stats
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
-AxisName = Union[Hashable, Sequence[Hashable], None]
+ScalarOrSchedule = ridge_lib.ScalarOrSchedule
+AxisName = axes_lib.AxisName
+
+#: The two ways to hand a trainer TrAct gradients, named by every message
+#: about a missing statistic.
+ROUTES_TEXT = (
+    'Either pass the statistic: tx.update(grads, opt_state, params, '
+    "tract_stats={('stem',): tract_optax.conv_stats(x, (3, 3))}) (with Flax, "
+    'tract_optax.linen.apply_with_stats / tract_optax.nnx.value_and_grad_with_stats '
+    "return it, and tract_optax.linen.TractTrainState's apply_gradients "
+    "forwards it; Flax's own TrainState.apply_gradients cannot), or use the "
+    'gradient route, which needs no tract() in the chain: differentiate '
+    'through tract_optax.linen.apply_tract(...) (NNX: tract_optax.nnx.apply_tract) '
+    'and any optimizer and TrainState receive TrAct gradients.')
 
 _MISSING_STATS = (
     'tract(...).update needs the keyword argument tract_stats: a mapping from '
-    "each first layer's module path to its input statistic, e.g. "
-    "tx.update(grads, opt_state, params, tract_stats={('stem',): "
-    'tract_optax.conv_stats(x, (3, 3), padding="SAME")}). With Flax, '
-    'tract_optax.linen.apply_with_stats(...) returns this mapping; inside '
-    'optax.chain the keyword reaches tract automatically.')
-
+    "each first layer's module path to its input statistic. " + ROUTES_TEXT)
 
 _safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
+
+# Kernel gradients tract has just preconditioned (weak references): a second
+# tract in the same chain would receive one of them and precondition it twice.
+_RECENT_OUTPUTS = collections.deque(maxlen=64)
 
 
 class TractState(NamedTuple):
@@ -43,6 +55,7 @@ class TractState(NamedTuple):
     count: number of updates so far (drives a lambda schedule).
     refresh_every: amortised mode's refresh period (1: per-batch statistic).
     refreshes: number of refreshes of the kept statistics so far.
+    last_refresh: ``count`` at the last refresh (amortised mode).
     stats_cache: amortised mode's kept statistic per layer ('a/b' keys);
       empty in the default per-batch mode.
   """
@@ -50,58 +63,36 @@ class TractState(NamedTuple):
   count: jax.Array
   refresh_every: jax.Array
   refreshes: jax.Array
+  last_refresh: jax.Array
   stats_cache: dict
 
 
 def validate_lam(lam: Any, name: str = 'lam') -> None:
-  """Raises ``ValueError`` unless ``lam`` is a schedule or a finite number > 0.
-
-  Traced values (inside ``jit`` or ``inject_hyperparams``) cannot be checked
-  and pass.
-
-  Example:
-    >>> validate_lam(0.1)
-    >>> validate_lam(0.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: lam must be a finite number > 0 (the ridge strength lambda, default 0.1); got 0.0.
-  """
-  if callable(lam):
-    return
-  if isinstance(lam, jax.core.Tracer):
-    return
-  message = (f'{name} must be a finite number > 0 (the ridge strength lambda, '
-             f'default 0.1); got {lam!r}.')
-  if isinstance(lam, (bool, np.bool_)) or isinstance(lam, (str, bytes)):
-    raise ValueError(message)
-  try:
-    array = np.asarray(lam)
-  except Exception:  # pylint: disable=broad-except
-    raise ValueError(message) from None
-  # jnp.issubdtype also knows bfloat16 (inject_hyperparams stores lam in the
-  # params dtype), which np.issubdtype does not count as a number.
-  if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.number):
-    raise ValueError(message)
-  value = float(array)
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(message)
+  """See :func:`tract_optax.ridge.validate_lam` (kept here for old imports)."""
+  ridge_lib.validate_lam(lam, name)
 
 
-def _normalize_stats(tract_stats) -> dict:
+def _normalize_stats(tract_stats) -> Dict[paths_lib.ModulePath, TractStats]:
   if tract_stats is None:
     raise TypeError(_MISSING_STATS)
   if not isinstance(tract_stats, Mapping):
     raise TypeError(
         'tract_stats must be a mapping {module path: TractStats}; got '
         f'{type(tract_stats).__name__}. ' + _MISSING_STATS)
-  normalized = {}
+  normalized, spelled = {}, {}
   for path, stats in tract_stats.items():
     module = paths_lib.normalize_path(path)
+    if module in normalized:
+      raise ValueError(
+          f'tract_stats names the layer {paths_lib.format_path(module)!r} twice, '
+          f'as {spelled[module]!r} and as {path!r}; give each layer one entry '
+          '(combine_stats merges the statistics of several calls).')
     if not isinstance(stats, TractStats):
       raise TypeError(
           f'tract_stats[{path!r}] must be a tract_optax.TractStats (from '
           f'dense_stats, conv_stats or the Flax capture); got {type(stats).__name__}.')
-    normalized[module] = stats
+    normalized[module] = stats.validate(f'tract_stats[{path!r}]')
+    spelled[module] = path
   return normalized
 
 
@@ -113,7 +104,8 @@ def _validate_amortization(layers, refresh_every, stats_decay):
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
     raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.'
                      + _INJECT_HINT)
-  if not (isinstance(stats_decay, (int, float)) and 0 <= stats_decay < 1):
+  if (isinstance(stats_decay, bool) or not isinstance(stats_decay, (int, float))
+      or not 0 <= stats_decay < 1):
     raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.'
                      + _INJECT_HINT)
   amortized = refresh_every > 1 or stats_decay > 0
@@ -122,44 +114,116 @@ def _validate_amortization(layers, refresh_every, stats_decay):
         'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
         'moment per layer in the optimizer state, so tract needs the layers at '
         "construction: tract(..., layers=[('stem',)]).")
-  return tuple(paths_lib.normalize_path(p) for p in (layers or ()))
+  if layers is None:
+    return None, amortized
+  if isinstance(layers, str):
+    layers = [layers]
+  normalized = [paths_lib.normalize_path(p) for p in layers]
+  if not normalized:
+    raise ValueError('tract(layers=[]) names no layer; leave layers out to '
+                     'precondition whatever tract_stats names.')
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(f'tract(layers={layers!r}) names a layer twice.')
+  return tuple(normalized), amortized
+
+
+def _mask_hint(updates) -> str:
+  masked = [leaf for leaf in jax.tree_util.tree_leaves(
+      updates, is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+            if isinstance(leaf, optax.MaskedNode)]
+  if not masked:
+    return ''
+  return (' The updates hold masked-out leaves (optax.masked / '
+          'optax.multi_transform): this tract sits in a group that does not '
+          "contain the layer's kernel. Put tract first in the chain, outside "
+          'the masking, or put the kernel in its group.')
+
+
+def _check_not_preconditioned(leaf, path) -> None:
+  for ref in _RECENT_OUTPUTS:
+    if ref() is leaf:
+      raise ValueError(
+          f'The gradient of {paths_lib.format_path(path)!r} has already been '
+          'preconditioned (by a tract transformation, or by the gradient route: '
+          'apply_tract / tract_kernel): a chain must hold tract once, and the '
+          'gradient route needs no tract in the chain at all.')
+
+
+def remember_preconditioned(leaf) -> None:
+  try:
+    _RECENT_OUTPUTS.append(weakref.ref(leaf))
+  except TypeError:  # not weak-referenceable (e.g. a numpy array): skip
+    pass
+
+
+def _select(stats_by_path, layers, amortized):
+  """Statistics of the layers to precondition, per ``layers``' meaning."""
+  if layers is None:
+    return stats_by_path
+  missing = [p for p in layers if p not in stats_by_path]
+  if missing and not amortized:
+    raise KeyError(
+        f'tract(layers=...) preconditions {[paths_lib.format_path(p) for p in layers]}, '
+        f'but tract_stats has no statistic for {paths_lib.format_path(missing[0])!r} '
+        f'(it names {[paths_lib.format_path(p) for p in stats_by_path] or "nothing"}). '
+        'Pass every listed layer\'s statistic at every step, or use '
+        'refresh_every=k to keep an amortised statistic between refreshes.')
+  return {p: s for p, s in stats_by_path.items() if p in layers}
 
 
 def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
+          local_stats: bool = False, relative_lam: bool = False,
           layers: Optional[Sequence[paths_lib.PathLike]] = None,
           refresh_every: Optional[int] = None,
           stats_decay: Optional[float] = None,
+          check_condition: bool = False,
           ) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
   For every entry ``path -> stats`` of ``tract_stats``, the gradient ``G`` of the
   ``kernel`` leaf under ``path`` becomes ``(A^T A / N + lam I)^{-1} G``; all
   other leaves, biases included, pass through unchanged. Put it first in an
-  ``optax.chain``: the chain forwards ``tract_stats`` to it.
+  ``optax.chain``: the chain forwards ``tract_stats`` to it. Weight decay
+  belongs after it (``optax.add_decayed_weights`` or ``optax.adamw``), as in
+  the authors' code; weight decay written into the loss is preconditioned
+  too.
 
   Args:
     lam: ridge strength lambda > 0 (0.1 is the paper's default; its scale
-      assumes standardised inputs), or a schedule ``step -> lambda``.
+      assumes standardised inputs), or a schedule ``step -> lambda`` (checked
+      at construction; one that reaches 0 is rejected).
     axis_name: the ``pmap``/``shard_map`` axis (or axes) over which the batch
       is split; statistics are then averaged to the global-batch statistic
       before the solve. Not needed under ``jit`` with a sharded batch, where
-      the statistic is already global.
-    layers: module paths whose statistic is kept in the state (amortised mode
-      only; the default per-batch mode takes whatever ``tract_stats`` names).
-    refresh_every: opt-in amortisation: refresh the kept statistic every k
-      updates and reuse it in between (:func:`~tract_optax.stats_due` tells
-      the capture when to compute it). None or 1 (default) uses each batch's
-      own statistic, as the paper does.
+      the statistic is already global. Inside a bound named axis, tract
+      refuses to run without it (or ``local_stats=True``).
+    local_stats: inside ``pmap``/``shard_map``, precondition each device with
+      the statistic of its own part of the batch, on purpose (what the PyTorch
+      reference does under DDP). Not exact for the whole batch.
+    relative_lam: use the ridge ``lam * trace(A^T A / N) / n`` per feature
+      group: TrAct becomes invariant to the input's scale (raw 0..255 pixels
+      behave like standardised ones) and the solve stays well conditioned.
+    layers: the module paths this tract preconditions. Their statistics are
+      required at every update (amortised mode: at refreshes) and statistics
+      of other layers are ignored. None: whatever ``tract_stats`` names.
+    refresh_every: opt-in amortisation (needs ``layers``): refresh the kept
+      statistic every k updates and reuse it in between
+      (:func:`~tract_optax.stats_due` tells the capture when to compute it).
+      None or 1 (default) uses each batch's own statistic, as the paper does.
     stats_decay: opt-in: keep a moving average of refreshed statistics with
       this decay (None or 0, the default, replaces the kept statistic at each
       refresh).
+    check_condition: warn inside ``jit`` (``jax.debug.callback``) when a
+      solve is too ill-conditioned for its float type; eager calls always
+      check.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
     params=None, *, tract_stats, **extra_args)`` needs ``tract_stats``.
 
   Raises:
-    ValueError: if ``lam`` is not a finite number > 0 (or a schedule).
+    ValueError: if ``lam`` is not a finite number > 0 (or a schedule that
+      stays > 0), or the amortisation settings are invalid.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -173,48 +237,117 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
     >>> updates['stem']['bias'].tolist()  # the bias gradient is unchanged
     [-0.10000000149011612, -0.10000000149011612]
   """
-  validate_lam(lam)
+  ridge_lib.validate_lam(lam)
+  if axis_name is not None and local_stats:
+    axes_lib.resolve_axis_name(axis_name, local_stats)  # raises: pick one
   # None defaults, not 1 and 0.0: optax.inject_hyperparams(tract)(lam=...)
   # turns every numeric argument into an array hyperparameter, but leaves None
   # alone, so these structural settings stay static unless given.
   refresh_every = 1 if refresh_every is None else refresh_every
   stats_decay = 0.0 if stats_decay is None else stats_decay
-  cached_layers = _validate_amortization(layers, refresh_every, stats_decay)
+  layers, amortized = _validate_amortization(layers, refresh_every, stats_decay)
+  cached_layers = layers if amortized else ()
 
   def init_fn(params):
     cache = amortize.init_cache(params, cached_layers) if cached_layers else {}
     return TractState(count=jnp.zeros([], jnp.int32),
                       refresh_every=jnp.asarray(refresh_every, jnp.int32),
-                      refreshes=jnp.zeros([], jnp.int32), stats_cache=cache)
+                      refreshes=jnp.zeros([], jnp.int32),
+                      last_refresh=jnp.zeros([], jnp.int32),
+                      stats_cache=cache)
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
-    stats_by_path = _normalize_stats(tract_stats)
+    stats_by_path = _select(_normalize_stats(tract_stats), layers, amortized)
+    reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats)
     lam_value = lam(state.count) if callable(lam) else lam
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     kernel_index = paths_lib.kernel_leaf_index(updates)
-    if axis_name is not None:
-      stats_by_path = {path: all_reduce_stats(stats, axis_name)
-                       for path, stats in stats_by_path.items()}
-    cache, refreshes = state.stats_cache, state.refreshes
-    if cached_layers:
-      due = state.count % refresh_every == 0
-      cache = amortize.refresh_cache(cache, stats_by_path, due,
-                                     state.refreshes == 0, stats_decay)
-      refreshes = refreshes + due.astype(refreshes.dtype)
-      for path in cached_layers:
-        stats_by_path[path] = cache[amortize.cache_key(path)]
-    for module, stats in stats_by_path.items():
-      if module not in kernel_index:
+    positions = {}
+    for module in stats_by_path:
+      position = paths_lib.find_kernel(kernel_index, module)
+      if position is None:
         raise KeyError(
             f'tract_stats names the module path {module!r} '
             f'({paths_lib.format_path(module)!r}), but the updates have no '
-            f"'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index))
-      position = kernel_index[module]
-      leaves[position] = precondition(leaves[position], stats, lam_value)
+            f"'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index)
+            + _mask_hint(updates))
+      positions[module] = position
+    if reduce_over is not None:
+      stats_by_path = {path: all_reduce_stats(stats, reduce_over)
+                       for path, stats in stats_by_path.items()}
+    cache, refreshes, last_refresh = state.stats_cache, state.refreshes, state.last_refresh
+    usable = {}
+    if cached_layers:
+      due = stats_due(state)
+      if all(path in stats_by_path for path in cached_layers):
+        cache = amortize.refresh_cache(cache, stats_by_path, due, stats_decay)
+        refreshes = refreshes + due.astype(refreshes.dtype)
+        last_refresh = jnp.where(due, state.count, last_refresh)
+      for path in cached_layers:
+        kept = cache[amortize.cache_key(path)]
+        stats_by_path[path] = kept
+        usable[path] = amortize.is_filled(kept)
+        if path not in positions:
+          position = paths_lib.find_kernel(kernel_index, path)
+          if position is None:
+            raise KeyError(
+                f'tract(layers=...) names {path!r}, but the updates have no '
+                "'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index)
+                + _mask_hint(updates))
+          positions[path] = position
+    for module, stats in stats_by_path.items():
+      position = positions[module]
+      _check_not_preconditioned(leaves[position], module)
+      solved = precondition(leaves[position], stats, lam_value,
+                            relative_lam=relative_lam,
+                            check_condition=check_condition,
+                            name=paths_lib.format_path(module))
+      if module in usable:  # amortised, never refreshed yet: no statistic at all
+        solved = jnp.where(usable[module], solved, jnp.nan)
+      leaves[position] = solved
+      remember_preconditioned(solved)
     new_state = TractState(count=_safe_increment(state.count),
                            refresh_every=state.refresh_every,
-                           refreshes=refreshes, stats_cache=cache)
+                           refreshes=refreshes, last_refresh=last_refresh,
+                           stats_cache=cache)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _tract_states(opt_state):
+  return [s for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, TractState))
+          if isinstance(s, TractState)]
+
+
+def stats_due(opt_state) -> jax.Array:
+  """Whether the next update of a :func:`~tract_optax.tract` refreshes its statistic.
+
+  Finds the TrAct state anywhere inside an optimizer state (e.g. of an
+  ``optax.chain``). Use it to skip computing the statistic on other steps. A
+  refresh stays due until an update receives every kept layer's statistic.
+
+  Args:
+    opt_state: the optimizer state holding exactly one ``TractState``.
+
+  Returns:
+    A scalar bool array (always True without amortisation).
+
+  Raises:
+    ValueError: if ``opt_state`` holds no TrAct state, or several.
+
+  Example:
+    >>> import optax
+    >>> tx = optax.chain(tract_optax.tract(0.1), optax.sgd(0.1))
+    >>> bool(tract_optax.stats_due(tx.init({'w': jnp.zeros(2)})))
+    True
+  """
+  found = _tract_states(opt_state)
+  if len(found) != 1:
+    raise ValueError(
+        f'stats_due needs an optimizer state with exactly one TrAct state; '
+        f'found {len(found)}.')
+  state = found[0]
+  return (state.refreshes == 0) | (state.count - state.last_refresh >= state.refresh_every)

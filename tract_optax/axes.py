@@ -1,0 +1,106 @@
+"""Named mapped axes: whether ``tract`` runs where each device sees part of a batch.
+
+Inside ``pmap``, ``shard_map`` or ``vmap(..., axis_name=...)`` every member of
+the named axis computes the statistic of its own part of the batch. TrAct is
+exact only with the statistic of the whole batch, so the transformation (and
+the gradient route) must either all-reduce over the axes that split the batch
+(``axis_name=...``) or be told that local statistics are wanted on purpose
+(``local_stats=True``). This module finds the bound axes and turns the two
+settings into one decision, with messages that name the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence, Tuple, Union
+
+AxisName = Union[Hashable, Sequence[Hashable], None]
+
+
+def bound_axis_names() -> Optional[Tuple[Hashable, ...]]:
+  """The named axes bound where this is traced, or None if JAX cannot tell.
+
+  ``pmap``, ``shard_map`` and ``vmap`` with ``axis_name`` bind names; ``jit``
+  with a sharded batch binds none (its statistic is already global).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> bound_axis_names()
+    ()
+    >>> jax.vmap(lambda x: (print(bound_axis_names()), x)[1], axis_name='i')(jnp.ones(2))
+    ('i',)
+    Array([1., 1.], dtype=float32)
+  """
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    return tuple(core.get_axis_env().axis_sizes)
+  except Exception:  # pylint: disable=broad-except  # the API moved: say so
+    return None
+
+
+def _names(axis_name: AxisName) -> Tuple[Hashable, ...]:
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
+
+
+def resolve_axis_name(axis_name: AxisName, local_stats: bool, *,
+                      owner: str = 'tract') -> AxisName:
+  """The axes to all-reduce statistics over, checked against the bound axes.
+
+  Args:
+    axis_name: the axis (or axes) the caller named, or None.
+    local_stats: whether the caller asked for per-device statistics on purpose.
+    owner: the API to name in messages, e.g. ``'tract'`` or ``'apply_tract'``.
+
+  Returns:
+    ``axis_name`` (None: no reduction).
+
+  Raises:
+    ValueError: if a named axis is not bound here, if named axes are bound but
+      neither ``axis_name`` nor ``local_stats=True`` was given, or if both
+      were given.
+    RuntimeError: if this JAX version gives no way to see bound axes and
+      neither setting was given (never guess: a guess can be silently wrong).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> resolve_axis_name(None, False) is None  # not inside pmap/shard_map
+    True
+  """
+  if axis_name is not None and local_stats:
+    raise ValueError(
+        f'{owner}: pass either axis_name={axis_name!r} (all-reduce the statistic '
+        'over the devices) or local_stats=True (keep each device\'s own), not '
+        'both.')
+  bound = bound_axis_names()
+  if axis_name is not None:
+    if bound is not None:
+      missing = [name for name in _names(axis_name) if name not in bound]
+      if missing:
+        raise ValueError(
+            f'{owner}(axis_name={axis_name!r}): the axis {missing[0]!r} is not '
+            f'bound here (bound named axes: {list(bound) or "none"}). Use '
+            'axis_name inside pmap or shard_map over that axis; under jit with '
+            'a sharded batch the statistic is already global, so leave '
+            'axis_name out there.')
+    return axis_name
+  if local_stats:
+    return None
+  if bound is None:
+    raise RuntimeError(
+        f'{owner}: this JAX version offers no way to check whether the step '
+        'runs inside pmap/shard_map, so TrAct cannot tell whether its '
+        'statistic covers the whole batch. Say it: axis_name=... inside '
+        'pmap/shard_map (the axes that split the batch), or local_stats=True '
+        '(exact under jit, where the statistic is already global).')
+  if bound:
+    suggestion = bound[0] if len(bound) == 1 else tuple(bound)
+    raise ValueError(
+        f'{owner} runs inside the named axis {list(bound)} (pmap, shard_map or '
+        'vmap with axis_name) without axis_name: each device would '
+        'precondition with the statistic of its own part of the batch, not of '
+        f'the whole batch. Build it with {owner}(..., axis_name={suggestion!r}) '
+        '(the axes that split the batch), or pass local_stats=True to use '
+        'per-device statistics on purpose (what the PyTorch reference does '
+        'under DDP).')
+  return None

@@ -1,0 +1,126 @@
+"""The ridge strength lambda: validation, schedules, and the relative ridge.
+
+TrAct solves ``(A^T A / N + ridge I) X = G``. With an absolute ridge
+(``ridge = lam``, the paper's convention) the scale of ``lam`` assumes
+standardised inputs. With ``relative_lam=True`` the ridge is
+``lam * trace(A^T A / N) / n`` per feature group, so the TrAct gradient scales
+as ``1 / s`` when the inputs scale by ``s``: the method becomes invariant to
+the input's scale and the solve stays well conditioned for any pixel range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tract_optax import stats as stats_lib
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+#: Steps at which a schedule is evaluated when ``tract`` is built: powers of
+#: two up to the largest int32 count, which reveals where an Optax decay
+#: schedule ends (they hold their final value after the last step).
+PROBE_STEPS = (0,) + tuple(2**k for k in range(31)) + (2**31 - 1,)
+
+
+def _message(name: str, value: Any) -> str:
+  return (f'{name} must be a finite number > 0 (the ridge strength lambda; the '
+          f'paper uses 0.1); got {value!r}.')
+
+
+def validate_lam(lam: Any, name: str = 'lam') -> None:
+  """Raises ``ValueError`` unless ``lam`` is a schedule or a finite number > 0.
+
+  A schedule is evaluated at :data:`PROBE_STEPS`; a traced value (inside
+  ``jit`` or ``inject_hyperparams``) can only be checked for its shape, and
+  is guarded at run time instead (see :func:`ridge`).
+
+  Args:
+    lam: the ridge strength, a scalar or a schedule ``step -> lambda``.
+    name: the argument's name, for the message.
+
+  Raises:
+    ValueError: if ``lam`` is not a scalar > 0, or a schedule reaches a value
+      that is not.
+
+  Example:
+    >>> validate_lam(0.1)
+    >>> validate_lam(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: lam must be a finite number > 0 (the ridge strength lambda; the paper uses 0.1); got 0.0.
+  """
+  if callable(lam):
+    _probe_schedule(lam, name)
+    return
+  if isinstance(lam, jax.core.Tracer):
+    if jnp.ndim(lam) != 0:
+      raise ValueError(_message(name, f'a traced array of shape {jnp.shape(lam)}'))
+    return
+  if isinstance(lam, (bool, np.bool_, str, bytes)):
+    raise ValueError(_message(name, lam))
+  try:
+    array = np.asarray(lam)
+  except Exception:  # pylint: disable=broad-except
+    raise ValueError(_message(name, lam)) from None
+  # jnp.issubdtype also knows bfloat16 (inject_hyperparams stores lam in the
+  # params dtype), which np.issubdtype does not count as a number.
+  if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.number):
+    raise ValueError(_message(name, lam))
+  if jnp.issubdtype(array.dtype, jnp.complexfloating):
+    raise ValueError(_message(name, lam))
+  value = float(array)
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(_message(name, lam))
+
+
+def _probe_schedule(schedule: Callable, name: str) -> None:
+  """Evaluates a schedule at :data:`PROBE_STEPS`; raises at a value <= 0."""
+  for step in PROBE_STEPS:
+    try:
+      value = schedule(jnp.asarray(step, jnp.int32))
+      value = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except  # not probeable: traced later
+      return
+    if value.ndim != 0:
+      raise ValueError(f'The {name} schedule must return a scalar; at step '
+                       f'{step} it returned shape {value.shape}.')
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+      raise ValueError(
+          f'The {name} schedule reaches {number!r} at step {step}: lambda must '
+          'stay > 0 (at 0 the solve divides by zero). Give the decay a floor, '
+          'e.g. optax.cosine_decay_schedule(0.1, steps, alpha=0.1).')
+
+
+def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:
+  """The ridge added to ``A^T A / N``, one per feature group: ``(groups,)``.
+
+  With ``relative=True`` it is ``lam * trace(A^T A / N) / n`` (falling back to
+  ``lam`` for a statistic of no rows or all-zero inputs, whose gradient is 0
+  anyway); otherwise ``lam``. Not checked for sign here: see
+  :func:`valid_ridge`.
+
+  Example:
+    >>> s = tract_optax.dense_stats(2.0 * jnp.ones((8, 4)))  # trace / n = 4
+    >>> ridge(s, 0.1, True, jnp.float32).tolist()
+    [0.4000000059604645]
+  """
+  lam = jnp.asarray(lam, dtype)
+  if jnp.ndim(lam) != 0:
+    raise ValueError(_message('lam', f'an array of shape {jnp.shape(lam)}'))
+  groups = stats.groups
+  if not relative:
+    return jnp.broadcast_to(lam, (groups,))
+  scale = stats_lib.mean_eigenvalue(stats).astype(dtype)
+  usable = jnp.isfinite(scale) & (scale > 0)
+  return lam * jnp.where(usable, scale, jnp.ones_like(scale))
+
+
+def valid_ridge(value: jax.Array) -> jax.Array:
+  """Whether each ridge is a finite number > 0 (traced values: checked here)."""
+  return jnp.isfinite(value) & (value > 0)

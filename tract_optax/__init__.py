@@ -1,23 +1,33 @@
 """tract_optax: TrAct (trainable first-layer pre-activations) for JAX and Optax.
 
+Two routes to TrAct gradients:
+
+- the Optax route: ``tract(...)`` first in an ``optax.chain``, fed the first
+  layer's input statistic (``tract_stats``) at each update;
+- the gradient route: ``tract_kernel`` (or the Flax glue's ``apply_tract``)
+  makes backpropagation itself return the TrAct gradient, so any optimizer and
+  trainer work unchanged.
+
 Example:
   >>> import optax, tract_optax
   >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
 """
 
-from tract_optax.amortize import stats_due
+from tract_optax._capture import conv_settings, mark_linear_kernel
 from tract_optax.conv import conv_patches, conv_stats
-from tract_optax.precondition import precondition
+from tract_optax.gradient_route import tract_kernel
+from tract_optax.precondition import ConditioningWarning, precondition
 from tract_optax.stats import (TractStats, all_reduce_stats, combine_stats,
                                dense_stats, stats_from_rows)
-from tract_optax.transform import TractState, tract
+from tract_optax.transform import TractState, stats_due, tract
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'TractState', 'TractStats', 'all_reduce_stats', 'combine_stats',
-    'conv_patches', 'conv_stats', 'dense_stats', 'precondition',
-    'stats_due', 'stats_from_rows', 'tract',
+    'ConditioningWarning', 'TractState', 'TractStats', 'all_reduce_stats',
+    'combine_stats', 'conv_patches', 'conv_settings', 'conv_stats',
+    'dense_stats', 'mark_linear_kernel', 'precondition', 'stats_due',
+    'stats_from_rows', 'tract', 'tract_kernel',
 ]
 
 _FLAX_GLUE = ('linen', 'nnx')  # imported on first use: they import Flax

@@ -6,8 +6,9 @@ transforms (``scan``/``vmap``).
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,166 @@ LayersLike = Union[None, str, Sequence[Union[str, Tuple[Any, ...]]]]
 
 SUPPORTED = ('Dense/Linear (kernel (n_in, n_out)), DenseGeneral/LinearGeneral (one '
              'output feature axis, no batch axes) and Conv')
+
+
+#: Class attribute set by :func:`mark_linear_kernel`.
+LINEAR_MARK = '__tract_linear_kernel__'
+
+# Methods a subclass may define without changing how the kernel is used:
+# what dataclasses (Linen) generate, and NNX constructors.
+_HARMLESS_OVERRIDES = frozenset({'__init__', '__eq__', '__hash__', '__repr__'})
+
+# Settings that inject the layer's product: anything but Flax's default may
+# quantize or reparameterise the kernel.
+_INJECTED = ('dot_general', 'dot_general_cls', 'conv_general_dilated',
+             'conv_general_dilated_cls', 'promote_dtype')
+
+
+def mark_linear_kernel(cls: type) -> type:
+  """Declares a Conv/Dense subclass to use its stored kernel linearly.
+
+  TrAct's closed form assumes the layer's output is linear in the stored
+  ``kernel``, so the Flax glue rejects subclasses that override
+  ``__call__``, ``param`` or other methods (weight standardisation, as in
+  BiT's ``StdConv``, breaks the assumption). A subclass you know to be
+  linear in the kernel (e.g. one that only logs, or reshapes its input
+  before calling ``super().__call__``) is accepted once marked.
+
+  Args:
+    cls: a subclass of a Flax Conv/Dense (Linen or NNX).
+
+  Returns:
+    ``cls``, marked; usable as a class decorator.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> @tract_optax.mark_linear_kernel
+    ... class LoggedConv(nn.Conv):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return super().__call__(x)
+    >>> LoggedConv.__tract_linear_kernel__
+    True
+  """
+  if not isinstance(cls, type):
+    raise TypeError(f'mark_linear_kernel takes a class; got {cls!r}.')
+  setattr(cls, LINEAR_MARK, True)
+  return cls
+
+
+def _default_setting(base: type, name: str):
+  fields = getattr(base, '__dataclass_fields__', None)
+  if fields is not None and name in fields:
+    return fields[name].default
+  try:
+    parameter = inspect.signature(base.__init__).parameters.get(name)
+  except (TypeError, ValueError):
+    return inspect.Parameter.empty
+  return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str]:
+  """Why ``layer`` may not use its stored kernel linearly, or None.
+
+  A layer of exactly a Flax class, with Flax's own product, is linear in its
+  kernel. A subclass that overrides a method of the Flax class (other than
+  constructors and what dataclasses generate), or a layer with an injected
+  product (``dot_general``, ``conv_general_dilated``, ``promote_dtype``: e.g.
+  quantization), may not be, unless marked with :func:`mark_linear_kernel`.
+  """
+  cls = type(layer)
+  if vars(cls).get(LINEAR_MARK) or getattr(cls, LINEAR_MARK, False):
+    return None
+  base = next((klass for klass in cls.__mro__ if klass in bases), None)
+  if base is None:
+    return None
+  for klass in cls.__mro__:
+    if klass is base:
+      break
+    if getattr(klass, '_tract_original_class', None) is not None:
+      continue  # the NNX capture's own hook
+    for name, value in vars(klass).items():
+      if name in _HARMLESS_OVERRIDES or not hasattr(base, name):
+        continue
+      if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
+        return (f'its class {klass.__name__} overrides {name}() of '
+                f'{base.__name__}, so its output may not be linear in the '
+                'stored kernel (e.g. weight standardisation)')
+  for name in _INJECTED:
+    if not hasattr(layer, name):
+      continue
+    default = _default_setting(base, name)
+    if default is inspect.Parameter.empty:
+      continue
+    if getattr(layer, name) is not default:
+      return (f'it computes its product with a custom {name}={getattr(layer, name)!r} '
+              '(e.g. quantization), so its output may not be linear in the '
+              'stored kernel')
+  return None
+
+
+def check_linear_kernel(path: Path, type_name: str, layer: Any,
+                        bases: Tuple[type, ...]) -> None:
+  """Raises if ``layer`` may not use its stored kernel linearly."""
+  reason = nonlinear_kernel_reason(layer, bases)
+  if reason is None:
+    return
+  raise ValueError(
+      f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
+      f'a {type_name}: {reason}. TrAct\'s closed-form update assumes the '
+      'layer output is linear in its stored kernel, or the update is wrong. '
+      'If this class does use the kernel linearly, decorate it with '
+      '@tract_optax.mark_linear_kernel; otherwise select another layer with '
+      'layers=[...].')
+
+
+def conv_settings(conv: Any) -> Dict[str, Any]:
+  """The geometry of a Flax Conv (Linen or NNX) as :func:`conv_stats` takes it.
+
+  For the manual route: ``tract_optax.conv_stats(x, **conv_settings(layer))``
+  gives the statistic that fits the layer's kernel, with the layer's own
+  kernel size, strides, padding (``nn.Conv`` defaults to 'SAME'), dilation and
+  feature groups.
+
+  Args:
+    conv: a ``flax.linen.Conv`` (bound or not) or ``flax.nnx.Conv``.
+
+  Returns:
+    ``{'kernel_size', 'strides', 'padding', 'dilation', 'feature_group_count'}``.
+
+  Raises:
+    ValueError: for settings TrAct does not support (``input_dilation``, a
+      ``mask``) or a layer that is not a convolution.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> conv_settings(nn.Conv(8, (7, 7), strides=2))
+    {'kernel_size': (7, 7), 'strides': (2, 2), 'padding': 'SAME', 'dilation': (1, 1), 'feature_group_count': 1}
+  """
+  if not all(hasattr(conv, name) for name in ('kernel_size', 'strides', 'padding')):
+    raise ValueError(f'conv_settings needs a Flax Conv (Linen or NNX); got '
+                     f'{type(conv).__name__}.')
+  return read_conv_settings(conv, (), type(conv).__name__)
+
+
+def read_conv_settings(conv: Any, path: Path, type_name: str) -> Dict[str, Any]:
+  """:func:`conv_settings` with the layer's path and type for messages."""
+  kernel_size = conv.kernel_size
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  size = len(kernel_size)
+  if any(d != 1 for d in spatial_ints(getattr(conv, 'input_dilation', None), size)):
+    raise unsupported_layer(
+        path, type_name, f'input_dilation={conv.input_dilation} (a transposed '
+        'convolution) is not supported: its patches interleave zeros.')
+  if getattr(conv, 'mask', None) is not None:
+    raise unsupported_layer(
+        path, type_name, 'a masked kernel (mask=...) is not supported: the '
+        'TrAct update of a masked kernel is a constrained least-squares problem.')
+  return {'kernel_size': kernel_size,
+          'strides': spatial_ints(conv.strides, size),
+          'padding': conv.padding,
+          'dilation': spatial_ints(getattr(conv, 'kernel_dilation', None), size),
+          'feature_group_count': int(getattr(conv, 'feature_group_count', 1))}
 
 
 def normalize_layers(layers: LayersLike) -> Optional[List[Tuple[str, ...]]]:
@@ -66,20 +227,15 @@ def not_called(missing: Sequence[Path], called: Sequence[Path]) -> ValueError:
       f'forward pass. Conv/Dense layers called: {format_paths(called)}.')
 
 
-def check_selection(selected: Optional[Sequence[Path]], auto_path: Optional[Path],
-                    recorded, called: Sequence[Path]) -> None:
+def check_selection(selected: Sequence[Path], recorded,
+                    called: Sequence[Path]) -> None:
   """Raises if the forward pass did not call the layers that were asked for.
 
   Args:
-    selected: the requested layer paths, or None for automatic selection.
-    auto_path: the automatically selected layer (None if no layer was called).
+    selected: the requested (or automatically chosen) layer paths.
     recorded: the paths whose statistics were recorded.
     called: every Conv/Dense path called, for the message.
   """
-  if selected is None:
-    if auto_path is None:
-      raise no_layer_called()
-    return
   missing = [path for path in selected if path not in recorded]
   if missing:
     raise not_called(missing, called)
@@ -98,12 +254,6 @@ def call_input(path: Path, args, kwargs):
   if 'inputs' in kwargs:
     return kwargs['inputs']
   raise missing_input(path)
-
-
-def no_layer_called() -> ValueError:
-  return ValueError(
-      'No Conv or Dense/Linear layer was called in the forward pass, so there '
-      'is no first layer to precondition.')
 
 
 def as_float(x: jax.Array) -> jax.Array:
@@ -131,22 +281,9 @@ def conv_layer_stats(path: Path, type_name: str, x: jax.Array, conv: Any, *,
   ``padding``, ``input_dilation``, ``kernel_dilation``, ``feature_group_count``,
   ``mask``), so they are read from the layer here, once for both.
   """
-  kernel_size, input_dilation, mask = conv.kernel_size, conv.input_dilation, conv.mask
-  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-  size = len(kernel_size)
-  if any(d != 1 for d in spatial_ints(input_dilation, size)):
-    raise unsupported_layer(
-        path, type_name, f'input_dilation={input_dilation} (a transposed '
-        'convolution) is not supported: its patches interleave zeros.')
-  if mask is not None:
-    raise unsupported_layer(
-        path, type_name, 'a masked kernel (mask=...) is not supported: the '
-        'TrAct update of a masked kernel is a constrained least-squares problem.')
-  return conv_lib.conv_stats(
-      as_float(x), kernel_size, spatial_ints(conv.strides, size), conv.padding,
-      spatial_ints(conv.kernel_dilation, size),
-      feature_group_count=conv.feature_group_count,
-      precision=precision, max_chunk_bytes=max_chunk_bytes)
+  settings = read_conv_settings(conv, path, type_name)
+  return conv_lib.conv_stats(as_float(x), **settings, precision=precision,
+                             max_chunk_bytes=max_chunk_bytes)
 
 
 def general_layer_stats(path: Path, type_name: str, x: jax.Array, *, axis,

@@ -7,10 +7,17 @@ interceptor computes the TrAct statistic of that call's input right there
 which Flax's lifted transforms (``nn.remat``, ``nn.scan``, ``nn.vmap``, ...)
 carry out like any other variable. The collection is stripped again, so the
 caller gets exactly what ``apply`` returns plus ``{module path: TractStats}``
-for :func:`tract_optax.tract`.
+for :func:`tract_optax.tract`. Without ``layers``, the first layer is found
+by what it is, a layer whose input depends on no parameter (see
+:mod:`tract_optax.first_layer`), or the call refuses and lists the candidates.
+
+:func:`apply_tract` is the gradient route: it returns exactly what ``apply``
+returns, and differentiating through it gives the first layer's kernel its
+TrAct gradient, so any optimizer, ``TrainState`` and accumulation scheme
+receive TrAct gradients with no ``tract_stats`` and no change to the chain.
 
 :class:`TractTrainState` is Flax's ``TrainState`` whose ``apply_gradients``
-forwards ``tract_stats`` to ``tx.update``.
+forwards ``tract_stats`` to ``tx.update`` (the Optax route).
 
 Inside ``nn.scan`` / ``nn.vmap`` the collection must be lifted explicitly:
 add ``COLLECTION`` to ``variable_axes`` (e.g. ``{COLLECTION: 0}``). A layer whose
@@ -23,7 +30,9 @@ as one ``(n, m)`` matrix.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -36,8 +45,12 @@ from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
 from tract_optax import _capture
+from tract_optax import axes as axes_lib
 from tract_optax import conv as conv_lib
+from tract_optax import first_layer
+from tract_optax import gradient_route
 from tract_optax import paths as paths_lib
+from tract_optax import ridge as ridge_lib
 from tract_optax import stats as stats_lib
 from tract_optax.stats import TractStats
 
@@ -74,7 +87,9 @@ def layer_input_stats(module: nn.Module, x: jax.Array, *,
   Raises:
     ValueError: for layers or settings TrAct does not support (``nn.ConvLocal``,
       ``nn.ConvTranspose``, ``nn.Einsum``, ``input_dilation``, ``mask``,
-      DenseGeneral with several output axes or ``batch_dims``).
+      DenseGeneral with several output axes or ``batch_dims``), and for
+      subclasses that may not use the stored kernel linearly (see
+      :func:`tract_optax.mark_linear_kernel`).
 
   Example:
     >>> import flax.linen as nn
@@ -85,6 +100,8 @@ def layer_input_stats(module: nn.Module, x: jax.Array, *,
   """
   path = tuple(module.path) if module.scope is not None else ()
   type_name = f'nn.{type(module).__name__}'
+  if isinstance(module, SUPPORTED_LAYERS):
+    _capture.check_linear_kernel(path, type_name, module, SUPPORTED_LAYERS)
   if isinstance(module, nn.Conv):
     return _capture.conv_layer_stats(path, type_name, x, module, precision=precision,
                                      max_chunk_bytes=max_chunk_bytes)
@@ -119,25 +136,14 @@ def _lookup(tree, path: ModulePath):
 class _Recorder:
   """Python-side bookkeeping of one ``apply_with_stats`` call (static only)."""
 
-  def __init__(self, selected: Optional[List[ModulePath]], precision,
-               max_chunk_bytes):
+  def __init__(self, selected: List[ModulePath], precision, max_chunk_bytes):
     self.selected = selected
     self.precision = precision
     self.max_chunk_bytes = max_chunk_bytes
-    self.auto_path: Optional[ModulePath] = None
     self.called: List[ModulePath] = []      # kernel layers called, in order
     self.recorded: List[ModulePath] = []    # layers with sown statistics
     self.kernel_shapes: Dict[ModulePath, Tuple[int, ...]] = {}
     self.active: List[list] = []            # [path, superseded] frames
-
-  def wants(self, module: nn.Module, path: ModulePath) -> bool:
-    if self.selected is not None:
-      return path in self.selected
-    if not isinstance(module, _KERNEL_LAYERS):
-      return False
-    if self.auto_path is None:
-      self.auto_path = path
-    return path == self.auto_path
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -146,7 +152,7 @@ class _Recorder:
     path = tuple(module.path)
     if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
       self.called.append(path)
-    if not self.wants(module, path):
+    if path not in self.selected:
       return next_fun(*args, **kwargs)
     for frame in self.active:  # a subclass calling super().__call__: the
       if frame[0] == path:     # innermost call is the one the kernel sees
@@ -198,7 +204,7 @@ class _Recorder:
     return result
 
   def check_selection(self) -> None:
-    _capture.check_selection(self.selected, self.auto_path, self.recorded, self.called)
+    _capture.check_selection(self.selected, self.recorded, self.called)
 
 
 def _strip_collection(mutated):
@@ -209,7 +215,65 @@ def _strip_collection(mutated):
   return rest
 
 
-def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.LayersLike = None,
+ModuleOrApply = Union[nn.Module, Callable[..., Any]]
+
+
+def as_module(module_or_apply_fn: ModuleOrApply, owner: str) -> nn.Module:
+  """The Linen module behind a module or its bound ``apply`` (``state.apply_fn``)."""
+  if isinstance(module_or_apply_fn, nn.Module):
+    return module_or_apply_fn
+  target = module_or_apply_fn
+  while isinstance(target, functools.partial) and not target.args and not target.keywords:
+    target = target.func
+  owner_object = getattr(target, '__self__', None)
+  if isinstance(owner_object, nn.Module) and getattr(target, '__name__', '') == 'apply':
+    return owner_object
+  raise TypeError(
+      f'{owner} needs the Linen module or its bound apply method (what '
+      'TrainState.apply_fn holds when created with apply_fn=model.apply); got '
+      f'{module_or_apply_fn!r}.')
+
+
+def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
+  """The first layer of ``module`` by :mod:`tract_optax.first_layer`'s rule."""
+  probe = first_layer.DependencyProbe()
+  params = variables.get('params', {}) if hasattr(variables, 'get') else {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    layer = context.module
+    if (context.method_name != '__call__' or layer.scope is None
+        or not isinstance(layer, _KERNEL_LAYERS)):
+      return next_fun(*call_args, **call_kwargs)
+    path = tuple(layer.path)
+    if path in active:  # a subclass calling super().__call__: marked already
+      return next_fun(*call_args, **call_kwargs)
+    active.append(path)
+    try:
+      type_name = f'nn.{type(layer).__name__}'
+      if call_args:
+        call_args = (probe.mark(call_args[0], path, type_name),) + tuple(call_args[1:])
+      elif 'inputs' in call_kwargs:
+        call_kwargs = {**call_kwargs, 'inputs': probe.mark(call_kwargs['inputs'], path,
+                                                           type_name)}
+      else:
+        raise _capture.missing_input(path)
+      return next_fun(*call_args, **call_kwargs)
+    finally:
+      active.pop()
+
+  active: List[ModulePath] = []
+
+  def run(probed_params, _):
+    probed = dict(variables)
+    probed['params'] = probed_params
+    with nn.intercept_methods(interceptor):
+      module.apply(probed, *args, **apply_kwargs)
+
+  probe.trace(run, params)
+  return first_layer.choose(probe.calls, 'Conv/Dense')
+
+
+def apply_with_stats(module: ModuleOrApply, variables, *args, layers: _capture.LayersLike = None,
                      precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
                      max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
                      **apply_kwargs) -> Tuple[Any, Dict[ModulePath, TractStats]]:
@@ -220,13 +284,16 @@ def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.Layer
   several times gets the statistic of all its calls' rows together.
 
   Args:
-    module: the Linen module to apply.
+    module: the Linen module to apply, or its bound ``apply`` (e.g. a
+      TrainState's ``apply_fn``).
     variables: its variables, as for ``module.apply``.
     *args: positional arguments of the applied method.
-    layers: ``None`` for the first ``nn.Conv`` / ``nn.Dense`` /
-      ``nn.DenseGeneral`` called, or a list of module paths (tuples like
-      ``('backbone', 'patch_embed')`` or strings like ``'backbone/patch_embed'``);
-      a single string names one layer.
+    layers: ``None`` for the first layer: the one ``nn.Conv`` / ``nn.Dense`` /
+      ``nn.DenseGeneral`` whose input depends on no parameter, if it is also
+      the first called (otherwise the call raises and lists the candidates);
+      or a list of module paths (tuples like ``('backbone', 'patch_embed')``
+      or strings like ``'backbone/patch_embed'``); a single string names one
+      layer.
     precision: matmul precision of the statistics.
     max_chunk_bytes: patch bytes materialised at once for convolutions.
     **apply_kwargs: everything else ``module.apply`` takes (``rngs``,
@@ -239,11 +306,14 @@ def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.Layer
     in the params tree) to its :class:`~tract_optax.TractStats`.
 
   Raises:
-    ValueError: a selected layer was never called, no Conv/Dense layer was
-      called, the (first) layer is of an unsupported kind, or it sits in an
-      ``nn.scan`` / ``nn.vmap`` that does not lift ``COLLECTION`` or has one
-      kernel per iteration.
-    TypeError: ``layers`` is an ambiguous tuple of names.
+    ValueError: a selected layer was never called; without ``layers``, no
+      first layer can be told apart (none or several Conv/Dense layers take
+      data-only input, or the first called takes a parameter-dependent one);
+      the layer is of an unsupported kind or a subclass that may not use its
+      kernel linearly; or it sits in an ``nn.scan`` / ``nn.vmap`` that does
+      not lift ``COLLECTION`` or has one kernel per iteration.
+    TypeError: ``layers`` is an ambiguous tuple of names, or ``module`` is
+      neither a Linen module nor its bound ``apply``.
 
   Example:
     >>> import flax.linen as nn
@@ -254,7 +324,11 @@ def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.Layer
     >>> list(stats), stats[('layers_0',)].moment.shape
     ([('layers_0',)], (3, 3))
   """
-  recorder = _Recorder(_capture.normalize_layers(layers), precision, max_chunk_bytes)
+  module = as_module(module, 'apply_with_stats')
+  selected = _capture.normalize_layers(layers)
+  if selected is None:
+    selected = [_probe_first_layer(module, variables, args, apply_kwargs)]
+  recorder = _Recorder(selected, precision, max_chunk_bytes)
   user_mutable = apply_kwargs.pop('mutable', False)
   mutable = scope_lib.union_filters(user_mutable, COLLECTION)
   with nn.intercept_methods(recorder):
@@ -267,6 +341,114 @@ def apply_with_stats(module: nn.Module, variables, *args, layers: _capture.Layer
   return (output, _strip_collection(mutated)), tract_stats
 
 
+def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.Array]):
+  """``tree`` with the kernel at ``path + ('kernel',)`` replaced (copies along the way)."""
+  if not path:
+    kernel = tree[paths_lib.KERNEL_NAME]
+    if isinstance(kernel, meta.AxisMetadata):
+      new = kernel.replace_boxed(replace(kernel.unbox()))
+    else:
+      new = replace(kernel)
+    return _with_entry(tree, paths_lib.KERNEL_NAME, new)
+  head, rest = path[0], path[1:]
+  return _with_entry(tree, head, _replace_kernel(tree[head], rest, replace))
+
+
+def _with_entry(tree, key, value):
+  if isinstance(tree, flax_core.FrozenDict):
+    return flax_core.FrozenDict({**tree, key: value})
+  return {**tree, key: value}
+
+
+def apply_tract(module_or_apply_fn: ModuleOrApply, variables, *args,
+                lam: Union[float, jax.Array] = 0.1,
+                layers: _capture.LayersLike = None, axis_name=None,
+                relative_lam: bool = False, local_stats: bool = False,
+                precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+                max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+                check_condition: bool = False, **apply_kwargs):
+  """``apply`` whose gradient gives the first layer's kernel its TrAct gradient.
+
+  Returns exactly what ``module.apply(variables, *args, **apply_kwargs)``
+  returns. Differentiating through it gives, for each selected layer's
+  kernel, ``(A^T A / N + lam I)^{-1} G`` with ``G`` the gradient of everything
+  that flows through the layer (all its calls) and ``A`` its inputs in this
+  pass; every other gradient, biases included, is unchanged. So ``jax.grad``
+  hands any optimizer, Flax's own ``TrainState`` and any accumulation scheme
+  TrAct gradients: no ``tract_stats``, no ``tract`` in the chain.
+
+  It traces the forward pass twice: once to compute the statistics (as
+  :func:`apply_with_stats`, whose selection and checks it shares), once with
+  the kernels wrapped by :func:`tract_optax.tract_kernel`. Under ``jit`` the
+  first pass costs only what leads to the selected layers' inputs (XLA drops
+  the rest); run eagerly, it is a second forward pass.
+
+  Args:
+    module_or_apply_fn: the Linen module, or its bound ``apply``
+      (``state.apply_fn``).
+    variables: the variables, as for ``apply``; gradients are taken with
+      respect to them (or ``variables['params']``) as usual.
+    *args: positional arguments of the applied method.
+    lam: ridge strength lambda > 0 (a number, or a traced scalar such as a
+      schedule's value at the step).
+    layers: the layers to precondition, as for :func:`apply_with_stats`
+      (``None``: the first layer, found by its data-only input).
+    axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch;
+      the statistic is all-reduced in the backward pass. Not needed under
+      ``jit`` with a sharded batch. Inside a bound named axis it is required
+      (or ``local_stats=True``).
+    relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
+    local_stats: precondition each device with its own statistic on purpose.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    **apply_kwargs: everything else ``apply`` takes (``rngs``, ``mutable``,
+      ``method``, ...) and keyword arguments of the method.
+
+  Returns:
+    What ``apply`` returns.
+
+  Raises:
+    ValueError, TypeError: as :func:`apply_with_stats`, and for a bad ``lam``
+      or misused named axes.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> loss = lambda p: jnp.mean(apply_tract(model, {'params': p}, x, lam=0.1) ** 2)
+    >>> grads = jax.grad(loss)(variables['params'])
+    >>> plain = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, x) ** 2))(
+    ...     variables['params'])
+    >>> expected = tract_optax.precondition(plain['layers_0']['kernel'],
+    ...                                     tract_optax.dense_stats(x), 0.1)
+    >>> bool(jnp.allclose(grads['layers_0']['kernel'], expected, atol=1e-5))
+    True
+    >>> bool(jnp.allclose(grads['layers_2']['kernel'], plain['layers_2']['kernel']))
+    True
+  """
+  module = as_module(module_or_apply_fn, 'apply_tract')
+  if callable(lam):
+    raise TypeError(
+        'apply_tract takes the value of lambda, not a schedule; evaluate the '
+        'schedule at the step: apply_tract(..., lam=schedule(state.step)).')
+  ridge_lib.validate_lam(lam)
+  axes_lib.resolve_axis_name(axis_name, local_stats, owner='apply_tract')
+  _, tract_stats = apply_with_stats(
+      module, variables, *args, layers=layers, precision=precision,
+      max_chunk_bytes=max_chunk_bytes, **apply_kwargs)
+  params = variables['params']
+  for path, stats in tract_stats.items():
+    wrap = functools.partial(
+        gradient_route.tract_kernel, stats=stats, lam=lam, axis_name=axis_name,
+        local_stats=local_stats, relative_lam=relative_lam,
+        check_condition=check_condition, name=paths_lib.format_path(path),
+        _owner='apply_tract')
+    params = _replace_kernel(params, path, wrap)
+  return module.apply(_with_entry(variables, 'params', params), *args, **apply_kwargs)
+
+
 class TractTrainState(train_state.TrainState):
   """Flax ``TrainState`` whose ``apply_gradients`` hands ``tract_stats`` on.
 
@@ -274,10 +456,12 @@ class TractTrainState(train_state.TrainState):
   and cannot pass the statistics :func:`tract_optax.tract` needs. Everything
   else (step count, ``create``, ``replace``) is Flax's.
 
-  Attributes:
-    batch_stats: optional non-trained collection (e.g. BatchNorm running
-      statistics) for models that have one; ``None`` (an empty pytree) if not.
-      Update it with ``apply_gradients(..., batch_stats=new)``.
+  It is for the Optax route; the gradient route (:func:`apply_tract`) works
+  with Flax's own ``TrainState``. It adds no field, so it subclasses exactly
+  as Flax's does: Flax's ImageNet example's ``class TrainState(TrainState):
+  batch_stats: Any; dynamic_scale: DynamicScale`` works on this base
+  unchanged, and ``apply_gradients(..., batch_stats=new)`` updates such a
+  field.
 
   Example:
     >>> import flax.linen as nn, optax
@@ -293,8 +477,6 @@ class TractTrainState(train_state.TrainState):
     >>> int(state.apply_gradients(grads=grads, tract_stats=stats).step)
     1
   """
-
-  batch_stats: Any = None
 
   def apply_gradients(self, *, grads, tract_stats=None, **kwargs) -> 'TractTrainState':
     """Updates ``step``, ``params``, ``opt_state`` (and ``**kwargs`` fields).

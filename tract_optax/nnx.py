@@ -17,6 +17,12 @@ model's state and graph are the same before and after.
 Module paths in the result are those of the kernels in ``nnx.state(model)``
 and in gradients, e.g. ``('stem',)`` or ``('backbone', 'layers', 0)``.
 
+Without ``layers``, the first layer is the one Conv/Linear whose input
+depends on no parameter, if it is also the first called (see
+:mod:`tract_optax.first_layer`); otherwise the call refuses and lists the
+candidates. :func:`apply_tract` is the gradient route: differentiate through
+it and the first layer's kernel receives its TrAct gradient.
+
 Inside ``nnx.vmap`` / ``nnx.scan`` the sown statistics need their own axis:
 pass the module with ``in_axes=nnx.StateAxes({TractInputStats: 0, ...: None})``.
 A layer whose kernel is shared across the transform then gets the exact
@@ -28,14 +34,18 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 from flax import nnx
 
 from tract_optax import _capture
+from tract_optax import axes as axes_lib
 from tract_optax import conv as conv_lib
+from tract_optax import first_layer
+from tract_optax import gradient_route
 from tract_optax import paths as paths_lib
+from tract_optax import ridge as ridge_lib
 from tract_optax import stats as stats_lib
 from tract_optax.stats import TractStats
 
@@ -105,7 +115,9 @@ def layer_input_stats(layer: nnx.Module, x: jax.Array, *, path: Path = (),
   Raises:
     ValueError: for layers or settings TrAct does not support
       (``nnx.ConvTranspose``, ``nnx.Einsum``, ``input_dilation``, ``mask``,
-      LinearGeneral with several output axes or batch axes).
+      LinearGeneral with several output axes or batch axes), and for
+      subclasses that may not use the stored kernel linearly (see
+      :func:`tract_optax.mark_linear_kernel`).
 
   Example:
     >>> from flax import nnx
@@ -116,6 +128,8 @@ def layer_input_stats(layer: nnx.Module, x: jax.Array, *, path: Path = (),
     ((27, 27), 32.0)
   """
   type_name = f'nnx.{type(layer).__name__}'
+  if isinstance(layer, SUPPORTED_LAYERS):
+    _capture.check_linear_kernel(path, type_name, layer, SUPPORTED_LAYERS)
   if isinstance(layer, nnx.Conv):
     return _capture.conv_layer_stats(path, type_name, x, layer, precision=precision,
                                       max_chunk_bytes=max_chunk_bytes)
@@ -148,7 +162,7 @@ def _hooked_class(cls: type, path: Path) -> type:
   def __call__(self, *args, **kwargs):
     recorder = _active_recorder()
     if recorder is not None:
-      recorder.observe(self, path, args, kwargs)
+      args, kwargs = recorder.observe(self, path, args, kwargs)
     return cls.__call__(self, *args, **kwargs)
 
   namespace = {'__call__': __call__, '__module__': cls.__module__,
@@ -167,54 +181,29 @@ def _store(module: nnx.Module, stats: TractStats) -> None:
     _set(current, tuple(_get(current)) + (stats,))
 
 
-class _Recorder:
-  """Which layers to watch, and what happened in one forward pass."""
+def _kernel_layers(model: nnx.Module) -> Dict[Path, nnx.Module]:
+  return {path: module for path, module in _iter_modules(model)
+          if isinstance(module, _KERNEL_LAYERS)}
 
-  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes):
-    self.precision = precision
-    self.max_chunk_bytes = max_chunk_bytes
-    self.modules: Dict[Path, nnx.Module] = {}
-    kernel_paths = []
-    for path, module in _iter_modules(model):
-      if isinstance(module, _KERNEL_LAYERS):
-        self.modules[path] = module
-        kernel_paths.append(path)
-    self.selected: Optional[List[Path]] = None
-    if selected is not None:
-      by_name = {paths_lib.normalize_path(p): (p, m) for p, m in _iter_modules(model)}
-      self.selected = []
-      for name in selected:
-        if name not in by_name:
-          raise ValueError(
-              f'The model has no submodule at path {paths_lib.format_path(name)!r}. '
-              f'Its Conv/Linear layers: {_capture.format_paths(kernel_paths)}.')
-        path, module = by_name[name]
-        self.selected.append(path)
-        self.modules[path] = module
-    self.auto_path: Optional[Path] = None
-    self.called: List[Path] = []
-    self.recorded: List[Path] = []
-    self.kernel_shapes: Dict[Path, Tuple[int, ...]] = {}
 
-  def observe(self, module, path, args, kwargs) -> None:
-    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
-      self.called.append(path)
-    if self.selected is not None:
-      if path not in self.selected:
-        return
-    elif self.auto_path is None:
-      self.auto_path = path
-    elif path != self.auto_path:
-      return
-    inputs = _capture.call_input(path, args, kwargs)
-    stats = layer_input_stats(module, inputs, path=path, precision=self.precision,
-                              max_chunk_bytes=self.max_chunk_bytes)
-    _store(module, stats)
-    kernel = getattr(module, 'kernel', None)
-    if kernel is not None:
-      self.kernel_shapes[path] = tuple(_get(kernel).shape)
-    if path not in self.recorded:
-      self.recorded.append(path)
+def _resolve(model: nnx.Module, selected) -> List[Tuple[Path, nnx.Module]]:
+  """The (path, module) of each selected name (paths as ``nnx.state`` has them)."""
+  by_name = {paths_lib.normalize_path(p): (p, m) for p, m in _iter_modules(model)}
+  resolved = []
+  for name in selected:
+    if name not in by_name:
+      raise ValueError(
+          f'The model has no submodule at path {paths_lib.format_path(name)!r}. '
+          f'Its Conv/Linear layers: {_capture.format_paths(list(_kernel_layers(model)))}.')
+    resolved.append(by_name[name])
+  return resolved
+
+
+class _Hooks:
+  """Swaps the classes of some modules for hooked ones, and back."""
+
+  def __init__(self, modules: Dict[Path, nnx.Module]):
+    self.modules = modules
 
   def hook(self) -> None:
     for path, module in self.modules.items():
@@ -232,6 +221,92 @@ class _Recorder:
       if original is not None:
         object.__setattr__(module, '__class__', original)
 
+
+class _ProbeRecorder(_Hooks):
+  """Marks the input of every Conv/Linear call for the dependency probe."""
+
+  def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe):
+    super().__init__(_kernel_layers(model))
+    self.probe = probe
+    self.active: List[Path] = []
+
+  def observe(self, module, path, args, kwargs):
+    if path in self.active:
+      return args, kwargs
+    type_name = f'nnx.{type(module).__name__}'
+    if args:
+      return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
+    if 'inputs' in kwargs:
+      return args, {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
+    raise _capture.missing_input(path)
+
+
+def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
+  """The first layer of ``model`` by :mod:`tract_optax.first_layer`'s rule.
+
+  Runs ``fn`` on a copy of the model, abstractly: the model is untouched.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
+  probe = first_layer.DependencyProbe()
+
+  def run(probed_params, _):
+    # Variables of its own, created at this trace level, so the copy may be
+    # mutated (BatchNorm statistics, RNG counts) inside the probe.
+    own_rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
+    copy = nnx.merge(graphdef, probed_params, own_rest)
+    recorder = _ProbeRecorder(copy, probe)
+    recorder.hook()
+    _stack().append(recorder)
+    try:
+      fn(copy, *args, **kwargs)
+    finally:
+      _stack().pop()
+      recorder.unhook()
+
+  probe.trace(run, params)
+  return first_layer.choose(probe.calls, 'Conv/Linear')
+
+
+def _stack() -> list:
+  if not hasattr(_active, 'stack'):
+    _active.stack = []
+  return _active.stack
+
+
+class _Recorder(_Hooks):
+  """Which layers to watch, and what happened in one forward pass."""
+
+  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes):
+    self.precision = precision
+    self.max_chunk_bytes = max_chunk_bytes
+    modules = _kernel_layers(model)
+    resolved = _resolve(model, selected)
+    self.selected: List[Path] = [path for path, _ in resolved]
+    modules.update(resolved)
+    super().__init__(modules)
+    self.called: List[Path] = []
+    self.recorded: List[Path] = []
+    self.kernel_shapes: Dict[Path, Tuple[int, ...]] = {}
+
+  def observe(self, module, path, args, kwargs):
+    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
+      self.called.append(path)
+    if path in self.selected:
+      self._record(module, path, args, kwargs)
+    return args, kwargs
+
+  def _record(self, module, path, args, kwargs) -> None:
+    inputs = _capture.call_input(path, args, kwargs)
+    stats = layer_input_stats(module, inputs, path=path, precision=self.precision,
+                              max_chunk_bytes=self.max_chunk_bytes)
+    _store(module, stats)
+    kernel = getattr(module, 'kernel', None)
+    if kernel is not None:
+      self.kernel_shapes[path] = tuple(_get(kernel).shape)
+    if path not in self.recorded:
+      self.recorded.append(path)
+
   def annotate(self, error: Exception) -> None:
     """Adds a hint to an error raised after statistics were sown."""
     if self.recorded and hasattr(error, 'add_note'):
@@ -240,7 +315,7 @@ class _Recorder:
           f'{_capture.format_paths(self.recorded)} before this error. ' + _TRANSFORM_HINT)
 
   def check_selection(self) -> None:
-    _capture.check_selection(self.selected, self.auto_path, self.recorded, self.called)
+    _capture.check_selection(self.selected, self.recorded, self.called)
 
   def collect(self, sown) -> Dict[Path, TractStats]:
     result = {}
@@ -300,8 +375,10 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
   Args:
     fn: a function whose first argument is the NNX model; it may call the
       model any number of times.
-    layers: ``None`` for the first ``nnx.Conv`` / ``nnx.Linear`` /
-      ``nnx.LinearGeneral`` called, or a list of attribute paths (tuples like
+    layers: ``None`` for the first layer: the one ``nnx.Conv`` /
+      ``nnx.Linear`` / ``nnx.LinearGeneral`` whose input depends on no
+      parameter, if it is also the first called (otherwise the call raises
+      and lists the candidates); or a list of attribute paths (tuples like
       ``('backbone', 'layers', 0)`` or strings like ``'backbone/layers/0'``);
       a single string names one layer.
     precision: matmul precision of the statistics.
@@ -314,9 +391,12 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
 
   Raises:
     ValueError: (when called) a selected path is not in the model or its layer
-      was never called, no Conv/Linear layer was called, the layer is of an
-      unsupported kind, it has one kernel per ``scan``/``vmap`` iteration, or
-      its statistic did not leave an NNX transform (see the module docstring).
+      was never called; without ``layers``, no first layer can be told apart
+      (none or several Conv/Linear layers take data-only input, or the first
+      called takes a parameter-dependent one); the layer is of an unsupported
+      kind or a subclass that may not use its kernel linearly; it has one
+      kernel per ``scan``/``vmap`` iteration; or its statistic did not leave
+      an NNX transform (see the module docstring).
     TypeError: ``layers`` is an ambiguous tuple of names, or (when called) a
       selected layer was called without a positional or ``inputs=`` input.
     RuntimeError: (when called) a capture of the same model is already active.
@@ -333,12 +413,13 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
-    recorder = _Recorder(model, selected, precision, max_chunk_bytes)
+    chosen = selected
+    if chosen is None:
+      chosen = [paths_lib.normalize_path(_probe_first_layer(fn, model, args, kwargs))]
+    recorder = _Recorder(model, chosen, precision, max_chunk_bytes)
     use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
-    if not hasattr(_active, 'stack'):
-      _active.stack = []
     recorder.hook()
-    _active.stack.append(recorder)
+    _stack().append(recorder)
     try:
       if use_capture:
         try:
@@ -358,7 +439,7 @@ def capture_stats(fn: Callable[..., Any], *, layers: _capture.LayersLike = None,
           sown = nnx.pop(model, TractInputStats)
           _unregister_popped(registered)
     finally:
-      _active.stack.pop()
+      _stack().pop()
       recorder.unhook()
     recorder.check_selection()
     return result, recorder.collect(sown)
@@ -451,3 +532,91 @@ def value_and_grad_with_stats(loss_fn: Callable[..., Any], model: nnx.Module, *a
                                has_aux=True)
   (loss, (aux, tract_stats)), grads = grad_fn(model, *args)
   return ((loss, aux) if has_aux else loss), grads, tract_stats
+
+
+def _copy(model: nnx.Module) -> nnx.Module:
+  """A copy of ``model`` with Variables of its own (same values).
+
+  ``nnx.merge`` reuses the Variable objects of the state it is given, so the
+  state is rebuilt first: a pass on the copy never touches the model.
+  """
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v, state))
+
+
+def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
+                layers: _capture.LayersLike = None, axis_name=None,
+                relative_lam: bool = False, local_stats: bool = False,
+                precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+                max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+                check_condition: bool = False, **kwargs) -> Any:
+  """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
+
+  Returns exactly what ``model(*args, **kwargs)`` returns, and changes the
+  model's state exactly as that call does. Differentiating through it (with
+  ``nnx.grad``, ``nnx.value_and_grad`` or ``jax.grad`` of a split model) gives
+  each selected layer's kernel ``(A^T A / N + lam I)^{-1} G``, with ``G`` the
+  gradient of everything that flows through the layer and ``A`` its inputs in
+  this call; every other gradient is unchanged. So an unchanged
+  ``nnx.Optimizer`` (with any optax chain, no ``tract``) trains with TrAct.
+
+  The statistics come from a first pass on a copy of the model (the model's
+  RNG counters and batch statistics advance once, as for a plain call); under
+  ``jit`` only what leads to the selected layers' inputs is computed of it.
+
+  Args:
+    model: the NNX model.
+    *args: positional arguments of ``model.__call__``.
+    lam: ridge strength lambda > 0 (a number or a traced scalar).
+    layers: the layers to precondition (see :func:`capture_stats`).
+    axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch.
+    relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
+    local_stats: precondition each device with its own statistic on purpose.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    **kwargs: keyword arguments of ``model.__call__``.
+
+  Returns:
+    ``model(*args, **kwargs)``.
+
+  Raises:
+    ValueError, TypeError: as :func:`capture_stats`, and for a bad ``lam`` or
+      misused named axes.
+
+  Example:
+    >>> import optax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    >>> x = jnp.ones((8, 3))
+    >>> loss_fn = lambda m: jnp.mean(apply_tract(m, x, lam=0.1) ** 2)
+    >>> grads = nnx.grad(loss_fn)(model)
+    >>> _ = optimizer.update(model, grads)
+  """
+  if callable(lam):
+    raise TypeError(
+        'apply_tract takes the value of lambda, not a schedule; evaluate the '
+        'schedule at the step: apply_tract(..., lam=schedule(step)).')
+  ridge_lib.validate_lam(lam)
+  axes_lib.resolve_axis_name(axis_name, local_stats, owner='apply_tract')
+  forward = capture_stats(lambda m, *a, **k: m(*a, **k), layers=layers,
+                          precision=precision, max_chunk_bytes=max_chunk_bytes)
+  _, tract_stats = forward(_copy(model), *args, **kwargs)
+  by_path = dict(_iter_modules(model))
+  originals = []
+  try:
+    for path, stats in tract_stats.items():
+      kernel = by_path[path].kernel
+      value = _get(kernel)
+      originals.append((kernel, value))
+      _set(kernel, gradient_route.tract_kernel(
+          value, stats, lam=lam, axis_name=axis_name, local_stats=local_stats,
+          relative_lam=relative_lam, check_condition=check_condition,
+          name=paths_lib.format_path(paths_lib.normalize_path(path)),
+          _owner='apply_tract'))
+    return model(*args, **kwargs)
+  finally:
+    for kernel, value in reversed(originals):
+      _set(kernel, value)

@@ -176,9 +176,43 @@ MODELS = {
 }
 
 
-def optimizer(axis_name=None) -> optax.GradientTransformationExtraArgs:
-  return optax.chain(tract_optax.tract(LAM, axis_name=axis_name),
+def optimizer(axis_name=None, local_stats=False) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(tract_optax.tract(LAM, axis_name=axis_name, local_stats=local_stats),
                      optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
+
+
+def gradient_route_loss(model: Model, axis_name=None):
+  """The loss with both first kernels wrapped by ``tract_kernel`` (no tract)."""
+
+  def loss(params, images, tokens, labels):
+    stats = model.stats(images, tokens)
+    wrapped = dict(params)
+    for (name,), layer_stats in stats.items():
+      kernel = tract_optax.tract_kernel(params[name]['kernel'], layer_stats,
+                                        lam=LAM, axis_name=axis_name)
+      wrapped[name] = {**params[name], 'kernel': kernel}
+    return model.loss(wrapped, images, tokens, labels)
+
+  return loss
+
+
+def make_route_step(model: Model, *, axis_name=None, mean_over_axis: str = 'none'):
+  """One step of the gradient route: plain SGD on ``jax.grad`` of the loss."""
+  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+  route_loss = gradient_route_loss(model, axis_name)
+
+  def loss_fn(params, images, tokens, labels):
+    loss = route_loss(params, images, tokens, labels)
+    return jax.lax.pmean(loss, AXIS) if mean_over_axis == 'loss' else loss
+
+  def step(params, opt_state, images, tokens, labels):
+    grads = jax.grad(loss_fn)(params, images, tokens, labels)
+    if mean_over_axis == 'grads':
+      grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return tx, step
 
 
 def make_step(model: Model, tx, *, mean_over_axis: str = 'none'):
@@ -368,7 +402,7 @@ def check_model(model: Model, mesh: Mesh, results: Dict[str, Any]) -> None:
   # preconditions its own gradient with its own statistic and the TrAct
   # gradients are then averaged (a pmean placed after tract in the chain).
   pmean = optax.stateless(lambda updates, params: jax.lax.pmean(updates, AXIS))
-  tx_ddp = optax.chain(tract_optax.tract(LAM), pmean,
+  tx_ddp = optax.chain(tract_optax.tract(LAM, local_stats=True), pmean,
                        optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
   stacked = run_steps(pmap_step(tx_ddp, 'none'), replicate(params0),
                       replicate(tx_ddp.init(params0)), batches, to_devices,
@@ -383,10 +417,62 @@ def check_model(model: Model, mesh: Mesh, results: Dict[str, Any]) -> None:
   # the same global gradient with a different local statistic, and the
   # replicas drift apart.
   if name == 'moment':
-    stacked = run_steps(pmap_step(tx, 'grads'), replicate(params0),
-                        replicate(tx.init(params0)), batches, to_devices,
+    tx_local = optimizer(local_stats=True)
+    stacked = run_steps(pmap_step(tx_local, 'grads'), replicate(params0),
+                        replicate(tx_local.init(params0)), batches, to_devices,
                         to_host=True, label=f'd_naive/{name}')
     results[f'd_naive_replica_spread/{name}'] = replica_spread(stacked)
+
+  # (e) tract without axis_name (or local_stats) inside pmap / shard_map: an
+  # error that names the fix, never a silently local statistic.
+  if name == 'moment':
+    record_error(results, 'e_no_axis_error/pmap', lambda: run_steps(
+        pmap_step(tx, 'grads'), replicate(params0), replicate(tx.init(params0)),
+        batches[:1], to_devices, to_host=True))
+    record_error(results, 'e_no_axis_error/shard_map', lambda: run_steps(
+        jax.jit(shard_map(make_step(model, tx, mean_over_axis='loss'), mesh=mesh,
+                          in_specs=(spec_p, spec_p, spec_d, spec_d, spec_d),
+                          out_specs=(spec_p, spec_p))),
+        params_r, init_r(tx), batches[:1], put))
+    route_tx, route_step = make_route_step(model, mean_over_axis='grads')
+    record_error(results, 'e_no_axis_error/gradient_route_pmap', lambda: run_steps(
+        jax.pmap(route_step, axis_name=AXIS), replicate(params0),
+        replicate(route_tx.init(params0)), batches[:1], to_devices, to_host=True))
+    record_error(results, 'e_unbound_axis_error/jit', lambda: run_steps(
+        jax.jit(make_step(model, tx_axis)), params_r, init_r(tx_axis),
+        batches[:1], put))
+
+  # (f) the gradient route (tract_kernel inside the loss, plain SGD): sharded
+  # jit without axis_name, shard_map and pmap with it.
+  route_tx, route_step = make_route_step(model)
+  params = run_steps(jax.jit(route_step), params_r,
+                     jax.device_put(route_tx.init(params0), replicated), batches,
+                     put, label=f'f_route_jit_sharded/{name}')
+  results[f'f_route_jit_sharded/{name}'] = compare(params0, params, reference)
+  if check_kwarg == 'check_vma':
+    route_tx, route_step = make_route_step(model, axis_name=AXIS, mean_over_axis='loss')
+    step = jax.jit(shard_map(route_step, mesh=mesh,
+                             in_specs=(spec_p, spec_p, spec_d, spec_d, spec_d),
+                             out_specs=(spec_p, spec_p)))
+    params = run_steps(step, params_r, jax.device_put(route_tx.init(params0), replicated),
+                       batches, put, label=f'f_route_shard_map/{name}')
+    results[f'f_route_shard_map/{name}'] = compare(params0, params, reference)
+  route_tx, route_step = make_route_step(model, axis_name=AXIS, mean_over_axis='grads')
+  stacked = run_steps(jax.pmap(route_step, axis_name=AXIS), replicate(params0),
+                      replicate(route_tx.init(params0)), batches, to_devices,
+                      to_host=True, label=f'f_route_pmap/{name}')
+  results[f'f_route_pmap/{name}'] = compare(params0, unreplicate(stacked), reference)
+  results[f'f_route_pmap_replica_spread/{name}'] = replica_spread(stacked)
+
+
+def record_error(results: Dict[str, Any], key: str, run: Callable[[], Any]) -> None:
+  """Records the type and message of the error ``run`` raises (or None)."""
+  try:
+    run()
+  except Exception as error:  # pylint: disable=broad-except
+    results[key] = {'type': type(error).__name__, 'message': str(error)}
+  else:
+    results[key] = None
 
 
 def main() -> None:

@@ -64,7 +64,13 @@ def test_runs_on_eight_devices(results):
     'b_shard_map_vma/moment',         # shard_map with check_vma, loss pmean'ed
     'b_shard_map_vma/woodbury',
     'c_pmap/moment',                  # pmap, tract(axis_name=...)
-    'c_pmap/woodbury',                # (e) local Woodbury form, global moment
+    'c_pmap/woodbury',                # local Woodbury form, global moment
+    'f_route_jit_sharded/moment',     # gradient route, jit, no axis_name
+    'f_route_jit_sharded/woodbury',
+    'f_route_shard_map/moment',       # gradient route, shard_map, axis_name
+    'f_route_shard_map/woodbury',
+    'f_route_pmap/moment',            # gradient route, pmap, axis_name
+    'f_route_pmap/woodbury',
 ])
 def test_global_statistic_reproduces_the_single_device_update(results, key):
   measured = _get(results, key)
@@ -82,6 +88,28 @@ def test_jit_really_shards_the_batch(results):
 def test_pmap_replicas_stay_identical(results, model):
   assert results[f'c_pmap_replica_spread/{model}'] == 0.0
   assert results[f'd_local_stats_replica_spread/{model}'] == 0.0
+  assert results[f'f_route_pmap_replica_spread/{model}'] == 0.0
+
+
+@pytest.mark.parametrize('key,owner', [
+    ('e_no_axis_error/pmap', 'tract'),
+    ('e_no_axis_error/shard_map', 'tract'),
+    ('e_no_axis_error/gradient_route_pmap', 'tract_kernel'),
+])
+def test_mapped_axis_without_axis_name_is_an_error_that_names_the_fix(results, key, owner):
+  error = _get(results, key)
+  assert error is not None, 'a silently local statistic'
+  assert error['type'] == 'ValueError'
+  assert f"{owner} runs inside the named axis ['data']" in error['message']
+  assert f"{owner}(..., axis_name='data')" in error['message']
+  assert 'local_stats=True' in error['message']
+
+
+def test_axis_name_that_is_not_bound_is_an_error(results):
+  error = _get(results, 'e_unbound_axis_error/jit')
+  assert error['type'] == 'ValueError'
+  assert "tract(axis_name='data'): the axis 'data' is not bound here" in error['message']
+  assert 'under jit with a sharded batch the statistic is already global' in error['message']
 
 
 def test_statistic_forms_of_the_woodbury_model(results):
@@ -118,19 +146,22 @@ def test_pmean_of_gradients_under_check_vma_is_a_no_op(results):
   assert measured['rel'] > 1.0
 
 
-@pytest.mark.parametrize('rows_per_device', [3, 7], ids=['woodbury', 'moment'])
+@pytest.mark.parametrize('rows_per_device', [1, 3, 7],
+                         ids=['gathered', 'local_woodbury', 'moment'])
 def test_all_reduce_stats_under_vmap_equals_stats_of_all_rows(rows_per_device):
   """all_reduce_stats over a named vmap axis (no devices needed) gives every
-  member the statistic of all 4 x rows_per_device rows (n = 5 features). With
-  3 rows per member the statistic is in Woodbury form (3 < 5) and the rows of
-  all members are gathered, in member order."""
+  member the statistic of all 4 x rows_per_device rows (n = 5 features). The
+  form follows the global row count: with 1 row per member (4 < 5 in all) the
+  rows of all members are gathered, in member order; with 3 (Woodbury form
+  locally, 12 >= 5 in all) each member turns its rows into a moment first, so
+  no member factors a (members x rows)^2 system."""
   rows = np.random.default_rng(0).standard_normal(
       (4, rows_per_device, 5)).astype(np.float32)
   reduced = jax.vmap(
       lambda r: tract_optax.all_reduce_stats(tract_optax.dense_stats(r), 'i'),
       axis_name='i')(rows)
   everything = tract_optax.dense_stats(rows.reshape(-1, 5))
-  assert reduced.is_woodbury == (rows_per_device < 5)
+  assert reduced.is_woodbury == (4 * rows_per_device < 5)
   np.testing.assert_array_equal(reduced.count, 4.0 * rows_per_device)
   for member in range(4):
     if reduced.is_woodbury:

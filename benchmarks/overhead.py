@@ -7,29 +7,39 @@ the chain. Steps are timed side by side in one process, interleaved round by
 round after warm-up, and the medians are compared. Peak memory is XLA's
 compiled memory analysis of each step (the same measure on CPU and GPU).
 
+Variants per model: plain; TrAct exact (the statistic of every batch); TrAct
+amortised (``tract(..., layers=[stem], refresh_every=K)``: the statistic is
+computed only on steps where ``tract_optax.stats_due`` is true, the other
+steps run the plain forward pass); each TrAct variant once per statistic
+precision asked for (``apply_with_stats(..., precision=...)``).
+
 Modes:
   overhead  median step time and peak memory per model (the default).
   scaling   cost of the conv statistic alone as the batch and image grow,
             chunked (default) vs explicit patch matrix, vs the stem's own
-            forward + backward; expected O(N n^2).
+            forward and forward + weight gradient; expected O(N n^2).
 
 Usage:
   python benchmarks/overhead.py --device cpu            # CPU subset, < 3 min
   python benchmarks/overhead.py --device gpu            # all models
   python benchmarks/overhead.py --mode scaling --device cpu
+  python benchmarks/overhead.py --mode scaling --batches 128 --sizes 224 \\
+      --precision default,highest --out scaling.json   # the ResNet-50 stem
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import statistics
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +48,7 @@ from tqdm import tqdm
 
 import tract_optax
 from tract_optax import linen as tract_linen
-from tract_optax import models as model_zoo
+from tract_optax.experiment import models as model_zoo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imagenet_models  # pylint: disable=g-bad-import-order  (benchmarks/ is on sys.path)
@@ -62,8 +72,37 @@ class Case:
 CPU_CASES = [Case('cnn', 128, 28, 1),
              Case('resnet18', 128, 32, 3, cpu_rounds=3, cpu_steps_per_round=1,
                   cpu_warmup=0)]
-GPU_CASES = [Case('resnet18', 128, 32, 3), Case('resnet50', 128, 224, 3, 1000),
-             Case('vit_b16', 64, 224, 3, 1000), Case('cnn', 128, 28, 1)]
+# Most informative first, so a run stopped by a time limit keeps the big models.
+GPU_CASES = [Case('resnet50', 128, 224, 3, 1000), Case('vit_b16', 64, 224, 3, 1000),
+             Case('resnet18', 128, 32, 3), Case('cnn', 128, 28, 1)]
+
+#: Statistic precisions ``--precision`` accepts (``apply_with_stats(precision=...)``).
+PRECISIONS = ('default', 'high', 'highest')
+
+
+def select_cases(models: Optional[Sequence[str]], on_cpu: bool) -> List[Case]:
+  """The cases to run, in the order asked; the device's own sizes win.
+
+  Args:
+    models: model names, or None for the device's default list.
+    on_cpu: whether the CPU list (and its sizes) comes first.
+
+  Returns:
+    One case per model name.
+
+  Raises:
+    ValueError: for a model name no case list holds.
+  """
+  own, other = (CPU_CASES, GPU_CASES) if on_cpu else (GPU_CASES, CPU_CASES)
+  if models is None:
+    return list(own)
+  by_name: Dict[str, Case] = {}
+  for case in other + own:  # the device's own case overrides the other's
+    by_name[case.model] = case
+  unknown = [name for name in models if name not in by_name]
+  if unknown:
+    raise ValueError(f'--models: unknown {unknown}; choose from {sorted(by_name)}')
+  return [by_name[name] for name in models]
 
 
 def _peak_bytes(compiled) -> int:
@@ -79,30 +118,48 @@ def _peak_bytes(compiled) -> int:
              stats.output_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def _make_steps(case: Case, lam: float, refresh_every: int):
-  """Builds the initial state and the jitted plain / TrAct / amortised steps."""
+def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence[str]
+                ) -> Tuple[Dict[str, Callable], Dict[str, tuple], Dict[str, str], tuple]:
+  """Builds the initial states and the jitted steps of every variant.
+
+  Args:
+    case: the model and its input size.
+    lam: TrAct's ridge strength.
+    refresh_every: refresh period of the amortised variant; 0 leaves it out.
+    precisions: statistic precisions, one exact (and amortised) variant each.
+
+  Returns:
+    ``(steps, states, state_of, batch)``: the jitted steps by name
+    (``plain``, ``tract@P``, and when amortised ``amortized_due@P`` and the
+    shared ``amortized_skip``), each called as ``step(*state, *batch)``; the
+    initial ``(params, batch_stats, opt_state)`` of each timed variant
+    (``plain``, ``tract@P``, ``amortized@P``); for each step the variant whose
+    state it runs on; and the batch ``(images, labels)``, an argument rather
+    than a closed-over constant (which XLA would embed in the program).
+  """
   model = model_zoo.create_model(case.model, case.num_classes)
   rng = jax.random.key(0)
   images = jax.random.normal(rng, (case.batch, case.image_size, case.image_size,
                                    case.channels), jnp.float32)
   labels = jax.random.randint(rng, (case.batch,), 0, case.num_classes)
-  variables = model.init(rng, images[:2], train=False)
+  # Jitted: an eager init dispatches (and on GPU compiles) every op one by one.
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, images[:2])
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   first_layer = model_zoo.FIRST_LAYER[case.model]
   sgd = optax.sgd(0.01, momentum=0.9)
-  txs = {
-      'plain': sgd,
-      'tract': optax.chain(tract_optax.tract(lam), sgd),
-      'amortized': optax.chain(tract_optax.tract(lam, layers=[first_layer],
-                                                 refresh_every=refresh_every), sgd),
-  }
+  exact_tx = optax.chain(tract_optax.tract(lam), sgd)
+  amortized_tx = None
+  if refresh_every:
+    amortized_tx = optax.chain(tract_optax.tract(lam, layers=[first_layer],
+                                                 refresh_every=refresh_every), sgd)
 
-  def loss_and_updates(params, batch_stats, with_stats):
+  def loss_and_updates(params, batch_stats, images, labels, precision):
+    """Loss and the new batch statistics; the TrAct statistic unless precision is None."""
     variables = {'params': params, 'batch_stats': batch_stats}
-    if with_stats:
+    if precision is not None:
       (logits, updates), stats = tract_linen.apply_with_stats(
           model, variables, images, train=True, mutable=['batch_stats'],
-          layers=[first_layer])
+          layers=[first_layer], precision=precision)
     else:
       logits, updates = model.apply(variables, images, train=True,
                                     mutable=['batch_stats'])
@@ -110,137 +167,293 @@ def _make_steps(case: Case, lam: float, refresh_every: int):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (updates.get('batch_stats', {}), stats)
 
-  def build(name, with_stats, pass_stats):
-    tx = txs[name]
-
-    def step(params, batch_stats, opt_state):
+  def build(tx, precision, pass_stats):
+    def step(params, batch_stats, opt_state, images, labels):
       grads, (new_batch_stats, stats) = jax.grad(
-          loss_and_updates, has_aux=True)(params, batch_stats, with_stats)
+          loss_and_updates, has_aux=True)(params, batch_stats, images, labels, precision)
       extra = {'tract_stats': stats} if pass_stats else {}
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), new_batch_stats, opt_state
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
-  steps = {
-      'plain': build('plain', False, False),
-      'tract': build('tract', True, True),
-      # Amortised: the statistic is computed on due steps only; the other
-      # steps run the plain forward pass and reuse the kept statistic.
-      'amortized_due': build('amortized', True, True),
-      'amortized_skip': build('amortized', False, True),
-  }
-  states = {name: (params, batch_stats, txs[name].init(params)) for name in txs}
-  return steps, states
+  steps = {'plain': build(sgd, None, False)}
+  states = {'plain': (params, batch_stats, sgd.init(params))}
+  state_of = {'plain': 'plain'}
+  for precision in precisions:
+    name = f'tract@{precision}'
+    steps[name] = build(exact_tx, precision, True)
+    states[name] = (params, batch_stats, exact_tx.init(params))
+    state_of[name] = name
+  if amortized_tx is not None:
+    for precision in precisions:
+      name = f'amortized@{precision}'
+      # Due steps compute the statistic; the other steps run the plain
+      # forward pass and precondition with the kept one.
+      steps[f'amortized_due@{precision}'] = build(amortized_tx, precision, True)
+      states[name] = (params, batch_stats, amortized_tx.init(params))
+      state_of[f'amortized_due@{precision}'] = name
+    steps['amortized_skip'] = build(amortized_tx, None, True)
+    state_of['amortized_skip'] = f'amortized@{precisions[0]}'
+  return steps, states, state_of, (images, labels)
 
 
 def _copy(tree):
   return jax.tree.map(jnp.array, tree)
 
 
+def _log(message: str) -> None:
+  """A progress line on stderr (the tqdm bars show on a terminal only)."""
+  print(message, file=sys.stderr, flush=True)
+
+
+def _compile_steps(jitted: Dict[str, Callable], states: Dict[str, tuple],
+                   state_of: Dict[str, str], batch: tuple, workers: int) -> Dict[str, object]:
+  """Compiles every step: ``plain`` first, then the others on ``workers`` threads.
+
+  XLA compiles with the GIL released, so threads overlap. ``plain`` goes
+  alone first: on a GPU it fills XLA's in-process autotuning cache for the
+  model's own convolutions and matmuls, so the compiles running side by side
+  only autotune what TrAct adds.
+  """
+  def compile_one(name):
+    return name, jitted[name].lower(*states[state_of[name]], *batch).compile()
+
+  compiled = dict([compile_one('plain')])
+  others = [name for name in jitted if name != 'plain']
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    compiled.update(pool.map(compile_one, others))
+  return compiled
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+  if numerator is None or denominator is None or denominator <= 0 or numerator < 0:
+    return None
+  return numerator / denominator
+
+
 def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: float,
-                     refresh_every: int, amortized: bool = True, warmup: int = 1) -> Dict:
-  """Median step times (ms) and peak bytes of plain, TrAct and amortised TrAct."""
-  jitted, init_states = _make_steps(case, lam, refresh_every)
-  if not amortized:
-    jitted = {k: v for k, v in jitted.items() if not k.startswith('amortized')}
-  step_fns, peaks = {}, {}
-  for name, fn in jitted.items():  # compile once; run the compiled executables
-    state_name = 'amortized' if name.startswith('amortized') else name
-    step_fns[name] = fn.lower(*init_states[state_name]).compile()
-    peaks[name] = _peak_bytes(step_fns[name])
+                     refresh_every: int = 0, precisions: Sequence[str] = ('highest',),
+                     warmup: int = 1, compile_workers: int = 1) -> List[Dict]:
+  """Median step times (ms) and peak bytes of plain, TrAct and amortised TrAct.
+
+  Every variant runs in this process, interleaved round by round: each round
+  times ``steps_per_round`` steps of each variant in turn (the amortised ones
+  whole refresh periods, so due and skipped steps mix in their real
+  proportion); the medians over rounds are compared.
+
+  Args:
+    case: the model and its input size.
+    rounds: timed rounds (odd numbers give a plain median).
+    steps_per_round: steps per round and variant.
+    lam: TrAct's ridge strength.
+    refresh_every: refresh period K of the amortised variant; 0 leaves it out.
+    precisions: statistic precisions to time ('default', 'high', 'highest').
+    warmup: untimed steps per variant first (amortised: at least K + 1).
+    compile_workers: threads compiling the TrAct steps after the plain one.
+
+  Returns:
+    One row per precision; the plain columns are the same measurement in
+    each. Amortised columns are None without ``refresh_every``.
+
+  Raises:
+    RuntimeError: if ``tract_optax.stats_due`` disagrees with the schedule the
+      timed rounds follow (refresh at step 0, K, 2K, ...).
+  """
+  start = time.perf_counter()
+  jitted, init_states, state_of, batch = _make_steps(case, lam, refresh_every, precisions)
+  compiled = _compile_steps(jitted, init_states, state_of, batch, compile_workers)
+  peaks = {name: _peak_bytes(executable) for name, executable in compiled.items()}
+  compile_s = time.perf_counter() - start
+  _log(f'{case.model} b{case.batch}: compiled {len(compiled)} steps in {compile_s:.1f} s')
   states = {name: _copy(state) for name, state in init_states.items()}
-  amortized_count = [0]  # host-side step counter: no device round trip per step
+  # Host-side step counters: no device round trip per timed step. The
+  # warm-up asks tract_optax.stats_due (a device read) and checks them.
+  counters = {name: 0 for name in states if name.startswith('amortized@')}
 
-  def run(name, count):
-    start = time.perf_counter()
-    if name == 'amortized':
-      state = states['amortized']
-      for _ in range(count):
-        due = amortized_count[0] % refresh_every == 0
-        state = step_fns['amortized_due' if due else 'amortized_skip'](*state)
-        amortized_count[0] += 1
-      states['amortized'] = state
-    else:
-      state = states[name]
-      for _ in range(count):
-        state = step_fns[name](*state)
-      states[name] = state
-    jax.block_until_ready(states[name])
-    return (time.perf_counter() - start) / count * 1e3
+  def run(name: str, count: int, check_due: bool = False) -> float:
+    begin = time.perf_counter()
+    state = states[name]
+    for _ in range(count):
+      if name in counters:
+        due = counters[name] % refresh_every == 0
+        if check_due and bool(tract_optax.stats_due(state[2])) != due:
+          raise RuntimeError(
+              f'{name}: tract_optax.stats_due says {not due} at step '
+              f'{counters[name]}, the schedule (every {refresh_every}) says {due}.')
+        step = f'amortized_due@{name.split("@", 1)[1]}' if due else 'amortized_skip'
+        counters[name] += 1
+      else:
+        step = name
+      state = compiled[step](*state, *batch)
+    states[name] = state
+    jax.block_until_ready(state)
+    return (time.perf_counter() - begin) / count * 1e3
 
-  variants = ['plain', 'tract'] + (['amortized'] if amortized else [])
-  for name in variants:  # warm-up: settle caches (amortised: both steps)
-    count = max(warmup, refresh_every + 1) if name == 'amortized' else warmup
+  variants = list(states)
+  for name in variants:  # warm-up: settle caches (amortised: due and skipped steps)
+    count = max(warmup, refresh_every + 1) if name in counters else warmup
     if count:
-      run(name, count)
+      run(name, count, check_due=True)
   times: Dict[str, List[float]] = {name: [] for name in variants}
-  # Amortised rounds cover whole refresh periods so due and skipped steps mix
-  # in their real proportion.
-  amortized_steps = refresh_every * max(1, math.ceil(steps_per_round / refresh_every))
-  for _ in tqdm(range(rounds), desc=f'{case.model} b{case.batch}', leave=False):
+  amortized_steps = (refresh_every * max(1, math.ceil(steps_per_round / refresh_every))
+                     if refresh_every else 0)
+  timing_start = time.perf_counter()
+  for _ in tqdm(range(rounds), desc=f'{case.model} b{case.batch}', leave=False,
+                disable=None):
     for name in variants:
-      times[name].append(run(name, amortized_steps if name == 'amortized'
+      times[name].append(run(name, amortized_steps if name in counters
                              else steps_per_round))
   medians = {name: statistics.median(values) for name, values in times.items()}
-  medians.setdefault('amortized', float('nan'))
-  return {
-      'model': case.model, 'batch': case.batch, 'image_size': case.image_size,
-      'plain_ms': medians['plain'], 'tract_ms': medians['tract'],
-      'ratio': medians['tract'] / medians['plain'],
-      'amortized_ms': medians['amortized'],
-      'amortized_ratio': medians['amortized'] / medians['plain'],
-      'refresh_every': refresh_every if amortized else None,
-      'plain_peak_bytes': peaks['plain'], 'tract_peak_bytes': peaks['tract'],
-      'peak_ratio': peaks['tract'] / peaks['plain'] if peaks['plain'] > 0 else None,
-      'rounds': rounds, 'steps_per_round': steps_per_round,
-      'plain_ms_all': times['plain'], 'tract_ms_all': times['tract'],
-      'device': jax.devices()[0].device_kind,
-  }
+  timing_s = time.perf_counter() - timing_start
+  platform = jax.devices()[0].platform
+  rows = []
+  for precision in precisions:
+    exact, amortized = f'tract@{precision}', f'amortized@{precision}'
+    amortized_peak = None
+    if refresh_every:
+      amortized_peak = max(peaks[f'amortized_due@{precision}'], peaks['amortized_skip'])
+    rows.append({
+        'model': case.model, 'batch': case.batch, 'image_size': case.image_size,
+        'precision': precision,
+        'plain_ms': medians['plain'], 'tract_ms': medians[exact],
+        'ratio': medians[exact] / medians['plain'],
+        'amortized_ms': medians.get(amortized),
+        'amortized_ratio': _ratio(medians.get(amortized), medians['plain']),
+        'refresh_every': refresh_every or None,
+        'plain_peak_bytes': peaks['plain'], 'tract_peak_bytes': peaks[exact],
+        'peak_ratio': _ratio(peaks[exact], peaks['plain']),
+        'amortized_peak_bytes': amortized_peak,
+        'amortized_peak_ratio': _ratio(amortized_peak, peaks['plain']),
+        'rounds': rounds, 'steps_per_round': steps_per_round,
+        'amortized_steps_per_round': amortized_steps or None,
+        'plain_ms_all': times['plain'], 'tract_ms_all': times[exact],
+        'amortized_ms_all': times.get(amortized),
+        'compile_s': compile_s, 'timing_s': timing_s,
+        'device': jax.devices()[0].device_kind, 'platform': platform,
+    })
+  _log(f'{case.model} b{case.batch}: timed {rounds} rounds in {timing_s:.1f} s; ' +
+       ', '.join(f"{row['precision']}: ratio {row['ratio']:.3f}" for row in rows))
+  return rows
 
 
-def _time_fn(fn: Callable, args, repeats: int) -> float:
+def _calls_per_sample(fn: Callable, args, target_s: float) -> int:
+  """Back-to-back calls per timing sample so that one sample lasts ``target_s``.
+
+  Runs ``fn`` twice (compile, then one timed call); fast computations get
+  several calls per sample, so dispatch latency does not dominate them.
+  """
   jax.block_until_ready(fn(*args))
-  samples = []
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - start
+  return int(min(100, max(1, math.ceil(target_s / max(once, 1e-6)))))
+
+
+def time_interleaved(fns: Dict[str, Tuple[Callable, tuple]], repeats: int,
+                     target_s: float = 0.02) -> Dict[str, float]:
+  """Median ms per call of each function, sampled in turn ``repeats`` times.
+
+  Args:
+    fns: name -> (jitted function, arguments).
+    repeats: samples per function; each sample is the mean of a few
+      back-to-back calls (see :func:`_calls_per_sample`).
+    target_s: the least duration of one sample.
+
+  Returns:
+    name -> median milliseconds per call.
+  """
+  calls = {name: _calls_per_sample(fn, args, target_s) for name, (fn, args) in fns.items()}
+  samples: Dict[str, List[float]] = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(samples)
+    for name, (fn, args) in fns.items():
+      start = time.perf_counter()
+      for _ in range(calls[name]):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
+  return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def measure_scaling(batches: List[int], sizes: List[int], *, channels: int,
-                    kernel: int, stride: int, repeats: int) -> List[Dict]:
-  """Statistic cost (chunked and explicit) vs stem forward+backward."""
+def measure_scaling(batches: Sequence[int], sizes: Sequence[int], *, channels: int,
+                    kernel: int, stride: int, repeats: int,
+                    precisions: Sequence[str] = ('highest',),
+                    explicit: bool = True) -> List[Dict]:
+  """Statistic cost (chunked and explicit) vs the stem's own computation.
+
+  The stem is a ``kernel x kernel`` convolution with stride ``stride``,
+  ``kernel // 2`` zero padding on each side (ResNet-50's 7x7/2 stem) and 64
+  output channels, run at JAX's default matmul precision as a model would.
+  Per shape it times, interleaved: the stem's forward, its forward + weight
+  gradient, and ``tract_optax.conv_stats`` (chunked, and explicit: the full
+  patch matrix) at each statistic precision.
+
+  Args:
+    batches: batch sizes.
+    sizes: square image sizes.
+    channels: input channels.
+    kernel: square window size.
+    stride: window stride.
+    repeats: timing samples per computation.
+    precisions: statistic precisions ('default', 'high', 'highest').
+    explicit: also time the explicit patch-matrix statistic.
+
+  Returns:
+    One row per (size, batch, precision); the stem columns repeat per precision.
+  """
   rows = []
   shape_grid = [(b, s) for s in sizes for b in batches]
-  for batch, size in tqdm(shape_grid, desc='scaling', leave=False):
+  pad = kernel // 2
+  padding = ((pad, pad), (pad, pad))
+  for batch, size in tqdm(shape_grid, desc='scaling', leave=False, disable=None):
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     kernel_weights = jax.random.normal(jax.random.key(1),
                                        (kernel, kernel, channels, 64)) * 0.1
 
-    def stem_loss(w, x):
-      y = jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      return jnp.sum(y ** 2)
+    def stem_forward(w, x):
+      return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-    stem = jax.jit(jax.value_and_grad(stem_loss))
-    chunked = jax.jit(lambda v: tract_optax.conv_stats(
-        v, (kernel, kernel), stride, 'SAME').moment)
-    explicit = jax.jit(lambda v: tract_optax.conv_stats(
-        v, (kernel, kernel), stride, 'SAME', max_chunk_bytes=None).moment)
-    geometry_rows = batch * math.ceil(size / stride) ** 2
+    def stem_loss(w, x):
+      return jnp.sum(stem_forward(w, x) ** 2)
+
+    fns = {'stem_fwd': (jax.jit(stem_forward), (kernel_weights, x)),
+           'stem_fwd_bwd': (jax.jit(jax.value_and_grad(stem_loss)), (kernel_weights, x))}
+    statistics_fns = {}
+    for precision in precisions:
+      statistics_fns[f'chunked@{precision}'] = jax.jit(functools.partial(
+          lambda v, p: tract_optax.conv_stats(v, (kernel, kernel), stride, padding,
+                                              precision=p).moment, p=precision))
+      if explicit:
+        statistics_fns[f'explicit@{precision}'] = jax.jit(functools.partial(
+            lambda v, p: tract_optax.conv_stats(v, (kernel, kernel), stride, padding,
+                                                precision=p, max_chunk_bytes=None).moment,
+            p=precision))
+    fns.update({name: (fn, (x,)) for name, fn in statistics_fns.items()})
+    start = time.perf_counter()
+    medians = time_interleaved(fns, repeats)
+    peaks = {name: _peak_bytes(fn.lower(x).compile()) for name, fn in statistics_fns.items()}
+    out_size = (size + 2 * pad - kernel) // stride + 1
+    geometry_rows = batch * out_size ** 2
     n = kernel * kernel * channels
-    rows.append({
-        'batch': batch, 'image_size': size, 'N': geometry_rows, 'n': n,
-        'flops_2Nn2': 2 * geometry_rows * n * n,
-        'stem_fwd_bwd_ms': _time_fn(stem, (kernel_weights, x), repeats),
-        'stats_chunked_ms': _time_fn(chunked, (x,), repeats),
-        'stats_explicit_ms': _time_fn(explicit, (x,), repeats),
-        'chunked_peak_bytes': _peak_bytes(chunked.lower(x).compile()),
-        'explicit_peak_bytes': _peak_bytes(explicit.lower(x).compile()),
-        'device': jax.devices()[0].device_kind,
-    })
+    _log(f'scaling b{batch} {size}px: timed in {time.perf_counter() - start:.1f} s')
+    for precision in precisions:
+      chunked_ms = medians[f'chunked@{precision}']
+      explicit_ms = medians.get(f'explicit@{precision}')
+      rows.append({
+          'batch': batch, 'image_size': size, 'channels': channels, 'kernel': kernel,
+          'stride': stride, 'N': geometry_rows, 'n': n,
+          'flops_2Nn2': 2 * geometry_rows * n * n, 'precision': precision,
+          'stem_fwd_ms': medians['stem_fwd'],
+          'stem_fwd_bwd_ms': medians['stem_fwd_bwd'],
+          'stats_chunked_ms': chunked_ms, 'stats_explicit_ms': explicit_ms,
+          'chunked_over_stem': chunked_ms / medians['stem_fwd_bwd'],
+          'explicit_over_stem': _ratio(explicit_ms, medians['stem_fwd_bwd']),
+          'chunked_peak_bytes': peaks[f'chunked@{precision}'],
+          'explicit_peak_bytes': peaks.get(f'explicit@{precision}'),
+          'repeats': repeats,
+          'device': jax.devices()[0].device_kind, 'platform': jax.devices()[0].platform,
+      })
   return rows
 
 
@@ -250,85 +463,194 @@ def _format_bytes(value: Optional[int]) -> str:
   return f'{value / 2**20:.1f} MiB'
 
 
+def _format_optional(value: Optional[float], spec: str) -> str:
+  return 'n/a' if value is None else format(value, spec)
+
+
 def print_overhead_table(results: List[Dict]) -> None:
-  header = (f"{'model':<10}{'batch':>6}{'plain ms':>11}{'TrAct ms':>11}{'ratio':>8}"
-            f"{'amort. ratio':>14}{'plain peak':>13}{'TrAct peak':>13}  device")
+  """Prints one line per (model, precision) row of :func:`measure_overhead`."""
+  header = (f"{'model':<10}{'batch':>6}{'precision':>10}{'plain ms':>11}{'TrAct ms':>11}"
+            f"{'ratio':>8}{'amort. ratio':>14}{'plain peak':>13}{'TrAct peak':>13}"
+            f"{'peak ratio':>12}  device")
   print(header)
   print('-' * len(header))
   for r in results:
-    print(f"{r['model']:<10}{r['batch']:>6}{r['plain_ms']:>11.1f}{r['tract_ms']:>11.1f}"
-          f"{r['ratio']:>8.3f}{r['amortized_ratio']:>14.3f}"
+    amortized = _format_optional(r['amortized_ratio'], '.3f')
+    if r['refresh_every']:
+      amortized += f" (K={r['refresh_every']})"
+    print(f"{r['model']:<10}{r['batch']:>6}{r['precision']:>10}{r['plain_ms']:>11.1f}"
+          f"{r['tract_ms']:>11.1f}{r['ratio']:>8.3f}{amortized:>14}"
           f"{_format_bytes(r['plain_peak_bytes']):>13}"
-          f"{_format_bytes(r['tract_peak_bytes']):>13}  {r['device']}")
+          f"{_format_bytes(r['tract_peak_bytes']):>13}"
+          f"{_format_optional(r['peak_ratio'], '.3f'):>12}  {r['device']}")
 
 
 def print_scaling_table(rows: List[Dict]) -> None:
-  header = (f"{'batch':>6}{'size':>6}{'N':>10}{'n':>5}{'GFLOP':>8}{'stem f+b ms':>13}"
-            f"{'chunked ms':>12}{'explicit ms':>13}{'chunked peak':>14}{'explicit peak':>15}")
+  """Prints one line per (shape, precision) row of :func:`measure_scaling`."""
+  header = (f"{'batch':>6}{'size':>6}{'N':>10}{'n':>5}{'GFLOP':>8}{'precision':>10}"
+            f"{'stem fwd ms':>12}{'stem f+wg ms':>13}{'chunked ms':>12}{'/ stem':>8}"
+            f"{'explicit ms':>13}{'chunked peak':>14}{'explicit peak':>15}")
   print(header)
   print('-' * len(header))
   for r in rows:
     print(f"{r['batch']:>6}{r['image_size']:>6}{r['N']:>10}{r['n']:>5}"
-          f"{r['flops_2Nn2'] / 1e9:>8.2f}{r['stem_fwd_bwd_ms']:>13.2f}"
-          f"{r['stats_chunked_ms']:>12.2f}{r['stats_explicit_ms']:>13.2f}"
+          f"{r['flops_2Nn2'] / 1e9:>8.2f}{r['precision']:>10}{r['stem_fwd_ms']:>12.2f}"
+          f"{r['stem_fwd_bwd_ms']:>13.2f}{r['stats_chunked_ms']:>12.2f}"
+          f"{r['chunked_over_stem']:>8.2f}"
+          f"{_format_optional(r['stats_explicit_ms'], '.2f'):>13}"
           f"{_format_bytes(r['chunked_peak_bytes']):>14}"
           f"{_format_bytes(r['explicit_peak_bytes']):>15}")
 
 
+def _write_json(path: str, results: List[Dict]) -> None:
+  """Writes the results whole (a temporary file renamed), so a reader never sees half."""
+  temporary = f'{path}.partial'
+  with open(temporary, 'w') as f:
+    json.dump(results, f, indent=2)
+  os.replace(temporary, path)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+  """Shows every default; a default of None (chosen per device) is spelled out in the help."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def _int_list(text: str) -> List[int]:
+  try:
+    values = [int(part) for part in text.split(',') if part.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected comma-separated integers; got {text!r}') from None
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f'expected integers >= 1; got {text!r}')
+  return values
+
+
+def _precision_list(text: str) -> List[str]:
+  values = [part.strip().lower() for part in text.split(',') if part.strip()]
+  unknown = [value for value in values if value not in PRECISIONS]
+  if not values or unknown:
+    raise argparse.ArgumentTypeError(
+        f'expected comma-separated precisions from {",".join(PRECISIONS)}; got {text!r}')
+  return list(dict.fromkeys(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of the benchmark."""
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      epilog='\n\n'.join(__doc__.split('\n\n')[2:]), formatter_class=_HelpFormatter)
+  add = parser.add_argument
+  add('--mode', choices=['overhead', 'scaling'], default='overhead',
+      help='overhead: train-step time and peak memory per model; scaling: the conv '
+           'statistic alone vs the stem convolution, over a grid of shapes')
+  add('--device', choices=['auto', 'cpu', 'gpu'], default='auto',
+      help='which defaults to use: cpu the CPU-sized subset (small CNN, ResNet-18 CIFAR, '
+           'few rounds), gpu the full list (ResNet-50 b128, ViT-B/16 b64, ResNet-18 '
+           'CIFAR b128, small CNN); auto follows the JAX backend. Runs on whatever '
+           'device JAX has')
+  add('--models', default=None,
+      help='comma-separated models, run in this order, from cnn,resnet18,resnet50,vit_b16 '
+           "(default: the device's list)")
+  add('--batch', type=int, default=None,
+      help="batch size of every model (default: each model's own, 128; ViT-B/16 64)")
+  add('--rounds', type=int, default=None,
+      help='overhead: timed rounds per model; scaling: timing samples per computation '
+           '(default: overhead cpu 41 for cnn and 3 for resnet18, gpu 7; scaling cpu 5, '
+           'gpu 20)')
+  add('--steps-per-round', type=int, default=None,
+      help='steps of each variant per round (default: cpu 1, gpu 20)')
+  add('--warmup', type=int, default=None,
+      help='untimed steps of each variant before the rounds; amortised variants run at '
+           'least K + 1 (default: cpu 1 for cnn and 0 for resnet18, gpu 3)')
+  add('--lam', type=float, default=0.1, help='TrAct ridge strength lambda')
+  add('--amortize', type=int, default=None, metavar='K',
+      help='also time TrAct with the amortised statistic: tract(..., layers=[stem], '
+           'refresh_every=K), the statistic computed only on steps where '
+           'tract_optax.stats_due holds; 0 leaves it out (default: gpu 10, cpu 0)')
+  add('--precision', type=_precision_list, default=None,
+      help='comma-separated statistic precisions from default,high,highest, one TrAct '
+           'variant (or scaling row) each: apply_with_stats(..., precision=P), '
+           'conv_stats(..., precision=P) (default: gpu default,highest; cpu default)')
+  add('--compile-workers', type=int, default=None,
+      help='threads compiling the TrAct steps side by side after the plain one '
+           '(default: gpu 4, cpu 1)')
+  add('--batches', type=_int_list, default=None,
+      help='scaling: comma-separated batch sizes (default: cpu 8,32,64; gpu 32,64,128,256)')
+  add('--sizes', type=_int_list, default=None,
+      help='scaling: comma-separated image sizes (default: cpu 32,64,128; gpu 112,224)')
+  add('--channels', type=int, default=3, help='scaling: input channels of the stem')
+  add('--kernel', type=int, default=7, help='scaling: stem window size')
+  add('--stride', type=int, default=2, help='scaling: stem stride')
+  add('--explicit', action=argparse.BooleanOptionalAction, default=True,
+      help='scaling: also time the explicit patch-matrix statistic')
+  add('--out', default=None,
+      help='JSON file for the results (a list of rows), rewritten after each model, so '
+           'a run stopped early keeps what finished (default: none)')
+  return parser
+
+
+def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  for name, least in (('batch', 1), ('rounds', 1), ('steps_per_round', 1), ('warmup', 0),
+                      ('amortize', 0), ('compile_workers', 1), ('channels', 1),
+                      ('kernel', 1), ('stride', 1)):
+    value = getattr(args, name)
+    if value is not None and value < least:
+      parser.error(f'--{name.replace("_", "-")} must be >= {least}; got {value}')
+  if args.lam <= 0:
+    parser.error(f'--lam must be > 0; got {args.lam}')
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', choices=['overhead', 'scaling'], default='overhead')
-  parser.add_argument('--device', choices=['auto', 'cpu', 'gpu'], default='auto',
-                      help='cpu: the CPU-sized subset (small CNN, ResNet-18 CIFAR)')
-  parser.add_argument('--models', default=None,
-                      help='comma-separated subset of cnn,resnet18,resnet50,vit_b16')
-  parser.add_argument('--batch', type=int, default=None, help='override the batch size')
-  parser.add_argument('--rounds', type=int, default=None)
-  parser.add_argument('--steps-per-round', type=int, default=None)
-  parser.add_argument('--lam', type=float, default=0.1)
-  parser.add_argument('--refresh-every', type=int, default=10,
-                      help='refresh period of the amortised statistic')
-  parser.add_argument('--amortized', action=argparse.BooleanOptionalAction, default=None,
-                      help='also time the amortised statistic (default: on GPU only)')
-  parser.add_argument('--out', default=None, help='JSON file for the results')
+  """Runs the benchmark; returns the rows it printed (and wrote to ``--out``)."""
+  parser = build_parser()
   args = parser.parse_args(argv)
+  _check_positive(parser, args)
 
   platform = jax.devices()[0].platform
   on_cpu = args.device == 'cpu' or (args.device == 'auto' and platform == 'cpu')
-  print(f'jax {jax.__version__}, device: {jax.devices()[0].device_kind} ({platform})',
-        file=sys.stderr)
+  _log(f'jax {jax.__version__}, device: {jax.devices()[0].device_kind} ({platform})')
+  if args.device == 'gpu' and platform != 'gpu':
+    _log(f'warning: --device gpu picks the GPU sizes, but JAX runs on {platform}')
+  precisions = args.precision or (['default'] if on_cpu else ['default', 'highest'])
+  results: List[Dict] = []
 
   if args.mode == 'scaling':
-    if on_cpu:
-      rows = measure_scaling([8, 32, 64], [32, 64, 128], channels=3, kernel=7,
-                             stride=2, repeats=args.rounds or 5)
-    else:
-      rows = measure_scaling([32, 64, 128, 256], [112, 224], channels=3, kernel=7,
-                             stride=2, repeats=args.rounds or 20)
-    print_scaling_table(rows)
-    results = rows
-  else:
-    cases = CPU_CASES if on_cpu else GPU_CASES
-    if args.models:
-      wanted = args.models.split(',')
-      cases = [c for c in CPU_CASES + GPU_CASES if c.model in wanted]
-      cases = list({c.model: c for c in cases}.values())
-    if args.batch:
-      cases = [dataclasses.replace(c, batch=args.batch) for c in cases]
-    amortized = (not on_cpu) if args.amortized is None else args.amortized
-    results = []
-    for case in tqdm(cases, desc='models'):
-      rounds = args.rounds or (case.cpu_rounds if on_cpu else 7)
-      steps = args.steps_per_round or (case.cpu_steps_per_round if on_cpu else 20)
-      results.append(measure_overhead(
-          case, rounds=rounds, steps_per_round=steps, lam=args.lam,
-          refresh_every=args.refresh_every, amortized=amortized,
-          warmup=case.cpu_warmup if on_cpu else 3))
-    print_overhead_table(results)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=2)
+    results = measure_scaling(
+        args.batches or ([8, 32, 64] if on_cpu else [32, 64, 128, 256]),
+        args.sizes or ([32, 64, 128] if on_cpu else [112, 224]),
+        channels=args.channels, kernel=args.kernel, stride=args.stride,
+        repeats=args.rounds or (5 if on_cpu else 20), precisions=precisions,
+        explicit=args.explicit)
+    print_scaling_table(results)
+    if args.out:
+      _write_json(args.out, results)
+    return results
+
+  try:
+    cases = select_cases(args.models.split(',') if args.models else None, on_cpu)
+  except ValueError as error:
+    parser.error(str(error))
+  if args.batch:
+    cases = [dataclasses.replace(c, batch=args.batch) for c in cases]
+  refresh_every = (0 if on_cpu else 10) if args.amortize is None else args.amortize
+  workers = args.compile_workers or (1 if on_cpu else 4)
+  for case in tqdm(cases, desc='models', disable=None):
+    _log(f'{case.model} b{case.batch} ({case.image_size} px): building and compiling')
+    results.extend(measure_overhead(
+        case, rounds=args.rounds or (case.cpu_rounds if on_cpu else 7),
+        steps_per_round=args.steps_per_round or (case.cpu_steps_per_round if on_cpu else 20),
+        lam=args.lam, refresh_every=refresh_every, precisions=precisions,
+        warmup=args.warmup if args.warmup is not None else (
+            case.cpu_warmup if on_cpu else 3),
+        compile_workers=workers))
+    if args.out:
+      _write_json(args.out, results)
+  print_overhead_table(results)
   return results
 
 

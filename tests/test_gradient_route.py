@@ -465,8 +465,9 @@ def test_equinox_cnn_with_tract_kernel_equals_the_optax_route():
                          tract_stats={'stem': stats})
   expected = jnp.transpose(updates['stem']['kernel'], (3, 2, 0, 1))
   _close(got.stem.weight, expected)
-  np.testing.assert_allclose(got.stem.bias, plain.stem.bias, rtol=1e-6)
-  np.testing.assert_allclose(got.head.weight, plain.head.weight, rtol=1e-6)
+  # unchanged up to float32 rounding (one jitted program, one eager)
+  np.testing.assert_allclose(got.stem.bias, plain.stem.bias, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got.head.weight, plain.head.weight, rtol=1e-5, atol=1e-7)
 
 
 def test_tract_kernel_checks_the_layout():

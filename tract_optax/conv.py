@@ -293,8 +293,8 @@ def _resolve(shape, kernel_size, strides, padding, dilation,
 
   in_spatial = tuple(in_spatial)
   if isinstance(padding, str):
-    pads = tuple(tuple(p) for p in jax.lax.padtype_to_pads(
-        in_spatial, window_dilated, strides, padding))
+    pads = tuple((int(lo), int(hi)) for lo, hi in jax.lax.padtype_to_pads(
+        in_spatial, window_dilated, strides, padding))  # older jax: numpy ints
   else:
     pads = padding
   out_spatial = tuple(

@@ -105,7 +105,7 @@ def test_amortization_errors(kwargs, match):
 
 def test_unknown_layer_fails_at_init():
   tx = tract_optax.tract(0.1, layers=['stemm'], refresh_every=2)
-  with pytest.raises(KeyError, match=r"names \('stemm',\), but params have no kernel under it. Module paths with a kernel: \('stem',\)"):
+  with pytest.raises(KeyError, match=r"tract\(layers=...\) names the module path \('stemm',\) \('stemm'\), but params have no 'kernel' under it. Module paths with a kernel: \('stem',\)"):
     tx.init(_grads())
 
 

@@ -75,7 +75,7 @@ class TokenFirst(nn.Module):
 def test_linen_conditioning_dense_before_the_stem_is_refused_with_candidates():
   image, label = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4)
   with pytest.raises(ValueError, match=r"Several Conv/Dense layers take input computed "
-                     r"from data alone: 'label_embed', 'stem'.*layers=\["):
+                     r"from data alone: 'label_embed', 'stem'.*e.g. layers=\['label_embed'\]"):
     _linen(ConditionedCNN(), image, label)
   _, stats = _linen(ConditionedCNN(), image, label, layers=['stem'])
   assert list(stats) == [('stem',)]
@@ -95,7 +95,7 @@ def test_linen_parameter_dependent_stem_input_is_refused():
 def test_linen_first_called_layer_reading_parameters_is_refused():
   with pytest.raises(ValueError, match=r"The first Conv/Dense layer called, "
                      r"'token_proj', takes an input that depends on parameters.*"
-                     r"only layer with data-only input is 'stem'"):
+                     r"only layer with data-only input is 'stem'.*e.g. layers=\['stem'\]"):
     _linen(TokenFirst(), _normal((2, 6, 6, 3)), jnp.zeros((2, 5), jnp.int32))
 
 

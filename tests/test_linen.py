@@ -591,5 +591,5 @@ def test_apply_gradients_without_stats_for_tract_raises():
   params = {'stem': {'kernel': jnp.ones((2, 2))}}
   state = tract_linen.TractTrainState.create(
       apply_fn=None, params=params, tx=tract_optax.tract(0.1))
-  with pytest.raises(TypeError, match='needs the keyword argument tract_stats'):
+  with pytest.raises(TypeError, match='received no tract_stats'):
     state.apply_gradients(grads=params)

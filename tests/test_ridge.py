@@ -151,8 +151,9 @@ def test_eager_call_warns_when_float32_cannot_resolve_the_solve():
   stats = tract_optax.conv_stats(_smooth_raw_images(), (7, 7), 2)
   grad = jnp.ones((7, 7, 3, 4))
   with pytest.warns(tract_optax.ConditioningWarning,
-                    match=r'condition number ~\S+, too large for float32.*raw 0..255 '
-                    r'pixels.*standardise the inputs.*relative_lam=True'):
+                    match=r'condition number ~\S+, too large for float32.*can reach '
+                    r'eps x condition.*raw 0..255 pixels.*standardise the inputs.*'
+                    r'relative_lam=True'):
     tract_optax.precondition(grad, stats, 0.1)
   with warnings.catch_warnings():
     warnings.simplefilter('error', tract_optax.ConditioningWarning)

@@ -258,10 +258,7 @@ def call_input(path: Path, args, kwargs):
 
 def as_float(x: jax.Array) -> jax.Array:
   """``x`` without gradient, integer inputs (e.g. uint8 images) as float32."""
-  x = jax.lax.stop_gradient(jnp.asarray(x))
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    x = x.astype(jnp.float32)
-  return x
+  return jax.lax.stop_gradient(stats_lib.as_real_input(x, 'the Flax capture'))
 
 
 def spatial_ints(value, size: int) -> Tuple[int, ...]:

@@ -41,12 +41,7 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   leaves = jax.tree_util.tree_leaves(params)
   cache = {}
   for path in layers:
-    position = paths_lib.find_kernel(kernels, path)
-    if position is None:
-      raise KeyError(
-          f'tract(layers=...) names {path!r}, but params have no kernel under '
-          'it. ' + paths_lib.kernel_paths_text(kernels))
-    kernel = leaves[position]
+    kernel = leaves[paths_lib.require_kernel(kernels, path, 'tract(layers=...)', 'params')]
     n = math.prod(kernel.shape[:-1])
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     cache[cache_key(path)] = TractStats(

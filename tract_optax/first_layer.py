@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -152,20 +152,22 @@ def choose(calls: Sequence[LayerCall], kind: str = 'Conv/Dense') -> Path:
       status[call.path] = current
     elif previous == UNKNOWN and current == PARAMS:
       status[call.path] = PARAMS
-  fix = ('Name the image stem explicitly: layers=[<its module path>], e.g. '
-         "layers=['stem'].")
   if not status:
     raise ValueError(
         f'No {kind} layer was called in the forward pass, so there is no first '
         'layer to precondition.')
   listing = ', '.join(f'{_text(p)} (input depends on {s})' for p, s in status.items())
+  candidates = [p for p, s in status.items() if s == DATA]
+  first = next(iter(status))
+  example = paths_lib.format_path(paths_lib.normalize_path(
+      candidates[0] if candidates else first))
+  fix = ('Name the image stem explicitly with layers=[<its module path>], e.g. '
+         f'layers=[{example!r}].')
   unknown = [p for p, s in status.items() if s == UNKNOWN]
   if unknown:
     raise ValueError(
         f'Cannot tell whether the input of {", ".join(_text(p) for p in unknown)} '
         f'depends on parameters (the layers called: {listing}). ' + fix)
-  candidates = [p for p, s in status.items() if s == DATA]
-  first = next(iter(status))
   if not candidates:
     raise ValueError(
         f'Every {kind} layer called takes an input that depends on parameters, '

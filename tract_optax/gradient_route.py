@@ -100,12 +100,29 @@ def check_fits(kernel_shape, stats: TractStats, channels_first: bool = False) ->
            '(pass channels_first=True)') + '?')
 
 
+def check_settings(lam, axis_name: axes_lib.AxisName, local_stats: bool,
+                   owner: str) -> axes_lib.AxisName:
+  """Checks the gradient route's settings up front; returns the axes to reduce.
+
+  Raises:
+    TypeError: ``lam`` is a schedule (the route takes its value).
+    ValueError: ``lam`` is not a finite number > 0, or named axes are misused.
+  """
+  if callable(lam):
+    raise TypeError(
+        f'{owner} takes the value of lambda, not a schedule; evaluate the '
+        f'schedule at the step: {owner}(..., lam=schedule(state.step)).')
+  ridge_lib.validate_lam(lam)
+  reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats, owner=owner)
+  return tuple(reduce_over) if isinstance(reduce_over, list) else reduce_over
+
+
 def tract_kernel(kernel: jax.Array, stats: TractStats, *,
                  lam: Union[float, jax.Array] = 0.1,
                  axis_name: axes_lib.AxisName = None, local_stats: bool = False,
                  relative_lam: bool = False, channels_first: bool = False,
-                 check_condition: bool = False, name: Optional[str] = None,
-                 _owner: str = 'tract_kernel') -> jax.Array:
+                 check_condition: bool = False, name: Optional[str] = None
+                 ) -> jax.Array:
   """The kernel, unchanged, whose gradient is the TrAct gradient.
 
   Args:
@@ -146,18 +163,11 @@ def tract_kernel(kernel: jax.Array, stats: TractStats, *,
     >>> bool(jnp.allclose(g, tract_optax.precondition(plain, stats, 0.1), atol=1e-5))
     True
   """
-  if callable(lam):
-    raise TypeError(
-        'tract_kernel takes the value of lambda, not a schedule; evaluate the '
-        'schedule at the step (lam=schedule(step)).')
-  ridge_lib.validate_lam(lam)
+  reduce_over = check_settings(lam, axis_name, local_stats, 'tract_kernel')
   if not isinstance(stats, TractStats):
     raise TypeError(f'stats must be a tract_optax.TractStats, got {type(stats)}.')
   stats.validate('tract_kernel')
   check_fits(jnp.shape(kernel), stats, channels_first)
-  reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats, owner=_owner)
-  if isinstance(reduce_over, list):
-    reduce_over = tuple(reduce_over)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
   dtype = jnp.promote_types(jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]),
                             jnp.float32)

@@ -30,7 +30,6 @@ as one ``(n, m)`` matrix.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -45,12 +44,10 @@ from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
 from tract_optax import _capture
-from tract_optax import axes as axes_lib
 from tract_optax import conv as conv_lib
 from tract_optax import first_layer
 from tract_optax import gradient_route
 from tract_optax import paths as paths_lib
-from tract_optax import ridge as ridge_lib
 from tract_optax import stats as stats_lib
 from tract_optax.stats import TractStats
 
@@ -238,6 +235,7 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
   """The first layer of ``module`` by :mod:`tract_optax.first_layer`'s rule."""
   probe = first_layer.DependencyProbe()
   params = variables.get('params', {}) if hasattr(variables, 'get') else {}
+  active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     layer = context.module
@@ -260,8 +258,6 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
       return next_fun(*call_args, **call_kwargs)
     finally:
       active.pop()
-
-  active: List[ModulePath] = []
 
   def run(probed_params, _):
     probed = dict(variables)
@@ -429,12 +425,7 @@ def apply_tract(module_or_apply_fn: ModuleOrApply, variables, *args,
     True
   """
   module = as_module(module_or_apply_fn, 'apply_tract')
-  if callable(lam):
-    raise TypeError(
-        'apply_tract takes the value of lambda, not a schedule; evaluate the '
-        'schedule at the step: apply_tract(..., lam=schedule(state.step)).')
-  ridge_lib.validate_lam(lam)
-  axes_lib.resolve_axis_name(axis_name, local_stats, owner='apply_tract')
+  gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
   _, tract_stats = apply_with_stats(
       module, variables, *args, layers=layers, precision=precision,
       max_chunk_bytes=max_chunk_bytes, **apply_kwargs)
@@ -443,8 +434,7 @@ def apply_tract(module_or_apply_fn: ModuleOrApply, variables, *args,
     wrap = functools.partial(
         gradient_route.tract_kernel, stats=stats, lam=lam, axis_name=axis_name,
         local_stats=local_stats, relative_lam=relative_lam,
-        check_condition=check_condition, name=paths_lib.format_path(path),
-        _owner='apply_tract')
+        check_condition=check_condition, name=paths_lib.format_path(path))
     params = _replace_kernel(params, path, wrap)
   return module.apply(_with_entry(variables, 'params', params), *args, **apply_kwargs)
 

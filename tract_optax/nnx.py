@@ -40,12 +40,10 @@ import jax
 from flax import nnx
 
 from tract_optax import _capture
-from tract_optax import axes as axes_lib
 from tract_optax import conv as conv_lib
 from tract_optax import first_layer
 from tract_optax import gradient_route
 from tract_optax import paths as paths_lib
-from tract_optax import ridge as ridge_lib
 from tract_optax import stats as stats_lib
 from tract_optax.stats import TractStats
 
@@ -228,11 +226,8 @@ class _ProbeRecorder(_Hooks):
   def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe):
     super().__init__(_kernel_layers(model))
     self.probe = probe
-    self.active: List[Path] = []
 
   def observe(self, module, path, args, kwargs):
-    if path in self.active:
-      return args, kwargs
     type_name = f'nnx.{type(module).__name__}'
     if args:
       return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
@@ -255,11 +250,12 @@ def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
     # mutated (BatchNorm statistics, RNG counts) inside the probe.
     own_rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
     copy = nnx.merge(graphdef, probed_params, own_rest)
+    own_args, own_kwargs = _copy_graph_nodes((args, kwargs))  # e.g. an nnx.Rngs
     recorder = _ProbeRecorder(copy, probe)
     recorder.hook()
     _stack().append(recorder)
     try:
-      fn(copy, *args, **kwargs)
+      fn(copy, *own_args, **own_kwargs)
     finally:
       _stack().pop()
       recorder.unhook()
@@ -534,14 +530,26 @@ def value_and_grad_with_stats(loss_fn: Callable[..., Any], model: nnx.Module, *a
   return ((loss, aux) if has_aux else loss), grads, tract_stats
 
 
-def _copy(model: nnx.Module) -> nnx.Module:
-  """A copy of ``model`` with Variables of its own (same values).
+def _copy(node: Any) -> Any:
+  """A copy of an NNX graph node (a Module, an ``nnx.Rngs``) with Variables
+  of its own, created at the current trace level.
 
   ``nnx.merge`` reuses the Variable objects of the state it is given, so the
-  state is rebuilt first: a pass on the copy never touches the model.
+  state is rebuilt first: a pass on the copy never touches the original.
   """
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(node)
   return nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v, state))
+
+
+def _copy_graph_nodes(tree: Any) -> Any:
+  """``tree`` with every NNX graph node in it copied (see :func:`_copy`).
+
+  Arguments such as an ``nnx.Rngs`` passed to the model are mutated by the
+  forward pass; a pass that must leave no trace uses copies of them.
+  """
+  is_node = nnx.graph.is_graph_node
+  return jax.tree_util.tree_map(lambda v: _copy(v) if is_node(v) else v, tree,
+                                is_leaf=is_node)
 
 
 def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
@@ -553,16 +561,18 @@ def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
   """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
 
   Returns exactly what ``model(*args, **kwargs)`` returns, and changes the
-  model's state exactly as that call does. Differentiating through it (with
+  model's state (and that of an ``nnx.Rngs`` passed in) exactly as that call
+  does. Differentiating through it (with
   ``nnx.grad``, ``nnx.value_and_grad`` or ``jax.grad`` of a split model) gives
   each selected layer's kernel ``(A^T A / N + lam I)^{-1} G``, with ``G`` the
   gradient of everything that flows through the layer and ``A`` its inputs in
   this call; every other gradient is unchanged. So an unchanged
   ``nnx.Optimizer`` (with any optax chain, no ``tract``) trains with TrAct.
 
-  The statistics come from a first pass on a copy of the model (the model's
-  RNG counters and batch statistics advance once, as for a plain call); under
-  ``jit`` only what leads to the selected layers' inputs is computed of it.
+  The statistics come from a first pass on copies of the model and of any
+  ``nnx.Rngs`` argument (RNG counters and batch statistics advance once, as
+  for a plain call); under ``jit`` only what leads to the selected layers'
+  inputs is computed of it.
 
   Args:
     model: the NNX model.
@@ -595,15 +605,14 @@ def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
     >>> grads = nnx.grad(loss_fn)(model)
     >>> _ = optimizer.update(model, grads)
   """
-  if callable(lam):
-    raise TypeError(
-        'apply_tract takes the value of lambda, not a schedule; evaluate the '
-        'schedule at the step: apply_tract(..., lam=schedule(step)).')
-  ridge_lib.validate_lam(lam)
-  axes_lib.resolve_axis_name(axis_name, local_stats, owner='apply_tract')
+  gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
   forward = capture_stats(lambda m, *a, **k: m(*a, **k), layers=layers,
                           precision=precision, max_chunk_bytes=max_chunk_bytes)
-  _, tract_stats = forward(_copy(model), *args, **kwargs)
+  # The statistics pass runs on copies: of the model and of graph nodes among
+  # the arguments (an nnx.Rngs), so that the call below draws the same random
+  # numbers and leaves the same state as a plain call.
+  copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
+  _, tract_stats = forward(_copy(model), *copied_args, **copied_kwargs)
   by_path = dict(_iter_modules(model))
   originals = []
   try:
@@ -614,8 +623,7 @@ def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
       _set(kernel, gradient_route.tract_kernel(
           value, stats, lam=lam, axis_name=axis_name, local_stats=local_stats,
           relative_lam=relative_lam, check_condition=check_condition,
-          name=paths_lib.format_path(paths_lib.normalize_path(path)),
-          _owner='apply_tract'))
+          name=paths_lib.format_path(paths_lib.normalize_path(path))))
     return model(*args, **kwargs)
   finally:
     for kernel, value in reversed(originals):

@@ -108,6 +108,25 @@ def find_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath) -> Option
   return kernel_index[found[0]] if found else None
 
 
+def require_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath,
+                   source: str, tree: str, hint: str = '') -> int:
+  """:func:`find_kernel`, raising a ``KeyError`` that lists the kernels.
+
+  Args:
+    kernel_index: from :func:`kernel_leaf_index`.
+    path: the module path asked for.
+    source: who names it, e.g. ``'tract_stats'``.
+    tree: what was searched, e.g. ``'the updates'``.
+    hint: a sentence to append.
+  """
+  position = find_kernel(kernel_index, path)
+  if position is None:
+    raise KeyError(
+        f'{source} names the module path {path!r} ({format_path(path)!r}), but '
+        f"{tree} have no 'kernel' under it. " + kernel_paths_text(kernel_index) + hint)
+  return position
+
+
 def kernel_paths_text(kernel_index: Dict[ModulePath, int]) -> str:
   """The module paths that have a kernel, for error messages.
 

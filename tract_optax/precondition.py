@@ -104,10 +104,10 @@ def _warn_condition(condition, dtype_name: str, eps: float, relative: bool,
           'standardise the inputs (mean 0, std 1) or raise lam')
   warnings.warn(
       f'TrAct: the system solved for the kernel{where} has condition number '
-      f'~{condition:.2g}, too large for {dtype_name} (eps {eps:.1g}): its '
-      f'TrAct gradient is resolved to only ~{max(0.0, -math.log10(eps * condition)):.1f} '
-      f'significant digits. The usual cause is unscaled inputs (e.g. raw 0..255 '
-      f'pixels) with an absolute lambda; {cure}.', ConditioningWarning,
+      f'~{condition:.2g}, too large for {dtype_name} (eps {eps:.1g}): the '
+      f'relative error of its TrAct gradient can reach eps x condition = '
+      f'{eps * condition:.1g}. The usual cause is unscaled inputs (e.g. raw '
+      f'0..255 pixels) with an absolute lambda; {cure}.', ConditioningWarning,
       stacklevel=3)
 
 

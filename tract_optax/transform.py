@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +25,19 @@ from tract_optax.stats import TractStats, all_reduce_stats
 ScalarOrSchedule = ridge_lib.ScalarOrSchedule
 AxisName = axes_lib.AxisName
 
-#: The two ways to hand a trainer TrAct gradients, named by every message
-#: about a missing statistic.
+#: The two ways out when ``tract`` receives no statistic.
 ROUTES_TEXT = (
-    'Either pass the statistic: tx.update(grads, opt_state, params, '
-    "tract_stats={('stem',): tract_optax.conv_stats(x, (3, 3))}) (with Flax, "
-    'tract_optax.linen.apply_with_stats / tract_optax.nnx.value_and_grad_with_stats '
-    "return it, and tract_optax.linen.TractTrainState's apply_gradients "
-    "forwards it; Flax's own TrainState.apply_gradients cannot), or use the "
-    'gradient route, which needs no tract() in the chain: differentiate '
-    'through tract_optax.linen.apply_tract(...) (NNX: tract_optax.nnx.apply_tract) '
-    'and any optimizer and TrainState receive TrAct gradients.')
+    'Either pass it, tx.update(grads, opt_state, params, tract_stats=stats), '
+    'with stats from tract_optax.linen.apply_with_stats or '
+    'tract_optax.nnx.value_and_grad_with_stats (Flax\'s own '
+    'TrainState.apply_gradients drops it: use tract_optax.linen.TractTrainState); '
+    'or drop tract from the chain and use the gradient route, '
+    'tract_optax.linen.apply_tract / tract_optax.nnx.apply_tract in the loss, '
+    'which works with any TrainState and optimizer.')
 
 _MISSING_STATS = (
-    'tract(...).update needs the keyword argument tract_stats: a mapping from '
-    "each first layer's module path to its input statistic. " + ROUTES_TEXT)
+    'tract(...).update received no tract_stats, the first layer\'s input '
+    'statistic by module path. ' + ROUTES_TEXT)
 
 _safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
 
@@ -65,11 +63,6 @@ class TractState(NamedTuple):
   refreshes: jax.Array
   last_refresh: jax.Array
   stats_cache: dict
-
-
-def validate_lam(lam: Any, name: str = 'lam') -> None:
-  """See :func:`tract_optax.ridge.validate_lam` (kept here for old imports)."""
-  ridge_lib.validate_lam(lam, name)
 
 
 def _normalize_stats(tract_stats) -> Dict[paths_lib.ModulePath, TractStats]:
@@ -263,21 +256,15 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
     lam_value = lam(state.count) if callable(lam) else lam
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     kernel_index = paths_lib.kernel_leaf_index(updates)
-    positions = {}
-    for module in stats_by_path:
-      position = paths_lib.find_kernel(kernel_index, module)
-      if position is None:
-        raise KeyError(
-            f'tract_stats names the module path {module!r} '
-            f'({paths_lib.format_path(module)!r}), but the updates have no '
-            f"'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index)
-            + _mask_hint(updates))
-      positions[module] = position
+    hint = _mask_hint(updates)
+    positions = {path: paths_lib.require_kernel(kernel_index, path, 'tract_stats',
+                                                'the updates', hint)
+                 for path in stats_by_path}
     if reduce_over is not None:
       stats_by_path = {path: all_reduce_stats(stats, reduce_over)
                        for path, stats in stats_by_path.items()}
     cache, refreshes, last_refresh = state.stats_cache, state.refreshes, state.last_refresh
-    usable = {}
+    usable = {}  # amortised: whether the kept statistic was ever refreshed
     if cached_layers:
       due = stats_due(state)
       if all(path in stats_by_path for path in cached_layers):
@@ -285,17 +272,10 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
         refreshes = refreshes + due.astype(refreshes.dtype)
         last_refresh = jnp.where(due, state.count, last_refresh)
       for path in cached_layers:
-        kept = cache[amortize.cache_key(path)]
-        stats_by_path[path] = kept
-        usable[path] = amortize.is_filled(kept)
-        if path not in positions:
-          position = paths_lib.find_kernel(kernel_index, path)
-          if position is None:
-            raise KeyError(
-                f'tract(layers=...) names {path!r}, but the updates have no '
-                "'kernel' under it. " + paths_lib.kernel_paths_text(kernel_index)
-                + _mask_hint(updates))
-          positions[path] = position
+        stats_by_path[path] = cache[amortize.cache_key(path)]
+        usable[path] = amortize.is_filled(stats_by_path[path])
+        positions.setdefault(path, paths_lib.require_kernel(
+            kernel_index, path, 'tract(layers=...)', 'the updates', hint))
     for module, stats in stats_by_path.items():
       position = positions[module]
       _check_not_preconditioned(leaves[position], module)

@@ -64,7 +64,8 @@ def test_smoke_run_writes_results_json(smoke_run):
   (first, second) = scale['speedups']['tract']
   assert first['tract_budget'] == 1 and second['tract_budget'] == 2
   assert first['kind'] in ('interpolated', 'below', 'beyond')
-  assert set(results['summary']['scale_differences']) == {'plain', 'tract'}
+  assert set(results['summary']['scale_differences']['raw - standardized']) == {
+      'plain', 'tract'}
   assert 'TrAct' in results['table'] and '2 ep' in results['table']
   assert results['scale_grid'].startswith('test accuracy at 1 ep')
 
@@ -182,7 +183,7 @@ def test_entry_point_only_forwards():
     (['--model', 'vgg'], "invalid choice: 'vgg'"),
     (['--method', 'plain,plain'], 'lists plain more than once'),
     (['--method', 'plain,adamw'], "unknown 'adamw'"),
-    (['--input-scale', 'unit'], "unknown 'unit'; choose from standardized, raw"),
+    (['--input-scale', 'percent'], "unknown 'percent'; choose from standardized, raw, unit"),
     (['--dataset', 'digits', '--data-dir', '.'], '--data-dir does not apply to digits'),
 ])
 def test_bad_flags(argv, message, capsys):

@@ -336,8 +336,12 @@ def test_raw_input_scale_keeps_pixel_values(tmp_path, no_system_data):
   assert standardized.input_scale == 'standardized'
   np.testing.assert_allclose(raw.test_images, standardized.test_images * standardized.std
                              + standardized.mean, atol=1e-3)
-  with pytest.raises(ValueError, match=r"input_scale must be one of \('standardized', 'raw'\)"):
-    data_lib.fashion_mnist(tmp_path / 'fm', input_scale='unit')
+  unit = data_lib.fashion_mnist(tmp_path / 'fm', input_scale='unit')
+  np.testing.assert_allclose(unit.train_images * 255.0, raw.train_images, rtol=1e-6)
+  assert unit.std.tolist() == [255.0]
+  with pytest.raises(ValueError, match=r"input_scale must be one of \('standardized', 'raw', "
+                     r"'unit'\)"):
+    data_lib.fashion_mnist(tmp_path / 'fm', input_scale='percent')
 
 
 # ------------------------------------------------------------------ digits

@@ -81,9 +81,9 @@ def test_scale_grid_and_cross_scale_differences():
   summary = report.summarize(runs, config)
   assert set(summary['scales']) == {'standardized', 'raw'}
   assert set(summary['scales']['raw']['speedups']) == {'tract', 'tract_rel'}
-  shift = summary['scale_differences']['plain'][1]
+  shift = summary['scale_differences']['raw - standardized']['plain'][1]
   assert shift['mean'] == pytest.approx(-0.01) and shift['first_better'] == 0
-  same = summary['scale_differences']['tract_rel'][2]
+  same = summary['scale_differences']['raw - standardized']['tract_rel'][2]
   assert same['mean'] == pytest.approx(0.0) and not same['beyond_noise']
   assert any(line.startswith('TrAct rel-lam, raw - standardized input (paired by seed): '
                              '1 ep -0.0100') for line in summary['lines'])

@@ -23,9 +23,11 @@ METHOD_SETS: Dict[str, Tuple[str, ...]] = {'both': ('plain', 'tract'), 'all': ME
 #: The method every TrAct run is compared against (paired by seed).
 BASELINE = 'plain'
 
-#: Input scales: standardised per channel (mean 0, std 1), or the stored
-#: pixel values as float (0..255 for Fashion-MNIST and CIFAR-10).
-INPUT_SCALES: Tuple[str, ...] = ('standardized', 'raw')
+#: Input scales: standardised per channel (mean 0, std 1); the stored pixel
+#: values as float (``'raw'``: 0..255 for Fashion-MNIST and CIFAR-10); or
+#: those divided by the format's peak value (``'unit'``: 0..1). Raw and unit
+#: differ by a pure scale factor.
+INPUT_SCALES: Tuple[str, ...] = ('standardized', 'raw', 'unit')
 
 #: Peak learning rate when neither ``--lr`` nor the preset (for its optimizer) sets it.
 DEFAULT_LR: Dict[str, float] = {'sgd': 0.08, 'adam': 1e-3}

@@ -7,7 +7,8 @@ Loaders return a :class:`Dataset` of channels-last ``float32`` images and
 are standardised with the training set's per-channel mean and standard
 deviation (TrAct's absolute ``lam`` assumes inputs of mean 0 and std 1); with
 ``input_scale='raw'`` they are the stored pixel values as float (0..255 for
-Fashion-MNIST and CIFAR-10, 0..16 for digits).
+Fashion-MNIST and CIFAR-10, 0..16 for digits), and with ``'unit'`` those
+divided by that peak (0..1).
 
 - :func:`fashion_mnist`: IDX files (``.gz`` or uncompressed). A ``data_dir``
   given is the only place looked at; without one, ``$TRACT_OPTAX_DATA``, then
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from tract_optax.experiment import config as config_lib
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,8 +68,8 @@ CIFAR10_FOLDER = 'cifar-10-batches-py'
 CIFAR10_TRAIN_FILES: Tuple[str, ...] = tuple(f'data_batch_{i}' for i in range(1, 6))
 CIFAR10_TEST_FILE = 'test_batch'
 
-#: Values of ``input_scale``: standardised per channel, or the stored pixel values.
-INPUT_SCALES: Tuple[str, ...] = ('standardized', 'raw')
+#: Values of ``input_scale`` (see the config module).
+INPUT_SCALES: Tuple[str, ...] = config_lib.INPUT_SCALES
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'),
                0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
@@ -170,10 +173,10 @@ class Dataset:
     test_labels: ``(M,)`` int32.
     num_classes: number of classes.
     mean: per-channel mean of the raw training pixels that was subtracted
-      (zeros for ``input_scale='raw'``).
-    std: per-channel standard deviation that was divided out (ones for
-      ``input_scale='raw'``).
-    input_scale: ``'standardized'`` or ``'raw'`` (see :data:`INPUT_SCALES`).
+      (zeros for ``input_scale='raw'`` and ``'unit'``).
+    std: per-channel divisor: the standard deviation, 1 for ``'raw'``, the
+      pixel format's peak for ``'unit'``.
+    input_scale: one of :data:`INPUT_SCALES`.
     source: the files the dataset was read from (``None`` when built in memory).
   """
 
@@ -258,6 +261,18 @@ def standardize(train_images: np.ndarray, test_images: np.ndarray
   return apply(train_images), apply(test_images), mean.astype(np.float32), std.astype(np.float32)
 
 
+def _pixel_peak(images: np.ndarray) -> float:
+  """The largest value the pixel format holds: 255 for uint8, else the data's max.
+
+  Example:
+    >>> _pixel_peak(np.zeros((2, 2), np.uint8)), _pixel_peak(np.array([0.0, 16.0]))
+    (255.0, 16.0)
+  """
+  if np.issubdtype(images.dtype, np.integer):
+    return float(np.iinfo(images.dtype).max)
+  return float(np.max(images)) or 1.0
+
+
 def _check_input_scale(input_scale: str) -> None:
   if input_scale not in INPUT_SCALES:
     raise ValueError(f'input_scale must be one of {INPUT_SCALES}; got {input_scale!r}.')
@@ -270,8 +285,11 @@ def _make_dataset(name: str, train: Tuple[np.ndarray, np.ndarray],
     train_images, test_images, mean, std = standardize(train[0], test[0])
   else:
     channels = train[0].shape[-1]
-    train_images, test_images = train[0].astype(np.float32), test[0].astype(np.float32)
-    mean, std = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    divisor = _pixel_peak(train[0]) if input_scale == 'unit' else 1.0
+    train_images = train[0].astype(np.float32) / np.float32(divisor)
+    test_images = test[0].astype(np.float32) / np.float32(divisor)
+    mean = np.zeros(channels, np.float32)
+    std = np.full(channels, divisor, np.float32)
   return Dataset(name=name, train_images=train_images,
                  train_labels=train[1].astype(np.int32), test_images=test_images,
                  test_labels=test[1].astype(np.int32), num_classes=num_classes,
@@ -532,7 +550,8 @@ def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
       system folder has the files, download them into ``cache_dir`` (default
       :func:`default_cache_dir`) when the network allows.
     cache_dir: download destination.
-    input_scale: ``'standardized'`` or ``'raw'`` (pixels 0..255 as float32).
+    input_scale: ``'standardized'``, ``'raw'`` (pixels 0..255 as float32) or
+      ``'unit'`` (pixels / 255).
 
   Returns:
     The :class:`Dataset`, with :attr:`Dataset.source` naming the files read.
@@ -728,7 +747,8 @@ def cifar10(data_dir: Optional[PathLike] = None, *,
     data_dir: folder holding the batches, or holding ``cifar-10-batches-py``
       (as the official ``cifar-10-python.tar.gz`` unpacks); without it,
       ``$TRACT_OPTAX_DATA`` is searched the same way.
-    input_scale: ``'standardized'`` or ``'raw'`` (pixels 0..255 as float32).
+    input_scale: ``'standardized'``, ``'raw'`` (pixels 0..255 as float32) or
+      ``'unit'`` (pixels / 255).
 
   Returns:
     The :class:`Dataset`, images ``(N, 32, 32, 3)``.

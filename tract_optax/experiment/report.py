@@ -91,8 +91,8 @@ def summarize(runs: Sequence[Run], config: Config) -> Dict[str, Any]:
       (see :func:`paired_difference`; ``first_better`` counts TrAct wins);
     - ``scales[scale]['speedups'][method]``: one
       :func:`~tract_optax.experiment.speedup.speedup_at` per TrAct budget;
-    - ``scale_differences[method][budget]``: raw - standardized, paired, when
-      both scales ran;
+    - ``scale_differences['<scale> - <first scale>'][method][budget]``: each
+      input scale against the first one listed, paired by seed;
     - ``lines``: the sentences printed under the tables.
   """
   scales: Dict[str, Any] = {}
@@ -133,16 +133,18 @@ def summarize(runs: Sequence[Run], config: Config) -> Dict[str, Any]:
       if reason:
         lines.append(reason)
     scales[scale] = dict(table=table, differences=differences, speedups=found)
-  scale_differences: Dict[str, Dict[int, Any]] = {}
-  if set(config.input_scales) == {'standardized', 'raw'}:
+  scale_differences: Dict[str, Dict[str, Dict[int, Any]]] = {}
+  reference, *others = config.input_scales
+  for scale in others:  # each scale against the first one listed
     for method in config.methods:
-      scale_differences[method] = {
-          b: paired_difference(_by_seed(runs, 'raw', method, b),
-                               _by_seed(runs, 'standardized', method, b))
+      differences = {
+          b: paired_difference(_by_seed(runs, scale, method, b),
+                               _by_seed(runs, reference, method, b))
           for b in config.epochs}
-      lines.append(f'{METHOD_LABELS[method]}, raw - standardized input (paired by seed): '
+      scale_differences.setdefault(f'{scale} - {reference}', {})[method] = differences
+      lines.append(f'{METHOD_LABELS[method]}, {scale} - {reference} input (paired by seed): '
                    + '; '.join(f'{b} ep {_difference_text(d)}'
-                               for b, d in scale_differences[method].items()) + '.')
+                               for b, d in differences.items()) + '.')
   return dict(scales=scales, scale_differences=scale_differences, lines=lines)
 
 

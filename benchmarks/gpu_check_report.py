@@ -238,6 +238,8 @@ def _overhead_headline(rows: List[Dict[str, Any]]) -> str:
   parts = []
   for row in rows:
     text = f"{row['model']} b{row['batch']} {row['precision']}: {_fmt(row['ratio'])}"
+    if row.get('route_ratio') is not None:
+      text += f" (gradient route {_fmt(row['route_ratio'])})"
     if row.get('amortized_ratio') is not None:
       text += f" (amortised {_fmt(row['amortized_ratio'])})"
     text += f", peak {_fmt(row.get('peak_ratio'))}"
@@ -375,14 +377,16 @@ def summary_text(out_dir: str, parts: Sequence[str], total_s: Optional[float]) -
   if overhead and overhead['results'].get('rows'):
     lines += ['', '## (b) TrAct / plain, train step (median of interleaved rounds)', '']
     lines += _table(
-        ['model', 'batch', 'precision', 'plain ms', 'TrAct ms', 'ratio', 'amortised ratio (K)',
-         'plain peak', 'TrAct peak', 'peak ratio', 'amortised peak ratio'],
+        ['model', 'batch', 'precision', 'plain ms', 'TrAct ms', 'ratio',
+         'gradient route ratio', 'amortised ratio (K)', 'plain peak', 'TrAct peak',
+         'peak ratio', 'route peak ratio', 'amortised peak ratio'],
         [[r['model'], r['batch'], r['precision'], _fmt(r['plain_ms'], '.2f'),
-          _fmt(r['tract_ms'], '.2f'), _fmt(r['ratio']),
+          _fmt(r['tract_ms'], '.2f'), _fmt(r['ratio']), _fmt(r.get('route_ratio')),
           _fmt(r.get('amortized_ratio')) + (f" ({r['refresh_every']})"
                                             if r.get('refresh_every') else ''),
           _mib(r['plain_peak_bytes']), _mib(r['tract_peak_bytes']), _fmt(r.get('peak_ratio')),
-          _fmt(r.get('amortized_peak_ratio'))] for r in overhead['results']['rows']])
+          _fmt(r.get('route_peak_ratio')), _fmt(r.get('amortized_peak_ratio'))]
+         for r in overhead['results']['rows']])
   scaling = records.get('c')
   if scaling and scaling['results'].get('rows'):
     lines += ['', '## (c) statistic vs the stem (forward + weight gradient)', '']

@@ -118,7 +118,8 @@ def _peak_bytes(compiled) -> int:
              stats.output_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence[str]
+def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence[str],
+                gradient_route: bool = True
                 ) -> Tuple[Dict[str, Callable], Dict[str, tuple], Dict[str, str], tuple]:
   """Builds the initial states and the jitted steps of every variant.
 
@@ -127,13 +128,16 @@ def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence
     lam: TrAct's ridge strength.
     refresh_every: refresh period of the amortised variant; 0 leaves it out.
     precisions: statistic precisions, one exact (and amortised) variant each.
+    gradient_route: also a ``route@P`` variant: the gradient route
+      (``linen.apply_tract`` in the loss, the plain optimizer).
 
   Returns:
     ``(steps, states, state_of, batch)``: the jitted steps by name
-    (``plain``, ``tract@P``, and when amortised ``amortized_due@P`` and the
-    shared ``amortized_skip``), each called as ``step(*state, *batch)``; the
-    initial ``(params, batch_stats, opt_state)`` of each timed variant
-    (``plain``, ``tract@P``, ``amortized@P``); for each step the variant whose
+    (``plain``, ``tract@P``, ``route@P``, and when amortised
+    ``amortized_due@P`` and the shared ``amortized_skip``), each called as
+    ``step(*state, *batch)``; the initial ``(params, batch_stats, opt_state)``
+    of each timed variant (``plain``, ``tract@P``, ``route@P``,
+    ``amortized@P``); for each step the variant whose
     state it runs on; and the batch ``(images, labels)``, an argument rather
     than a closed-over constant (which XLA would embed in the program).
   """
@@ -167,10 +171,18 @@ def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (updates.get('batch_stats', {}), stats)
 
-  def build(tx, precision, pass_stats):
+  def route_loss_and_updates(params, batch_stats, images, labels, precision):
+    """The gradient route: TrAct's gradient comes out of jax.grad itself."""
+    logits, updates = tract_linen.apply_tract(
+        model, {'params': params, 'batch_stats': batch_stats}, images, lam=lam,
+        layers=[first_layer], precision=precision, train=True, mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (updates.get('batch_stats', {}), {})
+
+  def build(tx, precision, pass_stats, loss_fn=loss_and_updates):
     def step(params, batch_stats, opt_state, images, labels):
       grads, (new_batch_stats, stats) = jax.grad(
-          loss_and_updates, has_aux=True)(params, batch_stats, images, labels, precision)
+          loss_fn, has_aux=True)(params, batch_stats, images, labels, precision)
       extra = {'tract_stats': stats} if pass_stats else {}
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), new_batch_stats, opt_state
@@ -185,6 +197,11 @@ def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence
     steps[name] = build(exact_tx, precision, True)
     states[name] = (params, batch_stats, exact_tx.init(params))
     state_of[name] = name
+    if gradient_route:
+      name = f'route@{precision}'
+      steps[name] = build(sgd, precision, False, route_loss_and_updates)
+      states[name] = (params, batch_stats, sgd.init(params))
+      state_of[name] = name
   if amortized_tx is not None:
     for precision in precisions:
       name = f'amortized@{precision}'
@@ -234,7 +251,8 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 
 def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: float,
                      refresh_every: int = 0, precisions: Sequence[str] = ('highest',),
-                     warmup: int = 1, compile_workers: int = 1) -> List[Dict]:
+                     warmup: int = 1, compile_workers: int = 1,
+                     gradient_route: bool = True) -> List[Dict]:
   """Median step times (ms) and peak bytes of plain, TrAct and amortised TrAct.
 
   Every variant runs in this process, interleaved round by round: each round
@@ -251,6 +269,7 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
     precisions: statistic precisions to time ('default', 'high', 'highest').
     warmup: untimed steps per variant first (amortised: at least K + 1).
     compile_workers: threads compiling the TrAct steps after the plain one.
+    gradient_route: also time the gradient route (``apply_tract``).
 
   Returns:
     One row per precision; the plain columns are the same measurement in
@@ -261,7 +280,8 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
       timed rounds follow (refresh at step 0, K, 2K, ...).
   """
   start = time.perf_counter()
-  jitted, init_states, state_of, batch = _make_steps(case, lam, refresh_every, precisions)
+  jitted, init_states, state_of, batch = _make_steps(case, lam, refresh_every, precisions,
+                                                     gradient_route)
   compiled = _compile_steps(jitted, init_states, state_of, batch, compile_workers)
   peaks = {name: _peak_bytes(executable) for name, executable in compiled.items()}
   compile_s = time.perf_counter() - start
@@ -310,6 +330,7 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
   rows = []
   for precision in precisions:
     exact, amortized = f'tract@{precision}', f'amortized@{precision}'
+    route = f'route@{precision}'
     amortized_peak = None
     if refresh_every:
       amortized_peak = max(peaks[f'amortized_due@{precision}'], peaks['amortized_skip'])
@@ -318,6 +339,10 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
         'precision': precision,
         'plain_ms': medians['plain'], 'tract_ms': medians[exact],
         'ratio': medians[exact] / medians['plain'],
+        'route_ms': medians.get(route),
+        'route_ratio': _ratio(medians.get(route), medians['plain']),
+        'route_peak_bytes': peaks.get(route),
+        'route_peak_ratio': _ratio(peaks.get(route), peaks['plain']),
         'amortized_ms': medians.get(amortized),
         'amortized_ratio': _ratio(medians.get(amortized), medians['plain']),
         'refresh_every': refresh_every or None,
@@ -470,8 +495,8 @@ def _format_optional(value: Optional[float], spec: str) -> str:
 def print_overhead_table(results: List[Dict]) -> None:
   """Prints one line per (model, precision) row of :func:`measure_overhead`."""
   header = (f"{'model':<10}{'batch':>6}{'precision':>10}{'plain ms':>11}{'TrAct ms':>11}"
-            f"{'ratio':>8}{'amort. ratio':>14}{'plain peak':>13}{'TrAct peak':>13}"
-            f"{'peak ratio':>12}  device")
+            f"{'ratio':>8}{'route ratio':>13}{'amort. ratio':>14}{'plain peak':>13}"
+            f"{'TrAct peak':>13}{'peak ratio':>12}  device")
   print(header)
   print('-' * len(header))
   for r in results:
@@ -479,7 +504,8 @@ def print_overhead_table(results: List[Dict]) -> None:
     if r['refresh_every']:
       amortized += f" (K={r['refresh_every']})"
     print(f"{r['model']:<10}{r['batch']:>6}{r['precision']:>10}{r['plain_ms']:>11.1f}"
-          f"{r['tract_ms']:>11.1f}{r['ratio']:>8.3f}{amortized:>14}"
+          f"{r['tract_ms']:>11.1f}{r['ratio']:>8.3f}"
+          f"{_format_optional(r.get('route_ratio'), '.3f'):>13}{amortized:>14}"
           f"{_format_bytes(r['plain_peak_bytes']):>13}"
           f"{_format_bytes(r['tract_peak_bytes']):>13}"
           f"{_format_optional(r['peak_ratio'], '.3f'):>12}  {r['device']}")
@@ -576,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
       help='comma-separated statistic precisions from default,high,highest, one TrAct '
            'variant (or scaling row) each: apply_with_stats(..., precision=P), '
            'conv_stats(..., precision=P) (default: gpu default,highest; cpu default)')
+  add('--gradient-route', action=argparse.BooleanOptionalAction, default=True,
+      help='overhead: also time the gradient route (linen.apply_tract in the loss, '
+           'the plain optimizer) beside the Optax route')
   add('--compile-workers', type=int, default=None,
       help='threads compiling the TrAct steps side by side after the plain one '
            '(default: gpu 4, cpu 1)')
@@ -647,7 +676,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         lam=args.lam, refresh_every=refresh_every, precisions=precisions,
         warmup=args.warmup if args.warmup is not None else (
             case.cpu_warmup if on_cpu else 3),
-        compile_workers=workers))
+        compile_workers=workers, gradient_route=args.gradient_route))
     if args.out:
       _write_json(args.out, results)
   print_overhead_table(results)

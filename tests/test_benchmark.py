@@ -35,21 +35,25 @@ def test_overhead_mode_writes_the_documented_fields(tmp_path, capsys):
   assert abs(row['amortized_ratio'] - row['amortized_ms'] / row['plain_ms']) < 1e-9
   assert row['plain_peak_bytes'] > 0 and row['tract_peak_bytes'] > 0
   assert row['amortized_peak_bytes'] > 0
-  assert 'ratio' in capsys.readouterr().out
+  assert row['route_ms'] > 0 and row['route_peak_bytes'] > 0
+  assert abs(row['route_ratio'] - row['route_ms'] / row['plain_ms']) < 1e-9
+  assert 'route ratio' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('refresh_every, precisions, steps, states', [
-    (0, ['highest'], ['plain', 'tract@highest'], ['plain', 'tract@highest']),
-    (3, ['default', 'highest'],
+@pytest.mark.parametrize('refresh_every, precisions, route, steps, states', [
+    (0, ['highest'], False, ['plain', 'tract@highest'], ['plain', 'tract@highest']),
+    (0, ['highest'], True, ['plain', 'route@highest', 'tract@highest'],
+     ['plain', 'route@highest', 'tract@highest']),
+    (3, ['default', 'highest'], False,
      ['amortized_due@default', 'amortized_due@highest', 'amortized_skip', 'plain',
       'tract@default', 'tract@highest'],
      ['amortized@default', 'amortized@highest', 'plain', 'tract@default', 'tract@highest']),
 ])
-def test_variants_built_per_precision_and_amortisation(refresh_every, precisions, steps,
-                                                       states):
+def test_variants_built_per_precision_and_amortisation(refresh_every, precisions, route,
+                                                       steps, states):
   make_steps = overhead._make_steps  # pylint: disable=protected-access
   jitted, initial, state_of, (images, labels) = make_steps(
-      overhead.Case('cnn', 2, 8, 1), 0.1, refresh_every, precisions)
+      overhead.Case('cnn', 2, 8, 1), 0.1, refresh_every, precisions, route)
   assert sorted(jitted) == steps and sorted(initial) == states
   assert set(state_of) == set(jitted) and set(state_of.values()) <= set(initial)
   assert images.shape == (2, 8, 8, 1) and labels.shape == (2,)

@@ -3,9 +3,11 @@
 TrAct solves ``(A^T A / N + ridge I) X = G``. With an absolute ridge
 (``ridge = lam``, the paper's convention) the scale of ``lam`` assumes
 standardised inputs. With ``relative_lam=True`` the ridge is
-``lam * trace(A^T A / N) / n`` per feature group, so the TrAct gradient scales
-as ``1 / s`` when the inputs scale by ``s``: the method becomes invariant to
-the input's scale and the solve stays well conditioned for any pixel range.
+``lam * trace(A^T A / N) / n`` per feature group: when the inputs scale by
+``s`` (and so does ``G``, for a fixed gradient of the pre-activations) the
+TrAct gradient scales as ``1 / s``, so the change of the pre-activations is
+the same at every scale, and the solve stays well conditioned for any pixel
+range.
 """
 
 from __future__ import annotations

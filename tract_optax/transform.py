@@ -194,8 +194,10 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
       the statistic of its own part of the batch, on purpose (what the PyTorch
       reference does under DDP). Not exact for the whole batch.
     relative_lam: use the ridge ``lam * trace(A^T A / N) / n`` per feature
-      group: TrAct becomes invariant to the input's scale (raw 0..255 pixels
-      behave like standardised ones) and the solve stays well conditioned.
+      group: for a given gradient of the pre-activations, TrAct's change of
+      them no longer depends on the input's scale, and the solve stays well
+      conditioned for any pixel range. (It does not make raw pixels train
+      like standardised ones when BatchNorm follows the layer: standardise.)
     layers: the module paths this tract preconditions. Their statistics are
       required at every update (amortised mode: at refreshes) and statistics
       of other layers are ignored. None: whatever ``tract_stats`` names.

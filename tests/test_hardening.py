@@ -300,3 +300,18 @@ def test_statistics_follow_the_default_matmul_precision():
       lambda v, x: tract_linen.apply_with_stats(model, v, x, precision='highest')[1], variables,
       images)
   assert any('HIGHEST' in p for p in captured)
+
+
+def test_a_jax_without_axis_detection_fails_loudly(monkeypatch):
+  """Where JAX gives no way to see bound axes, tract does not guess."""
+  from tract_optax import axes
+  monkeypatch.setattr(axes, 'bound_axis_names', lambda: None)
+  stats = {'stem': tract_optax.dense_stats(_rows((10, 4)))}
+  tx = tract_optax.tract(0.1)
+  with pytest.raises(RuntimeError, match=r'offers no way to check whether the step runs '
+                     r'inside pmap/shard_map.*axis_name=.*local_stats=True'):
+    tx.update(_grads(), tx.init(None), tract_stats=stats)
+  explicit = tract_optax.tract(0.1, local_stats=True)
+  out, _ = explicit.update(_grads(), explicit.init(None), tract_stats=stats)
+  np.testing.assert_allclose(out['stem']['kernel'],
+                             tract_optax.precondition(_grads()['stem']['kernel'], stats['stem'], 0.1))

@@ -64,16 +64,18 @@ def _forward(settings, kernel, stats, lam):
 
 
 def _backward(settings, residuals, cotangent):
-  stats, lam = residuals
+  local_stats, lam = residuals
+  stats = local_stats
   if settings.axis_name is not None:
-    stats = all_reduce_stats(stats, settings.axis_name)
+    stats = all_reduce_stats(local_stats, settings.axis_name)
   grad = _to_flax_layout(cotangent) if settings.channels_first else cotangent
   solved = precondition(grad, stats, lam, relative_lam=settings.relative_lam,
                         check_condition=settings.check_condition, name=settings.name)
   if settings.channels_first:
     solved = _from_flax_layout(solved)
   transform.remember_preconditioned(solved)
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, (residuals[0], lam))
+  # the statistic and lambda get no gradient
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (local_stats, lam))
   return (solved,) + zeros
 
 

@@ -9,6 +9,7 @@ not of the library.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -307,8 +308,12 @@ def plot(summary: Dict[str, Any], runs: Sequence[Run], config: Config, title_tex
     axes.set_title(f'{scale} input', fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-  figure.suptitle('Test accuracy vs epoch budget: mean \u00b1 std over seeds; dashed: '
-                  'TrAct@k ep matches plain@x ep (x/k)\n' + title_text, fontsize=8)
+  # wrapped to the figure's width (about 16 characters per inch at this size)
+  width = int(16 * 6.4 * panels)
+  lines = textwrap.wrap('Test accuracy vs epoch budget: mean \u00b1 std over seeds; dashed: '
+                        'TrAct@k ep matches plain@x ep (x/k)', width)
+  lines += textwrap.wrap(title_text, width)
+  figure.suptitle('\n'.join(lines), fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)

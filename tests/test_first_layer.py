@@ -259,3 +259,37 @@ def test_conv_stats_default_padding_is_flax_conv_default():
 def test_conv_settings_refuses_what_is_not_a_conv():
   with pytest.raises(ValueError, match='conv_settings needs a Flax Conv'):
     tract_optax.conv_settings(nn.Dense(3))
+
+
+def test_a_mark_does_not_vouch_for_subclasses_that_override_more():
+  marked = tract_optax.mark_linear_kernel(type('Halved', (ScaledInputConv,), {}))
+
+  class StandardisedHalved(marked):
+    def param(self, name, *args, **kwargs):
+      value = super().param(name, *args, **kwargs)
+      return value / (jnp.std(value) + 1e-5) if name == 'kernel' else value
+
+  with pytest.raises(ValueError, match=r'its class StandardisedHalved overrides param\(\)'):
+    _linen(StandardisedHalved(4, (3, 3)), _normal((2, 6, 6, 3)))
+
+
+class NNXHalved(nnx.Linear):
+  def __call__(self, x):
+    return super().__call__(x / 255.0)
+
+
+def test_nnx_marked_subclass_records_the_input_the_flax_layer_receives():
+  """The statistic is that of ``x / 255``, what the kernel multiplies, and the
+  gradient route preconditions with it (as Linen does)."""
+  marked = tract_optax.mark_linear_kernel(type('MarkedHalved', (NNXHalved,), {}))
+  layer = marked(3, 2, rngs=nnx.Rngs(0))
+  x = _normal((16, 3)) * 255.0
+  _, stats = tract_nnx.apply_with_stats(layer, x)
+  np.testing.assert_allclose(stats[()].moment, tract_optax.dense_stats(x / 255.0).moment,
+                             rtol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, x) ** 2))(layer)
+  plain = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  expected = tract_optax.precondition(plain['kernel'].value,
+                                      tract_optax.dense_stats(x / 255.0), 0.1)
+  np.testing.assert_allclose(grads['kernel'].value, expected, rtol=2e-5, atol=1e-6)
+  assert type(layer) is marked

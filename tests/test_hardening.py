@@ -315,3 +315,37 @@ def test_a_jax_without_axis_detection_fails_loudly(monkeypatch):
   out, _ = explicit.update(_grads(), explicit.init(None), tract_stats=stats)
   np.testing.assert_allclose(out['stem']['kernel'],
                              tract_optax.precondition(_grads()['stem']['kernel'], stats['stem'], 0.1))
+
+
+def test_a_stack_of_statistics_is_not_read_as_feature_groups():
+  x = jnp.asarray(_rows((2, 16, 3)))
+  stacked = jax.vmap(tract_optax.dense_stats)(x)
+  grads = {'stem': {'kernel': jnp.ones((3, 4))}}
+  tx = tract_optax.tract(0.1)
+  with pytest.raises(ValueError, match=r'count has shape \(2,\): this is a stack of '
+                     r'statistics.*combine_stats'):
+    tx.update(grads, tx.init(None), tract_stats={'stem': stacked})
+  with pytest.raises(ValueError, match='a stack of statistics'):
+    tract_optax.tract_kernel(jnp.ones((3, 4)), stacked)
+
+
+def test_combining_rows_keeps_the_requested_precision():
+  rows = [tract_optax.dense_stats(jnp.ones((6, 10))), tract_optax.dense_stats(jnp.ones((6, 10)))]
+  assert all(s.is_woodbury for s in rows)
+  for precision, expected in (('highest', 'HIGHEST'), (None, 'None')):
+    jaxpr = jax.make_jaxpr(lambda a, b: tract_optax.combine_stats(
+        [a, b], precision=precision))(*rows)
+    dots = [str(e.params['precision']) for e in jaxpr.eqns if e.primitive.name == 'dot_general']
+    assert dots and all(expected in d for d in dots), dots
+
+
+def test_amortised_update_without_a_statistic_uses_the_kept_one():
+  grads = _grads(5)
+  x = jnp.asarray(_rows((24, 5)))
+  tx = tract_optax.tract(0.1, layers=['stem'], refresh_every=2)
+  _, state = tx.update(grads, tx.init(grads), tract_stats={'stem': tract_optax.dense_stats(x)})
+  out, _ = tx.update(grads, state)  # tract_stats left out on a step that is not due
+  np.testing.assert_allclose(out['stem']['kernel'], tract_optax.precondition(
+      grads['stem']['kernel'], tract_optax.dense_stats(x), 0.1), rtol=1e-6)
+  with pytest.raises(TypeError, match='received no tract_stats'):
+    tract_optax.tract(0.1).update(grads, state)  # per-batch mode: required

@@ -419,17 +419,31 @@ def test_inside_an_outer_nnx_capture():
 
 
 def test_layer_input_not_found_raises():
+  class Keywords(nnx.Module):  # a selected module called without an input
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, *, features_in):
+      return self.lin(features_in)
+
+  model = _build(Keywords)
+  with pytest.raises(TypeError, match=r"Cannot find the input of layer '<root>': "
+                     r'call it with the input as its first argument'):
+    tract_nnx.apply_with_stats(model, layers=[()], features_in=_normal((2, 4)))
+  out, stats = tract_nnx.apply_with_stats(_build(lambda r: nnx.Linear(4, 3, rngs=r)),
+                                          inputs=_normal((8, 4)))
+  _assert_stats(stats[()], _dense_stats(_normal((8, 4))))
+
+
+def test_marked_subclass_with_a_keyword_only_call_records_the_base_input():
+  @tract_optax.mark_linear_kernel
   class OddLinear(nnx.Linear):
     def __call__(self, *, features_in):
       return super().__call__(features_in)
 
   model = _build(lambda rngs: OddLinear(4, 3, rngs=rngs))
-  with pytest.raises(TypeError, match=r"Cannot find the input of layer '<root>': "
-                     r'call it with the input as its first argument'):
-    tract_nnx.apply_with_stats(model, features_in=_normal((2, 4)))
-  out, stats = tract_nnx.apply_with_stats(_build(lambda r: nnx.Linear(4, 3, rngs=r)),
-                                          inputs=_normal((8, 4)))
-  _assert_stats(stats[()], _dense_stats(_normal((8, 4))))
+  _, stats = tract_nnx.apply_with_stats(model, features_in=_normal((2, 4)))
+  _assert_stats(stats[()], _dense_stats(_normal((2, 4))))
 
 
 def test_named_layer_never_called_raises(net):

@@ -50,6 +50,7 @@ def test_relative_lambda_per_feature_group():
 
 
 @pytest.mark.parametrize('num_rows', [64, 6], ids=['moment', 'woodbury'])
+@pytest.mark.filterwarnings('ignore::tract_optax.ConditioningWarning')  # absolute lam x 255
 def test_relative_lambda_makes_tract_invariant_to_input_scale(num_rows):
   """Inputs x s: G scales by s, the TrAct gradient by 1/s, so the change of
   the pre-activations (x s) @ dW is the same for every scale s."""
@@ -186,3 +187,23 @@ def test_condition_estimate_against_numpy():
   estimate = float(module.condition_estimate(jnp.asarray(system, jnp.float32), factor))
   exact = np.linalg.cond(system)
   assert 0.5 * exact < estimate <= 1.05 * exact
+
+
+def test_woodbury_form_warns_like_the_moment_form():
+  """N < n rows of raw pixels: the Woodbury result cancels as badly as the
+  n x n system is conditioned, and says so."""
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0, 255, (1, 48))
+  rows = jnp.asarray(base + rng.uniform(-5, 5, (8, 48)), jnp.float32)  # similar rows
+  stats = tract_optax.dense_stats(rows)
+  assert stats.is_woodbury
+  with pytest.warns(tract_optax.ConditioningWarning, match='condition number'):
+    tract_optax.precondition(jnp.asarray(rows.T @ rng.standard_normal((8, 3)), jnp.float32),
+                             stats, 0.1)
+
+
+def test_check_condition_false_never_estimates():
+  stats = tract_optax.conv_stats(_smooth_raw_images(), (7, 7), 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', tract_optax.ConditioningWarning)
+    tract_optax.precondition(jnp.ones((7, 7, 3, 4)), stats, 0.1, check_condition=False)

@@ -45,8 +45,11 @@ def mark_linear_kernel(cls: type) -> type:
   ``kernel``, so the Flax glue rejects subclasses that override
   ``__call__``, ``param`` or other methods (weight standardisation, as in
   BiT's ``StdConv``, breaks the assumption). A subclass you know to be
-  linear in the kernel (e.g. one that only logs, or reshapes its input
-  before calling ``super().__call__``) is accepted once marked.
+  linear in the kernel (e.g. one that only logs, or rescales or reshapes its
+  input before calling ``super().__call__``) is accepted once marked; the
+  statistic is then that of the input the Flax layer itself receives. The
+  mark covers the class it is put on: a subclass of a marked class that
+  overrides more is checked again.
 
   Args:
     cls: a subclass of a Flax Conv/Dense (Linen or NNX).
@@ -66,8 +69,8 @@ def mark_linear_kernel(cls: type) -> type:
   """
   if not isinstance(cls, type):
     raise TypeError(f'mark_linear_kernel takes a class; got {cls!r}.')
-  setattr(cls, LINEAR_MARK, True)
-  return cls
+  setattr(cls, LINEAR_MARK, True)  # vouches for this class only: a subclass
+  return cls                       # that overrides more must be marked again
 
 
 def _default_setting(base: type, name: str):
@@ -91,16 +94,16 @@ def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str
   quantization), may not be, unless marked with :func:`mark_linear_kernel`.
   """
   cls = type(layer)
-  if vars(cls).get(LINEAR_MARK) or getattr(cls, LINEAR_MARK, False):
-    return None
   base = next((klass for klass in cls.__mro__ if klass in bases), None)
   if base is None:
     return None
   for klass in cls.__mro__:
+    if vars(klass).get(LINEAR_MARK):
+      return None  # the mark vouches for its class and those above it, not below
     if klass is base:
       break
-    if getattr(klass, '_tract_original_class', None) is not None:
-      continue  # the NNX capture's own hook
+    if vars(klass).get('_tract_hook'):
+      continue  # the NNX capture's own hook classes
     for name, value in vars(klass).items():
       if name in _HARMLESS_OVERRIDES or not hasattr(base, name):
         continue
@@ -323,19 +326,11 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
   lead = stats.count.ndim
   if lead == 0:
     return stats
-  count = stats.count.reshape(-1)
-  total = jnp.sum(count)
-  if stats.moment is not None:
-    moment = stats.moment.reshape((-1,) + stats.moment.shape[lead:])
-    weights = count.reshape((-1,) + (1,) * (moment.ndim - 1))
-    return TractStats(moment=jnp.sum(moment * weights, axis=0) / total,
-                      rows=None, count=total)
-  rows = stats.rows.reshape((-1,) + stats.rows.shape[lead:])
-  rows = jnp.moveaxis(rows, 0, -3)  # (groups..., stacked, N, n)
-  rows = rows.reshape(rows.shape[:-3] + (-1, rows.shape[-1]))
-  if rows.shape[-2] < rows.shape[-1]:
-    return TractStats(moment=None, rows=rows, count=total)
-  return stats_lib.stats_from_rows(rows, precision=precision)
+  flat = jax.tree_util.tree_map(
+      lambda leaf: leaf.reshape((-1,) + leaf.shape[lead:]), stats)
+  pieces = [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], flat)
+            for i in range(flat.count.shape[0])]
+  return stats_lib.combine_stats(pieces, precision=precision)
 
 
 def per_iteration_kernel(path: Path, outer_shape, inner_shape) -> ValueError:
@@ -357,4 +352,4 @@ def combine_calls(path: Path, calls: Sequence[TractStats], outer_shape,
     if stats.count.ndim and outer_shape != inner_shape:
       raise per_iteration_kernel(path, outer_shape, inner_shape)
     merged.append(merge_lifted(stats, precision))
-  return stats_lib.combine_stats(merged)
+  return stats_lib.combine_stats(merged, precision=precision)

@@ -9,9 +9,12 @@ everything that flows through the kernel after this point) by its TrAct
 gradient, solved with the layer's input statistic.
 
 Use the returned kernel in place of the stored one for the layer's
-computation. The backward pass is linear in the cotangent, so micro-batch
-accumulation, ``pmean`` of gradients and ``optax.MultiSteps`` commute with it;
-weight decay written into the loss never passes through it (as in the
+computation. The backward pass is linear in the cotangent: accumulating
+micro-batches (a ``lax.scan``, ``optax.MultiSteps``) gives the mean of each
+micro-batch's TrAct gradient with its own statistic, as the Optax route does
+with ``tract`` outside ``MultiSteps``; a ``pmean`` of gradients gives the
+whole batch's update when the statistic is all-reduced (``axis_name``).
+Weight decay written into the loss never passes through it (as in the
 authors' code). The Flax glue (:func:`tract_optax.linen.apply_tract`,
 :func:`tract_optax.nnx.apply_tract`) does the substitution for you.
 """
@@ -123,7 +126,7 @@ def tract_kernel(kernel: jax.Array, stats: TractStats, *,
                  lam: Union[float, jax.Array] = 0.1,
                  axis_name: axes_lib.AxisName = None, local_stats: bool = False,
                  relative_lam: bool = False, channels_first: bool = False,
-                 check_condition: bool = False, name: Optional[str] = None
+                 check_condition: Optional[bool] = None, name: Optional[str] = None
                  ) -> jax.Array:
   """The kernel, unchanged, whose gradient is the TrAct gradient.
 
@@ -143,7 +146,8 @@ def tract_kernel(kernel: jax.Array, stats: TractStats, *,
       statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
     channels_first: the kernel is in PyTorch / Equinox layout.
-    check_condition: warn inside ``jit`` when the solve is ill-conditioned.
+    check_condition: warn when the solve is ill-conditioned (None: eager
+      only; True: inside ``jit`` too; False: never).
     name: the layer's name for messages.
 
   Returns:
@@ -153,6 +157,9 @@ def tract_kernel(kernel: jax.Array, stats: TractStats, *,
   Raises:
     ValueError: ``lam`` is not a finite number > 0, the statistic does not fit
       the kernel, or named axes are misused (see :func:`tract_optax.tract`).
+    TypeError: ``lam`` is a schedule, or ``stats`` is no TractStats.
+    RuntimeError: this JAX version cannot tell whether named axes are bound
+      and neither ``axis_name`` nor ``local_stats`` was given.
 
   Example:
     >>> import jax, jax.numpy as jnp

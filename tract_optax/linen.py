@@ -362,7 +362,7 @@ def apply_tract(module_or_apply_fn: ModuleOrApply, variables, *args,
                 relative_lam: bool = False, local_stats: bool = False,
                 precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
                 max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-                check_condition: bool = False, **apply_kwargs):
+                check_condition: Optional[bool] = None, **apply_kwargs):
   """``apply`` whose gradient gives the first layer's kernel its TrAct gradient.
 
   Returns exactly what ``module.apply(variables, *args, **apply_kwargs)``

@@ -153,19 +153,44 @@ def _active_recorder() -> Optional['_Recorder']:
   return stack[-1] if stack else None
 
 
-@functools.lru_cache(maxsize=None)
-def _hooked_class(cls: type, path: Path) -> type:
-  """A subclass of ``cls`` whose ``__call__`` reports to the active recorder."""
+def _reporting_call(call, path: Path):
+  """``call`` (an unbound ``__call__``) that first reports to the active recorder."""
 
   def __call__(self, *args, **kwargs):
     recorder = _active_recorder()
     if recorder is not None:
       args, kwargs = recorder.observe(self, path, args, kwargs)
-    return cls.__call__(self, *args, **kwargs)
+    return call(self, *args, **kwargs)
 
-  namespace = {'__call__': __call__, '__module__': cls.__module__,
-               '__qualname__': cls.__qualname__, '_tract_original_class': cls}
-  return type(cls.__name__, (cls,), namespace)
+  return __call__
+
+
+@functools.lru_cache(maxsize=None)
+def _reporting_base(base: type, path: Path) -> type:
+  """A subclass of the Flax layer ``base`` whose ``__call__`` reports its input."""
+  namespace = {'__call__': _reporting_call(base.__call__, path), '_tract_hook': True,
+               '__module__': base.__module__, '__qualname__': base.__qualname__}
+  return type(base.__name__, (base,), namespace)
+
+
+@functools.lru_cache(maxsize=None)
+def _hooked_class(cls: type, path: Path) -> type:
+  """``cls`` with the Flax layer's own ``__call__`` reporting to the recorder.
+
+  The report sits between ``cls`` and the Flax base class in the method
+  resolution order: a subclass that changes its input before
+  ``super().__call__`` (marked linear) reports what the kernel really sees.
+  A module that is no Flax layer reports its own call.
+  """
+  base = next((klass for klass in cls.__mro__ if klass in _KERNEL_LAYERS), None)
+  namespace = {'__module__': cls.__module__, '__qualname__': cls.__qualname__,
+               '_tract_original_class': cls, '_tract_hook': True}
+  if base is None:
+    namespace['__call__'] = _reporting_call(cls.__call__, path)
+    return type(cls.__name__, (cls,), namespace)
+  reporting = _reporting_base(base, path)
+  bases = (reporting,) if cls is base else (cls, reporting)
+  return type(cls.__name__, bases, namespace)
 
 
 def _store(module: nnx.Module, stats: TractStats) -> None:
@@ -557,7 +582,7 @@ def apply_tract(model: nnx.Module, *args, lam: Union[float, jax.Array] = 0.1,
                 relative_lam: bool = False, local_stats: bool = False,
                 precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
                 max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-                check_condition: bool = False, **kwargs) -> Any:
+                check_condition: Optional[bool] = None, **kwargs) -> Any:
   """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
 
   Returns exactly what ``model(*args, **kwargs)`` returns, and changes the

@@ -13,7 +13,9 @@ Two guards keep a bad ridge or a hopeless solve from passing silently:
 - when the solved system is too ill-conditioned for its float type
   (``eps * condition > 1e-3``, e.g. raw 0..255 pixels with an absolute
   ``lam``) a :class:`ConditioningWarning` names the cure: at once for concrete
-  (eager) values, and inside ``jit`` when ``check_condition=True``.
+  (eager) values, and inside ``jit`` when ``check_condition=True``. In the
+  Woodbury form the condition reported is that of the ``n x n`` system, which
+  the result's cancellation inherits.
 """
 
 from __future__ import annotations
@@ -60,12 +62,20 @@ def _solve_woodbury(rows: jax.Array, count, grad: jax.Array, lam):
   return (grad - correction) / lam, system, factor[0]
 
 
-def condition_estimate(system: jax.Array, factor: jax.Array) -> jax.Array:
+def condition_estimate(system: jax.Array, factor: jax.Array,
+                       smallest: Optional[jax.Array] = None) -> jax.Array:
   """Estimated 2-norm condition number of an SPD ``system`` (a lower bound).
 
   Power iteration for the largest eigenvalue and inverse iteration (with the
   lower Cholesky ``factor`` already computed) for the smallest; 16 steps each, a
   few ``n x n`` products, far cheaper than the factorisation.
+
+  Args:
+    system: the SPD matrix solved.
+    factor: its lower Cholesky factor.
+    smallest: the smallest eigenvalue that matters, if known (the Woodbury
+      form's ``N lam``: then the estimate is that of the ``n x n`` system,
+      whose accuracy the Woodbury result shares through its cancellation).
   """
   size = system.shape[-1]
   if size == 0:
@@ -82,9 +92,10 @@ def condition_estimate(system: jax.Array, factor: jax.Array) -> jax.Array:
     return normalized(jsl.cho_solve((factor, True), v))
 
   top = jax.lax.fori_loop(0, _POWER_ITERATIONS, power, normalized(start))
-  bottom = jax.lax.fori_loop(0, _POWER_ITERATIONS, inverse, normalized(start))
   largest = top @ jnp.matmul(system, top, precision=_HIGHEST)
-  smallest = bottom @ jnp.matmul(system, bottom, precision=_HIGHEST)
+  if smallest is None:
+    bottom = jax.lax.fori_loop(0, _POWER_ITERATIONS, inverse, normalized(start))
+    smallest = bottom @ jnp.matmul(system, bottom, precision=_HIGHEST)
   return largest / smallest
 
 
@@ -113,7 +124,7 @@ def _warn_condition(condition, dtype_name: str, eps: float, relative: bool,
 
 def precondition(grad_kernel: jax.Array, stats: TractStats,
                  lam: Union[float, jax.Array], *, relative_lam: bool = False,
-                 check_condition: bool = False, name: Optional[str] = None
+                 check_condition: Optional[bool] = None, name: Optional[str] = None
                  ) -> jax.Array:
   """Returns the TrAct gradient of one kernel.
 
@@ -126,9 +137,10 @@ def precondition(grad_kernel: jax.Array, stats: TractStats,
     relative_lam: use the ridge ``lam * trace(A^T A / N) / n`` (per feature
       group) instead of ``lam``, which makes the update invariant to the
       input's scale.
-    check_condition: also inside ``jit``, warn (via ``jax.debug.callback``)
-      when the system is too ill-conditioned for its float type. With
-      concrete (eager) values the check always runs.
+    check_condition: whether to warn (a :class:`ConditioningWarning`) when
+      the system is too ill-conditioned for its float type. None (default):
+      for concrete (eager) values only; True: inside ``jit`` too (via
+      ``jax.debug.callback``); False: never (no estimate is computed).
     name: the layer's name for messages.
 
   Returns:
@@ -188,8 +200,13 @@ def precondition(grad_kernel: jax.Array, stats: TractStats,
       solved, system, factor = jax.vmap(_solve_woodbury, (0, None, 0, 0))(
           rows, count, grad, safe_ridges)
     solved = jnp.where(valid[:, None, None], solved, jnp.nan)
-    if check_condition or _is_concrete(stats, lam, grad_kernel):
-      condition = jax.vmap(condition_estimate)(system, factor)
+    eager = check_condition is None and _is_concrete(stats, lam, grad_kernel)
+    if check_condition or eager:
+      if stats.moment is not None:
+        condition = jax.vmap(condition_estimate)(system, factor)
+      else:
+        floor = jnp.asarray(stats.count, dtype) * safe_ridges
+        condition = jax.vmap(condition_estimate)(system, factor, floor)
       report = lambda c: _warn_condition(c, jnp.dtype(dtype).name,
                                          float(jnp.finfo(dtype).eps),
                                          relative_lam, name or '')

@@ -91,6 +91,13 @@ class TractStats(NamedTuple):
           'conv_stats or stats_from_rows.')
     if self.count is None:
       raise TypeError(f'{where}: TractStats.count (the row count N) is missing.')
+    if jnp.ndim(self.count) != 0:
+      raise ValueError(
+          f'{where}: TractStats.count has shape {jnp.shape(self.count)}: this is '
+          'a stack of statistics (from jax.vmap or lax.scan over micro-batches), '
+          'not one, and its leading axis would be read as feature groups. '
+          'Combine them first: tract_optax.combine_stats([...]) or the capture '
+          'outside the vmap/scan.')
     if self.moment is not None:
       shape = jnp.shape(self.moment)
       if len(shape) not in (2, 3) or shape[-1] != shape[-2] or shape[-1] == 0:
@@ -267,7 +274,8 @@ def to_moment(stats: TractStats, precision: PrecisionLike = DEFAULT_PRECISION) -
                     rows=None, count=stats.count)
 
 
-def combine_stats(stats: Sequence[TractStats]) -> TractStats:
+def combine_stats(stats: Sequence[TractStats], *,
+                  precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
   """Statistic of the union of the rows behind several statistics.
 
   Used when a layer is called more than once in a forward pass: the result is
@@ -275,6 +283,7 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
 
   Args:
     stats: statistics of the same layer (same ``n`` and groups).
+    precision: matmul precision where rows become a moment.
 
   Returns:
     The combined :class:`TractStats`; rows are concatenated while the total
@@ -306,8 +315,8 @@ def combine_stats(stats: Sequence[TractStats]) -> TractStats:
     rows = jnp.concatenate([s.rows for s in stats], axis=-2)
     if rows.shape[-2] < rows.shape[-1]:
       return TractStats(moment=None, rows=rows, count=total)
-    return stats_from_rows(rows)
-  moments = [to_moment(s) for s in stats]
+    return stats_from_rows(rows, precision=precision)
+  moments = [to_moment(s, precision) for s in stats]
   weighted = sum(s.moment * s.count for s in moments)
   return TractStats(moment=safe_divide(weighted, total), rows=None, count=total)
 
@@ -338,7 +347,8 @@ def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
   return jax.lax.psum(padded, axis_name)
 
 
-def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
+def all_reduce_stats(stats: TractStats, axis_name, *,
+                     precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
   """Global-batch statistic from per-device statistics over ``axis_name``.
 
   Inside ``pmap`` or ``shard_map`` each device sees only its part of the batch;
@@ -348,6 +358,7 @@ def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
   Args:
     stats: this device's statistic.
     axis_name: the mapped axis (or tuple of axes) that splits the batch.
+    precision: matmul precision where rows become a moment.
 
   Returns:
     The global-batch :class:`TractStats`. Its form follows the global row
@@ -361,7 +372,7 @@ def all_reduce_stats(stats: TractStats, axis_name) -> TractStats:
     if global_rows < stats.num_features:
       return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name),
                         count=total)
-    stats = to_moment(stats)
+    stats = to_moment(stats, precision)
   moment = safe_divide(jax.lax.psum(stats.moment * stats.count, axis_name), total)
   return TractStats(moment=moment, rows=None, count=total)
 

@@ -65,8 +65,11 @@ class TractState(NamedTuple):
   stats_cache: dict
 
 
-def _normalize_stats(tract_stats) -> Dict[paths_lib.ModulePath, TractStats]:
+def _normalize_stats(tract_stats, amortized: bool = False
+                     ) -> Dict[paths_lib.ModulePath, TractStats]:
   if tract_stats is None:
+    if amortized:  # a step that skips the statistic: the kept one is used
+      return {}
     raise TypeError(_MISSING_STATS)
   if not isinstance(tract_stats, Mapping):
     raise TypeError(
@@ -169,7 +172,7 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
           layers: Optional[Sequence[paths_lib.PathLike]] = None,
           refresh_every: Optional[int] = None,
           stats_decay: Optional[float] = None,
-          check_condition: bool = False,
+          check_condition: Optional[bool] = None,
           ) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
@@ -207,10 +210,11 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
       None or 1 (default) uses each batch's own statistic, as the paper does.
     stats_decay: opt-in: keep a moving average of refreshed statistics with
       this decay (None or 0, the default, replaces the kept statistic at each
-      refresh).
-    check_condition: warn inside ``jit`` (``jax.debug.callback``) when a
-      solve is too ill-conditioned for its float type; eager calls always
-      check.
+      refresh). In amortised mode an update without ``tract_stats`` (or with
+      ``{}``) preconditions with the kept statistic.
+    check_condition: warn when a solve is too ill-conditioned for its float
+      type: None (default) for eager calls only, True inside ``jit`` too
+      (``jax.debug.callback``), False never.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -218,7 +222,10 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
 
   Raises:
     ValueError: if ``lam`` is not a finite number > 0 (or a schedule that
-      stays > 0), or the amortisation settings are invalid.
+      stays > 0), the amortisation settings are invalid, or both
+      ``axis_name`` and ``local_stats`` are given. (When called, ``update``
+      raises for a missing or malformed statistic, and for named axes bound
+      without ``axis_name``/``local_stats``.)
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -253,7 +260,7 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
-    stats_by_path = _select(_normalize_stats(tract_stats), layers, amortized)
+    stats_by_path = _select(_normalize_stats(tract_stats, amortized), layers, amortized)
     reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats)
     lam_value = lam(state.count) if callable(lam) else lam
     leaves, treedef = jax.tree_util.tree_flatten(updates)

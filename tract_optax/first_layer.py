@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from tract_optax import _capture
 from tract_optax import paths as paths_lib
 
 Path = Tuple[Any, ...]
@@ -125,7 +126,7 @@ class DependencyProbe:
 
 
 def _text(path: Path) -> str:
-  return repr(paths_lib.format_path(paths_lib.normalize_path(path)))
+  return _capture.format_paths([path])
 
 
 def choose(calls: Sequence[LayerCall], kind: str = 'Conv/Dense') -> Path:

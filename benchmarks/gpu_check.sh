@@ -13,7 +13,7 @@
 #   (c) overhead.py --mode scaling at the ResNet-50 stem (batch 128, 224 px,
 #       7x7/2, 3 channels): statistic vs the stem's forward + weight gradient.
 #   (a) the core, Flax and data-parallel test modules on the device.
-#   (d) python -m tract_optax.train --preset paper --seeds 2 --epochs 1,2 on
+#   (d) python -m tract_experiment --preset paper --seeds 2 --epochs 1,2 on
 #       the full Fashion-MNIST (skipped, with the reason recorded, when the data
 #       is not on the machine).
 # (b) and (c) run alone, as they time the device; (a) and (d) then run side by
@@ -256,7 +256,7 @@ part_d() {
     echo "[d] Fashion-MNIST from $data_dir" | tee -a "$LOG"
     config="{\"train_args\": \"${TRAIN_ARGS[*]}\", \"data_dir\": \"$data_dir\"}"
     run_part d "$LIMIT_D" "$config" --main-job "$OUT_DIR/main_job" -- \
-      "${SHARED_DEVICE[@]}" "$PY" -m tract_optax.train "${TRAIN_ARGS[@]}" \
+      "${SHARED_DEVICE[@]}" "$PY" -m tract_experiment "${TRAIN_ARGS[@]}" \
       --data-dir "$data_dir" --no-progress --out "$OUT_DIR/main_job"
   else
     skip_part d "$LIMIT_D" "$config" "$(tr '\n' ' ' < "$WORK/data.err" | sed 's/ *$//')"

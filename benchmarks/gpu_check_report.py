@@ -107,12 +107,12 @@ def environment(repo: pathlib.Path) -> Dict[str, Any]:
 
 def _data_module():
   """The experiment application's data module, wherever it lives."""
-  for name in ('tract_optax.experiment.data', 'tract_optax.data'):
+  for name in ('tract_experiment.data', 'tract_optax.data'):
     try:
       return importlib.import_module(name)
     except ImportError:
       continue
-  raise ImportError('no tract_optax.experiment.data (or tract_optax.data) to import')
+  raise ImportError('no tract_experiment.data (or tract_optax.data) to import')
 
 
 def find_data(requested: Optional[str], repo: pathlib.Path,

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tract_optax.experiment import models as model_zoo
+from tract_experiment import models as model_zoo
 
 
 class Bottleneck(nn.Module):

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import tract_optax
 from tract_optax import linen as tract_linen
-from tract_optax.experiment import models as model_zoo
+from tract_experiment import models as model_zoo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imagenet_models  # pylint: disable=g-bad-import-order  (benchmarks/ is on sys.path)

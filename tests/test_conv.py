@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tract_optax
-from tract_optax import conv
+from tract_optax._src import conv
 from tests import reference
 
 ROUTES = conv.ROUTES

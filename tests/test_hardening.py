@@ -304,7 +304,7 @@ def test_statistics_follow_the_default_matmul_precision():
 
 def test_a_jax_without_axis_detection_fails_loudly(monkeypatch):
   """Where JAX gives no way to see bound axes, tract does not guess."""
-  from tract_optax import axes
+  from tract_optax._src import axes
   monkeypatch.setattr(axes, 'bound_axis_names', lambda: None)
   stats = {'stem': tract_optax.dense_stats(_rows((10, 4)))}
   tx = tract_optax.tract(0.1)

@@ -12,7 +12,7 @@ from flax.training import train_state
 
 import tract_optax
 from tract_optax import linen as tract_linen
-from tract_optax import stats as stats_lib
+from tract_optax._src import stats as stats_lib
 from tests.reference import patch_rows
 
 ATOL = 1e-5

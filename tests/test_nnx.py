@@ -9,7 +9,7 @@ from flax import nnx
 
 import tract_optax
 from tract_optax import nnx as tract_nnx
-from tract_optax import stats as stats_lib
+from tract_optax._src import stats as stats_lib
 from tests.reference import patch_rows
 
 ATOL = 1e-5

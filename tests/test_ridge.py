@@ -180,7 +180,7 @@ def test_jit_warns_only_with_check_condition():
 
 def test_condition_estimate_against_numpy():
   # tract_optax.precondition is the function; the module is reached by name
-  module = importlib.import_module('tract_optax.precondition')
+  module = importlib.import_module('tract_optax._src.precondition')
   stats = tract_optax.conv_stats(_smooth_raw_images(), (7, 7), 2)
   system = np.asarray(stats.moment, np.float64) + 0.1 * np.eye(147)
   factor = jnp.linalg.cholesky(jnp.asarray(system, jnp.float32))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tract_optax
-from tract_optax import stats as stats_lib
+from tract_optax._src import stats as stats_lib
 from tests import reference
 
 

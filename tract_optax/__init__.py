@@ -13,21 +13,36 @@ Example:
   >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
 """
 
-from tract_optax._capture import conv_settings, mark_linear_kernel
-from tract_optax.conv import conv_patches, conv_stats
-from tract_optax.gradient_route import tract_kernel
-from tract_optax.precondition import ConditioningWarning, precondition
-from tract_optax.stats import (TractStats, all_reduce_stats, combine_stats,
-                               dense_stats, stats_from_rows)
-from tract_optax.transform import TractState, stats_due, tract
-
-__version__ = '0.1.0'
+from tract_optax._src.capture import conv_settings, mark_linear_kernel
+from tract_optax._src.conv import conv_patches, conv_stats
+from tract_optax._src.gradient_route import tract_kernel
+from tract_optax._src.precondition import ConditioningWarning, precondition
+from tract_optax._src.stats import (
+  TractStats,
+  all_reduce_stats,
+  combine_stats,
+  dense_stats,
+  stats_from_rows,
+)
+from tract_optax._src.transform import TractState, stats_due, tract
+from tract_optax._version import __version__ as __version__
 
 __all__ = [
-    'ConditioningWarning', 'TractState', 'TractStats', 'all_reduce_stats',
-    'combine_stats', 'conv_patches', 'conv_settings', 'conv_stats',
-    'dense_stats', 'mark_linear_kernel', 'precondition', 'stats_due',
-    'stats_from_rows', 'tract', 'tract_kernel',
+  'ConditioningWarning',
+  'TractState',
+  'TractStats',
+  'all_reduce_stats',
+  'combine_stats',
+  'conv_patches',
+  'conv_settings',
+  'conv_stats',
+  'dense_stats',
+  'mark_linear_kernel',
+  'precondition',
+  'stats_due',
+  'stats_from_rows',
+  'tract',
+  'tract_kernel',
 ]
 
 _FLAX_GLUE = ('linen', 'nnx')  # imported on first use: they import Flax
@@ -37,5 +52,6 @@ def __getattr__(name):
   """``tract_optax.linen`` / ``tract_optax.nnx`` without importing Flax eagerly."""
   if name in _FLAX_GLUE:
     import importlib
+
     return importlib.import_module(f'tract_optax.{name}')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

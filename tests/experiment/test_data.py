@@ -1,4 +1,4 @@
-"""Tests of tract_optax.experiment.data: IDX/CIFAR readers, lookup, sources, batches."""
+"""Tests of tract_experiment.data: IDX/CIFAR readers, lookup, sources, batches."""
 
 import gzip
 import hashlib
@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from tract_optax.experiment import data as data_lib
+from tract_experiment import data as data_lib
 
 DatasetError = data_lib.DatasetError
 STEMS = data_lib.FASHION_MNIST_FILES

@@ -3,11 +3,13 @@
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[2] / 'tract_optax'
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / 'tract_optax'
+APPLICATION = ROOT / 'experiment' / 'tract_experiment'
 
 
 def _imports(path: pathlib.Path):
-  """Every ``tract_optax...`` module a file imports (absolute names)."""
+  """Every ``tract_optax...`` / ``tract_experiment...`` module a file imports."""
   names = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
@@ -15,33 +17,33 @@ def _imports(path: pathlib.Path):
     elif isinstance(node, ast.ImportFrom) and node.module:
       names.add(node.module)
       names.update(f'{node.module}.{alias.name}' for alias in node.names)
-  return {name for name in names if name.split('.')[0] == 'tract_optax'}
+  return {name for name in names
+          if name.split('.')[0] in ('tract_optax', 'tract_experiment')}
 
 
 def test_library_never_imports_the_application():
-  library = [path for path in PACKAGE.glob('*.py') if path.name != 'train.py']
+  library = sorted(PACKAGE.rglob('*.py'))
   assert {path.stem for path in library} >= {'__init__', 'stats', 'transform', 'linen'}
   for path in library:
-    wrong = {name for name in _imports(path)
-             if name.startswith(('tract_optax.experiment', 'tract_optax.train'))}
+    wrong = {name for name in _imports(path) if name.startswith('tract_experiment')}
     assert not wrong, f'{path.name} imports {wrong}'
 
 
-def test_entry_point_only_forwards_to_the_cli():
-  assert _imports(PACKAGE / 'train.py') == {'tract_optax.experiment.cli',
-                                            'tract_optax.experiment.cli.main'}
+def test_application_is_not_in_the_library_package():
+  assert not (PACKAGE / 'experiment').exists() and not (PACKAGE / 'train.py').exists()
+  assert (APPLICATION / '__main__.py').exists()
 
 
 def test_application_modules_import_no_circle():
-  modules = {path.stem: path for path in (PACKAGE / 'experiment').glob('*.py')
-             if path.stem != '__init__'}
+  modules = {path.stem: path for path in APPLICATION.glob('*.py')
+             if path.stem not in ('__init__', '__main__')}
   assert set(modules) == {'cli', 'comparison', 'config', 'data', 'models', 'report',
                           'speedup', 'training'}
   graph = {}
   for name, path in modules.items():
     graph[name] = {other for other in modules
-                   if any(i == f'tract_optax.experiment.{other}' or
-                          i.startswith(f'tract_optax.experiment.{other}.')
+                   if any(i == f'tract_experiment.{other}' or
+                          i.startswith(f'tract_experiment.{other}.')
                           for i in _imports(path))} - {name}
   done, active = set(), []
 

@@ -1,4 +1,4 @@
-"""Tests of tract_optax.experiment.models: every model trains one TrAct step on a tiny batch."""
+"""Tests of tract_experiment.models: every model trains one TrAct step on a tiny batch."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import pytest
 
 import tract_optax
 from tract_optax import linen as tract_linen
-from tract_optax.experiment import models as models_lib
-from tract_optax.paths import normalize_path
+from tract_experiment import models as models_lib
+from tract_optax._src.paths import normalize_path
 
 # (model, image shape, first layer, n = features per first-layer input row)
 CASES = [

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tract_optax.experiment import cli
-from tract_optax.experiment import report
-from tract_optax.experiment.training import Run
+from tract_experiment import cli
+from tract_experiment import report
+from tract_experiment.training import Run
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tract_optax.experiment import speedup as speedup_lib
-from tract_optax.experiment.speedup import BELOW, BEYOND, INTERPOLATED, crossing, speedup_at
+from tract_experiment import speedup as speedup_lib
+from tract_experiment.speedup import BELOW, BEYOND, INTERPOLATED, crossing, speedup_at
 
 BUDGETS = (1, 2, 3)
 

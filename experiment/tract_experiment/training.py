@@ -20,9 +20,9 @@ import optax
 
 import tract_optax
 from tract_optax import linen as tract_linen
-from tract_optax.experiment import data as data_lib
-from tract_optax.experiment import models as models_lib
-from tract_optax.experiment.config import BASELINE, METHOD_LABELS, Config
+from tract_experiment import data as data_lib
+from tract_experiment import models as models_lib
+from tract_experiment.config import BASELINE, METHOD_LABELS, Config
 
 
 def _kernel_mask(params):
@@ -56,7 +56,7 @@ def tract_options(config: Config, method: str) -> Dict[str, Any]:
   model's first layer and the refresh period (the amortised statistic).
 
   Example:
-    >>> from tract_optax.experiment import cli, training
+    >>> from tract_experiment import cli, training
     >>> config = cli.parse_config(['--dataset', 'digits', '--refresh-every', '4'])
     >>> training.tract_options(config, 'tract_rel')
     {'relative_lam': True, 'layers': [('stem',)], 'refresh_every': 4}
@@ -91,7 +91,7 @@ def cosine_learning_rate(step: jax.Array, peak: float, total_steps: jax.Array,
   """Linear warm-up to ``peak``, then cosine decay to 0 at ``total_steps``.
 
   Example:
-    >>> from tract_optax.experiment import training
+    >>> from tract_experiment import training
     >>> [round(float(training.cosine_learning_rate(s, 1.0, 10, 2)), 3)
     ...  for s in (0, 1, 2, 6, 10)]
     [0.0, 0.5, 1.0, 0.5, 0.0]

@@ -60,7 +60,7 @@ def crossing(budgets: Sequence[float], accuracies: Sequence[float],
     ValueError: empty, unsorted or mismatched inputs.
 
   Example:
-    >>> from tract_optax.experiment.speedup import crossing
+    >>> from tract_experiment.speedup import crossing
     >>> crossing([1, 2, 3], [0.80, 0.84, 0.86], 0.85)
     Crossing(kind='interpolated', budget=2.5)
     >>> crossing([1, 2, 3], [0.80, 0.84, 0.86], 0.90).kind
@@ -120,7 +120,7 @@ def speedup_at(budget: int, budgets: Sequence[int],
   unknown" with one seed or with seeds that could not be interpolated.
 
   Example:
-    >>> from tract_optax.experiment.speedup import speedup_at
+    >>> from tract_experiment.speedup import speedup_at
     >>> plain = {0: [0.80, 0.84, 0.86], 1: [0.81, 0.85, 0.87], 2: [0.79, 0.83, 0.85]}
     >>> result = speedup_at(1, [1, 2, 3], plain, {0: 0.84, 1: 0.86, 2: 0.83})
     >>> round(result['factor'], 2), round(result['factor_mean'], 2), result['verdict']

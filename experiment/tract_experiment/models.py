@@ -188,7 +188,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     ValueError: unknown name.
 
   Example:
-    >>> model = tract_optax.experiment.models.create_model('cnn', num_classes=10)
+    >>> model = tract_experiment.models.create_model('cnn', num_classes=10)
     >>> x = jnp.zeros((2, 28, 28, 1))
     >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only
     >>> variables['params']['stem']['kernel'].shape  # the first layer

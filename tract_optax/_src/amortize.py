@@ -21,8 +21,8 @@ from typing import Dict, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from tract_optax import paths as paths_lib
-from tract_optax.stats import TractStats, to_moment
+from tract_optax._src import paths as paths_lib
+from tract_optax._src.stats import TractStats, to_moment
 
 Cache = Dict[str, TractStats]
 
@@ -45,12 +45,14 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
     n = math.prod(kernel.shape[:-1])
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     cache[cache_key(path)] = TractStats(
-        moment=jnp.zeros((n, n), dtype), rows=None, count=jnp.zeros([], dtype))
+      moment=jnp.zeros((n, n), dtype), rows=None, count=jnp.zeros([], dtype)
+    )
   return cache
 
 
-def refresh_cache(cache: Cache, fresh: Mapping[paths_lib.ModulePath, TractStats],
-                  due: jax.Array, decay: float) -> Cache:
+def refresh_cache(
+  cache: Cache, fresh: Mapping[paths_lib.ModulePath, TractStats], due: jax.Array, decay: float
+) -> Cache:
   """The cache with ``fresh`` statistics blended in where ``due``.
 
   Every kept layer must have a fresh statistic (the caller checks); a layer
@@ -74,21 +76,25 @@ def refresh_cache(cache: Cache, fresh: Mapping[paths_lib.ModulePath, TractStats]
     kept = cache[key]
     if stats.groups != 1:
       raise ValueError(
-          f'The amortised statistic (refresh_every/stats_decay) supports '
-          f'ungrouped layers; {path!r} has {stats.groups} feature groups. Use '
-          'the per-batch statistic (the default) for a grouped or depthwise '
-          'first layer.')
+        f'The amortised statistic (refresh_every/stats_decay) supports '
+        f'ungrouped layers; {path!r} has {stats.groups} feature groups. Use '
+        'the per-batch statistic (the default) for a grouped or depthwise '
+        'first layer.'
+      )
     moment = to_moment(stats).moment.astype(kept.moment.dtype)
     if moment.shape != kept.moment.shape:
       raise ValueError(
-          f'The statistic of {path!r} has shape {moment.shape}, but the '
-          f'amortised cache holds {kept.moment.shape} (from the kernel).')
+        f'The statistic of {path!r} has shape {moment.shape}, but the '
+        f'amortised cache holds {kept.moment.shape} (from the kernel).'
+      )
     count = jnp.asarray(stats.count, kept.count.dtype)
     first = kept.count == 0
     blended = jnp.where(first, moment, decay * kept.moment + (1 - decay) * moment)
     new_cache[key] = TractStats(
-        moment=jnp.where(due, blended, kept.moment), rows=None,
-        count=jnp.where(due, count, kept.count))
+      moment=jnp.where(due, blended, kept.moment),
+      rows=None,
+      count=jnp.where(due, count, kept.count),
+    )
   return new_cache
 
 

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from tract_optax.experiment import speedup as speedup_lib
-from tract_optax.experiment.config import BASELINE, METHOD_LABELS, Config
-from tract_optax.experiment.training import Run
+from tract_experiment import speedup as speedup_lib
+from tract_experiment.config import BASELINE, METHOD_LABELS, Config
+from tract_experiment.training import Run
 
 #: How a paired difference is judged, printed under the tables.
 VERDICT_RULE = ('Verdict rule: a paired difference (or a speedup factor vs 1) is "beyond '
@@ -28,7 +28,7 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
   """Mean and sample standard deviation (0 for a single value).
 
   Example:
-    >>> from tract_optax.experiment.report import mean_std
+    >>> from tract_experiment.report import mean_std
     >>> mean_std([1.0, 2.0, 3.0])
     (2.0, 1.0)
   """
@@ -49,7 +49,7 @@ def paired_difference(first: Dict[int, float], second: Dict[int, float]) -> Dict
     one seed).
 
   Example:
-    >>> from tract_optax.experiment.report import paired_difference
+    >>> from tract_experiment.report import paired_difference
     >>> d = paired_difference({0: 0.82, 1: 0.83}, {0: 0.80, 1: 0.81})
     >>> round(d['mean'], 4), d['first_better'], d['beyond_noise']
     (0.02, 2, True)
@@ -91,7 +91,7 @@ def summarize(runs: Sequence[Run], config: Config) -> Dict[str, Any]:
     - ``scales[scale]['differences'][method][budget]``: TrAct - plain, paired
       (see :func:`paired_difference`; ``first_better`` counts TrAct wins);
     - ``scales[scale]['speedups'][method]``: one
-      :func:`~tract_optax.experiment.speedup.speedup_at` per TrAct budget;
+      :func:`~tract_experiment.speedup.speedup_at` per TrAct budget;
     - ``scale_differences['<scale> - <first scale>'][method][budget]``: each
       input scale against the first one listed, paired by seed;
     - ``lines``: the sentences printed under the tables.
@@ -166,7 +166,7 @@ def format_table(summary: Dict[str, Any], config: Config) -> str:
   """One row per budget and method (per input scale): accuracy, paired difference.
 
   Example:
-    >>> from tract_optax.experiment import cli, report, training
+    >>> from tract_experiment import cli, report, training
     >>> config = cli.parse_config(['--dataset', 'digits', '--epochs', '1', '--seeds', '1'])
     >>> runs = [training.Run(m, 0, 1, [a], [1.0], [1.0], a, 2.0, 0.1, 2.1, 10)
     ...         for m, a in (('plain', 0.80), ('tract', 0.82))]

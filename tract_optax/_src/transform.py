@@ -15,29 +15,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tract_optax import amortize
-from tract_optax import axes as axes_lib
-from tract_optax import paths as paths_lib
-from tract_optax import ridge as ridge_lib
-from tract_optax.precondition import precondition
-from tract_optax.stats import TractStats, all_reduce_stats
+from tract_optax._src import amortize
+from tract_optax._src import axes as axes_lib
+from tract_optax._src import paths as paths_lib
+from tract_optax._src import ridge as ridge_lib
+from tract_optax._src.precondition import precondition
+from tract_optax._src.stats import TractStats, all_reduce_stats
 
 ScalarOrSchedule = ridge_lib.ScalarOrSchedule
 AxisName = axes_lib.AxisName
 
 #: The two ways out when ``tract`` receives no statistic.
 ROUTES_TEXT = (
-    'Either pass it, tx.update(grads, opt_state, params, tract_stats=stats), '
-    'with stats from tract_optax.linen.apply_with_stats or '
-    'tract_optax.nnx.value_and_grad_with_stats (Flax\'s own '
-    'TrainState.apply_gradients drops it: use tract_optax.linen.TractTrainState); '
-    'or drop tract from the chain and use the gradient route, '
-    'tract_optax.linen.apply_tract / tract_optax.nnx.apply_tract in the loss, '
-    'which works with any TrainState and optimizer.')
+  'Either pass it, tx.update(grads, opt_state, params, tract_stats=stats), '
+  'with stats from tract_optax.linen.apply_with_stats or '
+  "tract_optax.nnx.value_and_grad_with_stats (Flax's own "
+  'TrainState.apply_gradients drops it: use tract_optax.linen.TractTrainState); '
+  'or drop tract from the chain and use the gradient route, '
+  'tract_optax.linen.apply_tract / tract_optax.nnx.apply_tract in the loss, '
+  'which works with any TrainState and optimizer.'
+)
 
 _MISSING_STATS = (
-    'tract(...).update received no tract_stats, the first layer\'s input '
-    'statistic by module path. ' + ROUTES_TEXT)
+  "tract(...).update received no tract_stats, the first layer's input "
+  'statistic by module path. ' + ROUTES_TEXT
+)
 
 _safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
 
@@ -65,84 +67,101 @@ class TractState(NamedTuple):
   stats_cache: dict
 
 
-def _normalize_stats(tract_stats, amortized: bool = False
-                     ) -> Dict[paths_lib.ModulePath, TractStats]:
+def _normalize_stats(
+  tract_stats, amortized: bool = False
+) -> Dict[paths_lib.ModulePath, TractStats]:
   if tract_stats is None:
     if amortized:  # a step that skips the statistic: the kept one is used
       return {}
     raise TypeError(_MISSING_STATS)
   if not isinstance(tract_stats, Mapping):
     raise TypeError(
-        'tract_stats must be a mapping {module path: TractStats}; got '
-        f'{type(tract_stats).__name__}. ' + _MISSING_STATS)
+      'tract_stats must be a mapping {module path: TractStats}; got '
+      f'{type(tract_stats).__name__}. ' + _MISSING_STATS
+    )
   normalized, spelled = {}, {}
   for path, stats in tract_stats.items():
     module = paths_lib.normalize_path(path)
     if module in normalized:
       raise ValueError(
-          f'tract_stats names the layer {paths_lib.format_path(module)!r} twice, '
-          f'as {spelled[module]!r} and as {path!r}; give each layer one entry '
-          '(combine_stats merges the statistics of several calls).')
+        f'tract_stats names the layer {paths_lib.format_path(module)!r} twice, '
+        f'as {spelled[module]!r} and as {path!r}; give each layer one entry '
+        '(combine_stats merges the statistics of several calls).'
+      )
     if not isinstance(stats, TractStats):
       raise TypeError(
-          f'tract_stats[{path!r}] must be a tract_optax.TractStats (from '
-          f'dense_stats, conv_stats or the Flax capture); got {type(stats).__name__}.')
+        f'tract_stats[{path!r}] must be a tract_optax.TractStats (from '
+        f'dense_stats, conv_stats or the Flax capture); got {type(stats).__name__}.'
+      )
     normalized[module] = stats.validate(f'tract_stats[{path!r}]')
     spelled[module] = path
   return normalized
 
 
-_INJECT_HINT = (' With optax.inject_hyperparams, pass static_args=('
-                "'refresh_every', 'stats_decay') so that they stay Python numbers.")
+_INJECT_HINT = (
+  ' With optax.inject_hyperparams, pass static_args=('
+  "'refresh_every', 'stats_decay') so that they stay Python numbers."
+)
 
 
 def _validate_amortization(layers, refresh_every, stats_decay):
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.'
-                     + _INJECT_HINT)
-  if (isinstance(stats_decay, bool) or not isinstance(stats_decay, (int, float))
-      or not 0 <= stats_decay < 1):
-    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.'
-                     + _INJECT_HINT)
+    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.' + _INJECT_HINT)
+  if (
+    isinstance(stats_decay, bool)
+    or not isinstance(stats_decay, (int, float))
+    or not 0 <= stats_decay < 1
+  ):
+    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.' + _INJECT_HINT)
   amortized = refresh_every > 1 or stats_decay > 0
   if amortized and not layers:
     raise ValueError(
-        'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
-        'moment per layer in the optimizer state, so tract needs the layers at '
-        "construction: tract(..., layers=[('stem',)]).")
+      'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
+      'moment per layer in the optimizer state, so tract needs the layers at '
+      "construction: tract(..., layers=[('stem',)])."
+    )
   if layers is None:
     return None, amortized
   if isinstance(layers, str):
     layers = [layers]
   normalized = [paths_lib.normalize_path(p) for p in layers]
   if not normalized:
-    raise ValueError('tract(layers=[]) names no layer; leave layers out to '
-                     'precondition whatever tract_stats names.')
+    raise ValueError(
+      'tract(layers=[]) names no layer; leave layers out to '
+      'precondition whatever tract_stats names.'
+    )
   if len(set(normalized)) != len(normalized):
     raise ValueError(f'tract(layers={layers!r}) names a layer twice.')
   return tuple(normalized), amortized
 
 
 def _mask_hint(updates) -> str:
-  masked = [leaf for leaf in jax.tree_util.tree_leaves(
-      updates, is_leaf=lambda v: isinstance(v, optax.MaskedNode))
-            if isinstance(leaf, optax.MaskedNode)]
+  masked = [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(
+      updates, is_leaf=lambda v: isinstance(v, optax.MaskedNode)
+    )
+    if isinstance(leaf, optax.MaskedNode)
+  ]
   if not masked:
     return ''
-  return (' The updates hold masked-out leaves (optax.masked / '
-          'optax.multi_transform): this tract sits in a group that does not '
-          "contain the layer's kernel. Put tract first in the chain, outside "
-          'the masking, or put the kernel in its group.')
+  return (
+    ' The updates hold masked-out leaves (optax.masked / '
+    'optax.multi_transform): this tract sits in a group that does not '
+    "contain the layer's kernel. Put tract first in the chain, outside "
+    'the masking, or put the kernel in its group.'
+  )
 
 
 def _check_not_preconditioned(leaf, path) -> None:
   for ref in _RECENT_OUTPUTS:
     if ref() is leaf:
       raise ValueError(
-          f'The gradient of {paths_lib.format_path(path)!r} has already been '
-          'preconditioned (by a tract transformation, or by the gradient route: '
-          'apply_tract / tract_kernel): a chain must hold tract once, and the '
-          'gradient route needs no tract in the chain at all.')
+        f'The gradient of {paths_lib.format_path(path)!r} has already been '
+        'preconditioned (by a tract transformation, or by the gradient route: '
+        'apply_tract / tract_kernel): a chain must hold tract once, and the '
+        'gradient route needs no tract in the chain at all.'
+      )
 
 
 def remember_preconditioned(leaf) -> None:
@@ -159,21 +178,26 @@ def _select(stats_by_path, layers, amortized):
   missing = [p for p in layers if p not in stats_by_path]
   if missing and not amortized:
     raise KeyError(
-        f'tract(layers=...) preconditions {[paths_lib.format_path(p) for p in layers]}, '
-        f'but tract_stats has no statistic for {paths_lib.format_path(missing[0])!r} '
-        f'(it names {[paths_lib.format_path(p) for p in stats_by_path] or "nothing"}). '
-        'Pass every listed layer\'s statistic at every step, or use '
-        'refresh_every=k to keep an amortised statistic between refreshes.')
+      f'tract(layers=...) preconditions {[paths_lib.format_path(p) for p in layers]}, '
+      f'but tract_stats has no statistic for {paths_lib.format_path(missing[0])!r} '
+      f'(it names {[paths_lib.format_path(p) for p in stats_by_path] or "nothing"}). '
+      "Pass every listed layer's statistic at every step, or use "
+      'refresh_every=k to keep an amortised statistic between refreshes.'
+    )
   return {p: s for p, s in stats_by_path.items() if p in layers}
 
 
-def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
-          local_stats: bool = False, relative_lam: bool = False,
-          layers: Optional[Sequence[paths_lib.PathLike]] = None,
-          refresh_every: Optional[int] = None,
-          stats_decay: Optional[float] = None,
-          check_condition: Optional[bool] = None,
-          ) -> optax.GradientTransformationExtraArgs:
+def tract(
+  lam: ScalarOrSchedule = 0.1,
+  *,
+  axis_name: AxisName = None,
+  local_stats: bool = False,
+  relative_lam: bool = False,
+  layers: Optional[Sequence[paths_lib.PathLike]] = None,
+  refresh_every: Optional[int] = None,
+  stats_decay: Optional[float] = None,
+  check_condition: Optional[bool] = None,
+) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
   For every entry ``path -> stats`` of ``tract_stats``, the gradient ``G`` of the
@@ -252,11 +276,13 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
 
   def init_fn(params):
     cache = amortize.init_cache(params, cached_layers) if cached_layers else {}
-    return TractState(count=jnp.zeros([], jnp.int32),
-                      refresh_every=jnp.asarray(refresh_every, jnp.int32),
-                      refreshes=jnp.zeros([], jnp.int32),
-                      last_refresh=jnp.zeros([], jnp.int32),
-                      stats_cache=cache)
+    return TractState(
+      count=jnp.zeros([], jnp.int32),
+      refresh_every=jnp.asarray(refresh_every, jnp.int32),
+      refreshes=jnp.zeros([], jnp.int32),
+      last_refresh=jnp.zeros([], jnp.int32),
+      stats_cache=cache,
+    )
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
@@ -266,12 +292,14 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     kernel_index = paths_lib.kernel_leaf_index(updates)
     hint = _mask_hint(updates)
-    positions = {path: paths_lib.require_kernel(kernel_index, path, 'tract_stats',
-                                                'the updates', hint)
-                 for path in stats_by_path}
+    positions = {
+      path: paths_lib.require_kernel(kernel_index, path, 'tract_stats', 'the updates', hint)
+      for path in stats_by_path
+    }
     if reduce_over is not None:
-      stats_by_path = {path: all_reduce_stats(stats, reduce_over)
-                       for path, stats in stats_by_path.items()}
+      stats_by_path = {
+        path: all_reduce_stats(stats, reduce_over) for path, stats in stats_by_path.items()
+      }
     cache, refreshes, last_refresh = state.stats_cache, state.refreshes, state.last_refresh
     usable = {}  # amortised: whether the kept statistic was ever refreshed
     if cached_layers:
@@ -283,32 +311,43 @@ def tract(lam: ScalarOrSchedule = 0.1, *, axis_name: AxisName = None,
       for path in cached_layers:
         stats_by_path[path] = cache[amortize.cache_key(path)]
         usable[path] = amortize.is_filled(stats_by_path[path])
-        positions.setdefault(path, paths_lib.require_kernel(
-            kernel_index, path, 'tract(layers=...)', 'the updates', hint))
+        positions.setdefault(
+          path,
+          paths_lib.require_kernel(kernel_index, path, 'tract(layers=...)', 'the updates', hint),
+        )
     for module, stats in stats_by_path.items():
       position = positions[module]
       _check_not_preconditioned(leaves[position], module)
-      solved = precondition(leaves[position], stats, lam_value,
-                            relative_lam=relative_lam,
-                            check_condition=check_condition,
-                            name=paths_lib.format_path(module))
+      solved = precondition(
+        leaves[position],
+        stats,
+        lam_value,
+        relative_lam=relative_lam,
+        check_condition=check_condition,
+        name=paths_lib.format_path(module),
+      )
       if module in usable:  # amortised, never refreshed yet: no statistic at all
         solved = jnp.where(usable[module], solved, jnp.nan)
       leaves[position] = solved
       remember_preconditioned(solved)
-    new_state = TractState(count=_safe_increment(state.count),
-                           refresh_every=state.refresh_every,
-                           refreshes=refreshes, last_refresh=last_refresh,
-                           stats_cache=cache)
+    new_state = TractState(
+      count=_safe_increment(state.count),
+      refresh_every=state.refresh_every,
+      refreshes=refreshes,
+      last_refresh=last_refresh,
+      stats_cache=cache,
+    )
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _tract_states(opt_state):
-  return [s for s in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, TractState))
-          if isinstance(s, TractState)]
+  return [
+    s
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, TractState))
+    if isinstance(s, TractState)
+  ]
 
 
 def stats_due(opt_state) -> jax.Array:
@@ -336,7 +375,7 @@ def stats_due(opt_state) -> jax.Array:
   found = _tract_states(opt_state)
   if len(found) != 1:
     raise ValueError(
-        f'stats_due needs an optimizer state with exactly one TrAct state; '
-        f'found {len(found)}.')
+      f'stats_due needs an optimizer state with exactly one TrAct state; found {len(found)}.'
+    )
   state = found[0]
   return (state.refreshes == 0) | (state.count - state.last_refresh >= state.refresh_every)

@@ -24,11 +24,11 @@ import numpy as np
 import optax
 
 import tract_optax
-from tract_optax.experiment import data as data_lib
-from tract_optax.experiment import models as models_lib
-from tract_optax.experiment import report
-from tract_optax.experiment import training
-from tract_optax.experiment.config import METHOD_LABELS, Config
+from tract_experiment import data as data_lib
+from tract_experiment import models as models_lib
+from tract_experiment import report
+from tract_experiment import training
+from tract_experiment.config import METHOD_LABELS, Config
 
 #: Files a comparison writes into its output folder.
 RESULTS_FILE = 'results.json'
@@ -105,7 +105,7 @@ def run_comparison(config: Config, log: Callable[[str], None] = _log) -> Dict[st
   """Runs every (input scale, budget, seed, method), prints the summary, writes the outputs.
 
   Args:
-    config: the resolved settings (:func:`tract_optax.experiment.cli.parse_config`).
+    config: the resolved settings (:func:`tract_experiment.cli.parse_config`).
     log: where progress lines and the summary go.
 
   Returns:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import tract_optax
-from tract_optax.experiment import data as data_lib
-from tract_optax.experiment import models as models_lib
-from tract_optax.experiment.comparison import PLOT_FILE, RESULTS_FILE, RunError, run_comparison
-from tract_optax.experiment.config import (AUGMENTATIONS, AUTO_AUGMENT, DEFAULT_LR, INPUT_SCALES,
+from tract_experiment import data as data_lib
+from tract_experiment import models as models_lib
+from tract_experiment.comparison import PLOT_FILE, RESULTS_FILE, RunError, run_comparison
+from tract_experiment.config import (AUGMENTATIONS, AUTO_AUGMENT, DEFAULT_LR, INPUT_SCALES,
                                            METHOD_LABELS, METHOD_SETS, METHODS, PRESETS, Config)
 
 PROG = 'tract-optax-train'
@@ -273,7 +273,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
   A bad flag exits with status 2 and one line naming it (argparse style).
 
   Example:
-    >>> from tract_optax.experiment import cli
+    >>> from tract_experiment import cli
     >>> config = cli.parse_config(['--dataset', 'digits', '--epochs', '2,1'])
     >>> config.epochs, config.methods, config.model, config.input_scales
     ((1, 2), ('plain', 'tract'), 'cnn', ('standardized',))
@@ -328,7 +328,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """Entry point of ``tract-optax-train`` and ``python -m tract_optax.train``.
+  """Entry point of ``tract-optax-train`` and ``python -m tract_experiment``.
 
   Args:
     argv: command-line arguments (default: ``sys.argv[1:]``).

@@ -28,11 +28,11 @@ from typing import Hashable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from tract_optax import axes as axes_lib
-from tract_optax import ridge as ridge_lib
-from tract_optax import transform
-from tract_optax.precondition import precondition
-from tract_optax.stats import TractStats, all_reduce_stats
+from tract_optax._src import axes as axes_lib
+from tract_optax._src import ridge as ridge_lib
+from tract_optax._src import transform
+from tract_optax._src.precondition import precondition
+from tract_optax._src.stats import TractStats, all_reduce_stats
 
 
 class _Settings(NamedTuple):
@@ -72,8 +72,14 @@ def _backward(settings, residuals, cotangent):
   if settings.axis_name is not None:
     stats = all_reduce_stats(local_stats, settings.axis_name)
   grad = _to_flax_layout(cotangent) if settings.channels_first else cotangent
-  solved = precondition(grad, stats, lam, relative_lam=settings.relative_lam,
-                        check_condition=settings.check_condition, name=settings.name)
+  solved = precondition(
+    grad,
+    stats,
+    lam,
+    relative_lam=settings.relative_lam,
+    check_condition=settings.check_condition,
+    name=settings.name,
+  )
   if settings.channels_first:
     solved = _from_flax_layout(solved)
   transform.remember_preconditioned(solved)
@@ -94,19 +100,20 @@ def check_fits(kernel_shape, stats: TractStats, channels_first: bool = False) ->
   else:
     n, m = math.prod(kernel_shape[:-1]), kernel_shape[-1]
   if stats.num_features != n or m % stats.groups:
-    layout = ('(out, in / groups, *window)' if channels_first
-              else '(*window, in / groups, out)')
+    layout = '(out, in / groups, *window)' if channels_first else '(*window, in / groups, out)'
     raise ValueError(
-        f'The statistic (n = {stats.num_features} features, {stats.groups} '
-        f'group(s)) does not fit the kernel of shape {kernel_shape} in layout '
-        f'{layout}, which needs n = {n}. Was it computed from this layer\'s '
-        'input with its kernel size, padding and feature groups'
-        + ('' if channels_first else ', or is the kernel channels-first '
-           '(pass channels_first=True)') + '?')
+      f'The statistic (n = {stats.num_features} features, {stats.groups} '
+      f'group(s)) does not fit the kernel of shape {kernel_shape} in layout '
+      f"{layout}, which needs n = {n}. Was it computed from this layer's "
+      'input with its kernel size, padding and feature groups'
+      + ('' if channels_first else ', or is the kernel channels-first (pass channels_first=True)')
+      + '?'
+    )
 
 
-def check_settings(lam, axis_name: axes_lib.AxisName, local_stats: bool,
-                   owner: str) -> axes_lib.AxisName:
+def check_settings(
+  lam, axis_name: axes_lib.AxisName, local_stats: bool, owner: str
+) -> axes_lib.AxisName:
   """Checks the gradient route's settings up front; returns the axes to reduce.
 
   Raises:
@@ -115,19 +122,26 @@ def check_settings(lam, axis_name: axes_lib.AxisName, local_stats: bool,
   """
   if callable(lam):
     raise TypeError(
-        f'{owner} takes the value of lambda, not a schedule; evaluate the '
-        f'schedule at the step: {owner}(..., lam=schedule(state.step)).')
+      f'{owner} takes the value of lambda, not a schedule; evaluate the '
+      f'schedule at the step: {owner}(..., lam=schedule(state.step)).'
+    )
   ridge_lib.validate_lam(lam)
   reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats, owner=owner)
   return tuple(reduce_over) if isinstance(reduce_over, list) else reduce_over
 
 
-def tract_kernel(kernel: jax.Array, stats: TractStats, *,
-                 lam: Union[float, jax.Array] = 0.1,
-                 axis_name: axes_lib.AxisName = None, local_stats: bool = False,
-                 relative_lam: bool = False, channels_first: bool = False,
-                 check_condition: Optional[bool] = None, name: Optional[str] = None
-                 ) -> jax.Array:
+def tract_kernel(
+  kernel: jax.Array,
+  stats: TractStats,
+  *,
+  lam: Union[float, jax.Array] = 0.1,
+  axis_name: axes_lib.AxisName = None,
+  local_stats: bool = False,
+  relative_lam: bool = False,
+  channels_first: bool = False,
+  check_condition: Optional[bool] = None,
+  name: Optional[str] = None,
+) -> jax.Array:
   """The kernel, unchanged, whose gradient is the TrAct gradient.
 
   Args:
@@ -178,8 +192,10 @@ def tract_kernel(kernel: jax.Array, stats: TractStats, *,
   stats.validate('tract_kernel')
   check_fits(jnp.shape(kernel), stats, channels_first)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
-  dtype = jnp.promote_types(jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]),
-                            jnp.float32)
-  settings = _Settings(reduce_over, bool(relative_lam), bool(channels_first),
-                       bool(check_condition), name)
+  dtype = jnp.promote_types(
+    jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]), jnp.float32
+  )
+  settings = _Settings(
+    reduce_over, bool(relative_lam), bool(channels_first), bool(check_condition), name
+  )
   return _tract_identity(settings, kernel, stats, jnp.asarray(lam, dtype))

@@ -13,16 +13,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from tract_optax import conv as conv_lib
-from tract_optax import paths as paths_lib
-from tract_optax import stats as stats_lib
-from tract_optax.stats import TractStats
+from tract_optax._src import conv as conv_lib
+from tract_optax._src import paths as paths_lib
+from tract_optax._src import stats as stats_lib
+from tract_optax._src.stats import TractStats
 
 Path = Tuple[Any, ...]
 LayersLike = Union[None, str, Sequence[Union[str, Tuple[Any, ...]]]]
 
-SUPPORTED = ('Dense/Linear (kernel (n_in, n_out)), DenseGeneral/LinearGeneral (one '
-             'output feature axis, no batch axes) and Conv')
+SUPPORTED = (
+  'Dense/Linear (kernel (n_in, n_out)), DenseGeneral/LinearGeneral (one '
+  'output feature axis, no batch axes) and Conv'
+)
 
 
 #: Class attribute set by :func:`mark_linear_kernel`.
@@ -34,8 +36,13 @@ _HARMLESS_OVERRIDES = frozenset({'__init__', '__eq__', '__hash__', '__repr__'})
 
 # Settings that inject the layer's product: anything but Flax's default may
 # quantize or reparameterise the kernel.
-_INJECTED = ('dot_general', 'dot_general_cls', 'conv_general_dilated',
-             'conv_general_dilated_cls', 'promote_dtype')
+_INJECTED = (
+  'dot_general',
+  'dot_general_cls',
+  'conv_general_dilated',
+  'conv_general_dilated_cls',
+  'promote_dtype',
+)
 
 
 def mark_linear_kernel(cls: type) -> type:
@@ -70,7 +77,7 @@ def mark_linear_kernel(cls: type) -> type:
   if not isinstance(cls, type):
     raise TypeError(f'mark_linear_kernel takes a class; got {cls!r}.')
   setattr(cls, LINEAR_MARK, True)  # vouches for this class only: a subclass
-  return cls                       # that overrides more must be marked again
+  return cls  # that overrides more must be marked again
 
 
 def _default_setting(base: type, name: str):
@@ -108,9 +115,11 @@ def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str
       if name in _HARMLESS_OVERRIDES or not hasattr(base, name):
         continue
       if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
-        return (f'its class {klass.__name__} overrides {name}() of '
-                f'{base.__name__}, so its output may not be linear in the '
-                'stored kernel (e.g. weight standardisation)')
+        return (
+          f'its class {klass.__name__} overrides {name}() of '
+          f'{base.__name__}, so its output may not be linear in the '
+          'stored kernel (e.g. weight standardisation)'
+        )
   for name in _INJECTED:
     if not hasattr(layer, name):
       continue
@@ -118,25 +127,27 @@ def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str
     if default is inspect.Parameter.empty:
       continue
     if getattr(layer, name) is not default:
-      return (f'it computes its product with a custom {name}={getattr(layer, name)!r} '
-              '(e.g. quantization), so its output may not be linear in the '
-              'stored kernel')
+      return (
+        f'it computes its product with a custom {name}={getattr(layer, name)!r} '
+        '(e.g. quantization), so its output may not be linear in the '
+        'stored kernel'
+      )
   return None
 
 
-def check_linear_kernel(path: Path, type_name: str, layer: Any,
-                        bases: Tuple[type, ...]) -> None:
+def check_linear_kernel(path: Path, type_name: str, layer: Any, bases: Tuple[type, ...]) -> None:
   """Raises if ``layer`` may not use its stored kernel linearly."""
   reason = nonlinear_kernel_reason(layer, bases)
   if reason is None:
     return
   raise ValueError(
-      f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
-      f'a {type_name}: {reason}. TrAct\'s closed-form update assumes the '
-      'layer output is linear in its stored kernel, or the update is wrong. '
-      'If this class does use the kernel linearly, decorate it with '
-      '@tract_optax.mark_linear_kernel; otherwise select another layer with '
-      'layers=[...].')
+    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
+    f"a {type_name}: {reason}. TrAct's closed-form update assumes the "
+    'layer output is linear in its stored kernel, or the update is wrong. '
+    'If this class does use the kernel linearly, decorate it with '
+    '@tract_optax.mark_linear_kernel; otherwise select another layer with '
+    'layers=[...].'
+  )
 
 
 def conv_settings(conv: Any) -> Dict[str, Any]:
@@ -163,8 +174,7 @@ def conv_settings(conv: Any) -> Dict[str, Any]:
     {'kernel_size': (7, 7), 'strides': (2, 2), 'padding': 'SAME', 'dilation': (1, 1), 'feature_group_count': 1}
   """
   if not all(hasattr(conv, name) for name in ('kernel_size', 'strides', 'padding')):
-    raise ValueError(f'conv_settings needs a Flax Conv (Linen or NNX); got '
-                     f'{type(conv).__name__}.')
+    raise ValueError(f'conv_settings needs a Flax Conv (Linen or NNX); got {type(conv).__name__}.')
   return read_conv_settings(conv, (), type(conv).__name__)
 
 
@@ -175,17 +185,25 @@ def read_conv_settings(conv: Any, path: Path, type_name: str) -> Dict[str, Any]:
   size = len(kernel_size)
   if any(d != 1 for d in spatial_ints(getattr(conv, 'input_dilation', None), size)):
     raise unsupported_layer(
-        path, type_name, f'input_dilation={conv.input_dilation} (a transposed '
-        'convolution) is not supported: its patches interleave zeros.')
+      path,
+      type_name,
+      f'input_dilation={conv.input_dilation} (a transposed '
+      'convolution) is not supported: its patches interleave zeros.',
+    )
   if getattr(conv, 'mask', None) is not None:
     raise unsupported_layer(
-        path, type_name, 'a masked kernel (mask=...) is not supported: the '
-        'TrAct update of a masked kernel is a constrained least-squares problem.')
-  return {'kernel_size': kernel_size,
-          'strides': spatial_ints(conv.strides, size),
-          'padding': conv.padding,
-          'dilation': spatial_ints(getattr(conv, 'kernel_dilation', None), size),
-          'feature_group_count': int(getattr(conv, 'feature_group_count', 1))}
+      path,
+      type_name,
+      'a masked kernel (mask=...) is not supported: the '
+      'TrAct update of a masked kernel is a constrained least-squares problem.',
+    )
+  return {
+    'kernel_size': kernel_size,
+    'strides': spatial_ints(conv.strides, size),
+    'padding': conv.padding,
+    'dilation': spatial_ints(getattr(conv, 'kernel_dilation', None), size),
+    'feature_group_count': int(getattr(conv, 'feature_group_count', 1)),
+  }
 
 
 def normalize_layers(layers: LayersLike) -> Optional[List[Tuple[str, ...]]]:
@@ -199,39 +217,43 @@ def normalize_layers(layers: LayersLike) -> Optional[List[Tuple[str, ...]]]:
     return None
   if isinstance(layers, str):
     return [paths_lib.normalize_path(layers)]
-  if isinstance(layers, tuple) and layers and all(
-      isinstance(part, (str, int)) for part in layers):
+  if isinstance(layers, tuple) and layers and all(isinstance(part, (str, int)) for part in layers):
     raise TypeError(
-        f'layers={layers!r} is ambiguous: one nested path or several paths? '
-        f'Pass a list: [{layers!r}] for the layer at that path, or '
-        f'{list(layers)!r} for several top-level layers.')
+      f'layers={layers!r} is ambiguous: one nested path or several paths? '
+      f'Pass a list: [{layers!r}] for the layer at that path, or '
+      f'{list(layers)!r} for several top-level layers.'
+    )
   layers = list(layers)
   if not layers:
-    raise ValueError('layers must name at least one module path, or be None '
-                     'to select the first Conv/Dense layer called.')
+    raise ValueError(
+      'layers must name at least one module path, or be None '
+      'to select the first Conv/Dense layer called.'
+    )
   return [paths_lib.normalize_path(path) for path in layers]
 
 
 def format_paths(paths: Sequence[Path]) -> str:
-  return ', '.join(repr(paths_lib.format_path(paths_lib.normalize_path(p)))
-                   for p in paths) or 'none'
+  return (
+    ', '.join(repr(paths_lib.format_path(paths_lib.normalize_path(p))) for p in paths) or 'none'
+  )
 
 
 def unsupported_layer(path: Path, type_name: str, reason: str) -> ValueError:
   return ValueError(
-      f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
-      f'a {type_name}: {reason} TrAct supports {SUPPORTED}; pass layers=[...] '
-      'to select a supported layer explicitly.')
+    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
+    f'a {type_name}: {reason} TrAct supports {SUPPORTED}; pass layers=[...] '
+    'to select a supported layer explicitly.'
+  )
 
 
 def not_called(missing: Sequence[Path], called: Sequence[Path]) -> ValueError:
   return ValueError(
-      f'The selected layer(s) {format_paths(missing)} were never called in the '
-      f'forward pass. Conv/Dense layers called: {format_paths(called)}.')
+    f'The selected layer(s) {format_paths(missing)} were never called in the '
+    f'forward pass. Conv/Dense layers called: {format_paths(called)}.'
+  )
 
 
-def check_selection(selected: Sequence[Path], recorded,
-                    called: Sequence[Path]) -> None:
+def check_selection(selected: Sequence[Path], recorded, called: Sequence[Path]) -> None:
   """Raises if the forward pass did not call the layers that were asked for.
 
   Args:
@@ -246,8 +268,9 @@ def check_selection(selected: Sequence[Path], recorded,
 
 def missing_input(path: Path) -> TypeError:
   return TypeError(
-      f'Cannot find the input of layer {format_paths([path])}: call it with the '
-      'input as its first argument (or as inputs=...).')
+    f'Cannot find the input of layer {format_paths([path])}: call it with the '
+    'input as its first argument (or as inputs=...).'
+  )
 
 
 def call_input(path: Path, args, kwargs):
@@ -273,8 +296,9 @@ def spatial_ints(value, size: int) -> Tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def conv_layer_stats(path: Path, type_name: str, x: jax.Array, conv: Any, *,
-                     precision, max_chunk_bytes) -> TractStats:
+def conv_layer_stats(
+  path: Path, type_name: str, x: jax.Array, conv: Any, *, precision, max_chunk_bytes
+) -> TractStats:
   """Statistic of one call of a Flax ``Conv`` layer, Linen or NNX.
 
   Both kinds name their settings alike (``kernel_size``, ``strides``,
@@ -282,12 +306,14 @@ def conv_layer_stats(path: Path, type_name: str, x: jax.Array, conv: Any, *,
   ``mask``), so they are read from the layer here, once for both.
   """
   settings = read_conv_settings(conv, path, type_name)
-  return conv_lib.conv_stats(as_float(x), **settings, precision=precision,
-                             max_chunk_bytes=max_chunk_bytes)
+  return conv_lib.conv_stats(
+    as_float(x), **settings, precision=precision, max_chunk_bytes=max_chunk_bytes
+  )
 
 
-def general_layer_stats(path: Path, type_name: str, x: jax.Array, *, axis,
-                        num_out_axes: int, batch_axes, precision) -> TractStats:
+def general_layer_stats(
+  path: Path, type_name: str, x: jax.Array, *, axis, num_out_axes: int, batch_axes, precision
+) -> TractStats:
   """Statistic of one call of a ``DenseGeneral`` / ``LinearGeneral`` layer.
 
   The contracted axes are moved last, in kernel order (ascending, as Flax
@@ -296,11 +322,15 @@ def general_layer_stats(path: Path, type_name: str, x: jax.Array, *, axis,
   """
   if num_out_axes != 1:
     raise unsupported_layer(
-        path, type_name, f'its kernel has {num_out_axes} output feature axes, '
-        'which tract would read as (prod(kernel.shape[:-1]), kernel.shape[-1]).')
+      path,
+      type_name,
+      f'its kernel has {num_out_axes} output feature axes, '
+      'which tract would read as (prod(kernel.shape[:-1]), kernel.shape[-1]).',
+    )
   if batch_axes:
     raise unsupported_layer(
-        path, type_name, f'batch axes {batch_axes} give one kernel per batch entry.')
+      path, type_name, f'batch axes {batch_axes} give one kernel per batch entry.'
+    )
   x = as_float(x)
   axis = (axis,) if isinstance(axis, int) else tuple(axis)
   axis = tuple(sorted(a % x.ndim for a in axis))  # Flax sorts them, too
@@ -326,25 +356,27 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
   lead = stats.count.ndim
   if lead == 0:
     return stats
-  flat = jax.tree_util.tree_map(
-      lambda leaf: leaf.reshape((-1,) + leaf.shape[lead:]), stats)
-  pieces = [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], flat)
-            for i in range(flat.count.shape[0])]
+  flat = jax.tree_util.tree_map(lambda leaf: leaf.reshape((-1,) + leaf.shape[lead:]), stats)
+  pieces = [
+    jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], flat) for i in range(flat.count.shape[0])
+  ]
   return stats_lib.combine_stats(pieces, precision=precision)
 
 
 def per_iteration_kernel(path: Path, outer_shape, inner_shape) -> ValueError:
   return ValueError(
-      f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} '
-      f'runs inside scan/vmap with one kernel per iteration (kernel '
-      f'{outer_shape}, each iteration sees {inner_shape}). tract preconditions '
-      'a kernel as one (n, m) matrix, so per-iteration kernels are not '
-      'supported; share the kernel across the transform (broadcast its '
-      'params) or select another layer.')
+    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} '
+    f'runs inside scan/vmap with one kernel per iteration (kernel '
+    f'{outer_shape}, each iteration sees {inner_shape}). tract preconditions '
+    'a kernel as one (n, m) matrix, so per-iteration kernels are not '
+    'supported; share the kernel across the transform (broadcast its '
+    'params) or select another layer.'
+  )
 
 
-def combine_calls(path: Path, calls: Sequence[TractStats], outer_shape,
-                  inner_shape, precision) -> TractStats:
+def combine_calls(
+  path: Path, calls: Sequence[TractStats], outer_shape, inner_shape, precision
+) -> TractStats:
   """The statistic of all calls of one layer, lifted axes merged."""
   merged = []
   for stats in calls:

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tract_optax.experiment import config as config_lib
+from tract_experiment import config as config_lib
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,7 +120,7 @@ class DataSource:
     """Lines naming the folder and every file with its SHA-256.
 
     Example:
-      >>> from tract_optax.experiment import data
+      >>> from tract_experiment import data
       >>> source = data.DataSource('data_dir', '/d', (data.DataFile('a.gz', 'ab12', 3),))
       >>> print(source.describe())
       data read from /d (data_dir):
@@ -138,7 +138,7 @@ def file_sha256(path: PathLike) -> str:
     >>> import os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), 'empty')
     >>> open(path, 'wb').close()
-    >>> tract_optax.experiment.data.file_sha256(path)[:16]
+    >>> tract_experiment.data.file_sha256(path)[:16]
     'e3b0c44298fc1c14'
   """
   digest = hashlib.sha256()
@@ -209,7 +209,7 @@ class Dataset:
       A new :class:`Dataset`; the same seed always gives the same subset.
 
     Example:
-      >>> data = tract_optax.experiment.data.digits()
+      >>> data = tract_experiment.data.digits()
       >>> data.subset(100, 50).train_images.shape
       (100, 8, 8, 1)
     """
@@ -245,7 +245,7 @@ def standardize(train_images: np.ndarray, test_images: np.ndarray
 
   Example:
     >>> train = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
-    >>> out, _, mean, std = tract_optax.experiment.data.standardize(train, train)
+    >>> out, _, mean, std = tract_experiment.data.standardize(train, train)
     >>> round(float(out.mean()), 6), round(float(out.std()), 6), mean.tolist()
     (0.0, 1.0, [3.5])
   """
@@ -340,7 +340,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     >>> path = os.path.join(tempfile.mkdtemp(), 'labels-idx1-ubyte')
     >>> with open(path, 'wb') as f:
     ...   _ = f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))
-    >>> tract_optax.experiment.data.read_idx(path).tolist()
+    >>> tract_experiment.data.read_idx(path).tolist()
     [7, 8, 9]
   """
   path = Path(path)
@@ -378,8 +378,8 @@ def write_idx(path: PathLike, array: np.ndarray) -> None:
   Example:
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), 'x-idx3-ubyte.gz')
-    >>> tract_optax.experiment.data.write_idx(path, np.zeros((2, 3, 3), np.uint8))
-    >>> tract_optax.experiment.data.read_idx(path).shape
+    >>> tract_experiment.data.write_idx(path, np.zeros((2, 3, 3), np.uint8))
+    >>> tract_experiment.data.read_idx(path).shape
     (2, 3, 3)
   """
   array = np.asarray(array)
@@ -445,7 +445,7 @@ def find_fashion_mnist(data_dir: Optional[PathLike] = None) -> Optional[Path]:
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> for stem in FASHION_MNIST_FILES.values():
     ...   (folder / (stem + '.gz')).touch()
-    >>> tract_optax.experiment.data.find_fashion_mnist(folder) == folder
+    >>> tract_experiment.data.find_fashion_mnist(folder) == folder
     True
   """
   found = _find_fashion_mnist(data_dir)
@@ -569,7 +569,7 @@ def fashion_mnist(data_dir: Optional[PathLike] = None, *, download: bool = True,
     ...             rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
     ...   write_idx(f'{folder}/{split}-labels-idx1-ubyte.gz',
     ...             rng.integers(0, 10, count, dtype=np.uint8))
-    >>> data = tract_optax.experiment.data.fashion_mnist(folder)
+    >>> data = tract_experiment.data.fashion_mnist(folder)
     >>> data.train_images.shape, data.test_labels.dtype, data.source.origin
     ((20, 28, 28, 1), dtype('int32'), 'data_dir')
   """
@@ -633,7 +633,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0, *,
     scikit-learn's ``digits.csv.gz``.
 
   Example:
-    >>> data = tract_optax.experiment.data.digits()
+    >>> data = tract_experiment.data.digits()
     >>> data.train_images.shape, data.test_images.shape, data.num_classes
     ((1438, 8, 8, 1), (359, 8, 8, 1), 10)
     >>> data.source.files[0].name
@@ -811,9 +811,9 @@ def load(name: str, data_dir: Optional[PathLike] = None, *,
     DatasetError: the files are missing or damaged.
 
   Example:
-    >>> tract_optax.experiment.data.load('digits').num_classes
+    >>> tract_experiment.data.load('digits').num_classes
     10
-    >>> float(tract_optax.experiment.data.load('digits', input_scale='raw').train_images.max())
+    >>> float(tract_experiment.data.load('digits', input_scale='raw').train_images.max())
     16.0
   """
   if name not in LOADERS:
@@ -839,7 +839,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
       shape avoids recompiling).
 
   Example:
-    >>> from tract_optax.experiment.data import batches
+    >>> from tract_experiment.data import batches
     >>> x, y = np.arange(10), np.arange(10)
     >>> [len(b) for b, _ in batches(x, y, 4)]
     [4, 4, 2]
@@ -877,7 +877,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, pad: int =
 
   Example:
     >>> x = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
-    >>> out = tract_optax.experiment.data.random_crop_flip(x, np.random.default_rng(0), pad=1)
+    >>> out = tract_experiment.data.random_crop_flip(x, np.random.default_rng(0), pad=1)
     >>> out.shape
     (2, 4, 4, 1)
   """

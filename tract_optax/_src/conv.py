@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tract_optax import stats as stats_lib
+from tract_optax._src import stats as stats_lib
 
 IntOrSeq = Union[int, Sequence[int]]
 PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
@@ -67,14 +67,18 @@ _NAMED_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID', 'CAUSAL') + tuple(_MODE_PADDIN
 # Arguments
 # ----------------------------------------------------------------------------
 
+
 def _is_integer(value) -> bool:
   """Whether ``value`` is an integer (Python or numpy), booleans excluded."""
   if isinstance(value, (bool, np.bool_)):
     return False
   if isinstance(value, (int, np.integer)):
     return True
-  return (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and
-          jnp.issubdtype(value.dtype, jnp.integer))
+  return (
+    isinstance(value, (np.ndarray, jax.Array))
+    and value.ndim == 0
+    and jnp.issubdtype(value.dtype, jnp.integer)
+  )
 
 
 def _is_sequence(value) -> bool:
@@ -89,43 +93,42 @@ def _kernel_size_tuple(kernel_size: IntOrSeq) -> Tuple[int, ...]:
     sizes = tuple(kernel_size)
     if not all(_is_integer(k) for k in sizes):
       raise TypeError(
-          f'kernel_size={kernel_size!r} must be an int or a sequence of ints, '
-          'one window size per spatial dimension.')
+        f'kernel_size={kernel_size!r} must be an int or a sequence of ints, '
+        'one window size per spatial dimension.'
+      )
     sizes = tuple(operator.index(k) for k in sizes)
   else:
     raise TypeError(
-        f'kernel_size={kernel_size!r} must be an int or a sequence of ints, '
-        'one window size per spatial dimension.')
+      f'kernel_size={kernel_size!r} must be an int or a sequence of ints, '
+      'one window size per spatial dimension.'
+    )
   if not 1 <= len(sizes) <= 3:
-    raise ValueError(f'kernel_size={kernel_size!r}: 1-D, 2-D or 3-D convolutions '
-                     'are supported.')
+    raise ValueError(f'kernel_size={kernel_size!r}: 1-D, 2-D or 3-D convolutions are supported.')
   if min(sizes) < 1:
-    raise ValueError(f'kernel_size={kernel_size!r}: every window size must be '
-                     'at least 1.')
+    raise ValueError(f'kernel_size={kernel_size!r}: every window size must be at least 1.')
   return sizes
 
 
-def _spatial_ints(value: IntOrSeq, num_spatial: int, name: str,
-                  meaning_of_one: str) -> Tuple[int, ...]:
+def _spatial_ints(
+  value: IntOrSeq, num_spatial: int, name: str, meaning_of_one: str
+) -> Tuple[int, ...]:
   """``strides`` or ``dilation``: one positive int per spatial dimension."""
   if _is_integer(value):
     values = (operator.index(value),) * num_spatial
   elif _is_sequence(value):
     values = tuple(value)
     if not all(_is_integer(v) for v in values):
-      raise TypeError(f'{name}={value!r} must be an int or a sequence of '
-                      f'{num_spatial} ints.')
+      raise TypeError(f'{name}={value!r} must be an int or a sequence of {num_spatial} ints.')
     values = tuple(operator.index(v) for v in values)
     if len(values) != num_spatial:
       raise ValueError(
-          f'{name}={value!r} has {len(values)} entries but the kernel has '
-          f'{num_spatial} spatial dimensions.')
+        f'{name}={value!r} has {len(values)} entries but the kernel has '
+        f'{num_spatial} spatial dimensions.'
+      )
   else:
-    raise TypeError(f'{name}={value!r} must be an int or a sequence of '
-                    f'{num_spatial} ints.')
+    raise TypeError(f'{name}={value!r} must be an int or a sequence of {num_spatial} ints.')
   if min(values) < 1:
-    raise ValueError(f'{name}={value!r}: every entry must be at least 1 '
-                     f'({meaning_of_one}).')
+    raise ValueError(f'{name}={value!r}: every entry must be at least 1 ({meaning_of_one}).')
   return values
 
 
@@ -139,70 +142,74 @@ def _padding_entry(entry, index: int, padding) -> Tuple[int, int]:
       if len(numbers) == 2:
         return operator.index(numbers[0]), operator.index(numbers[1])
       raise ValueError(
-          f'padding={padding!r}: entry {index} has {len(numbers)} numbers; each '
-          'entry is an int or a (low, high) pair. (lax.pad-style (low, high, '
-          'interior) triples are not accepted: interior padding is '
-          'input_dilation.)')
+        f'padding={padding!r}: entry {index} has {len(numbers)} numbers; each '
+        'entry is an int or a (low, high) pair. (lax.pad-style (low, high, '
+        'interior) triples are not accepted: interior padding is '
+        'input_dilation.)'
+      )
   raise TypeError(
-      f'padding={padding!r}: entry {index} ({entry!r}) must be an int or a '
-      '(low, high) pair of ints.')
+    f'padding={padding!r}: entry {index} ({entry!r}) must be an int or a (low, high) pair of ints.'
+  )
 
 
-def _canonical_padding(padding: PaddingLike, num_spatial: int
-                       ) -> Union[str, Pads]:
+def _canonical_padding(padding: PaddingLike, num_spatial: int) -> Union[str, Pads]:
   """An upper-case padding name, or explicit ``(low, high)`` pairs."""
   if isinstance(padding, str):
     name = padding.upper()
     if name in _NAMED_PADDINGS:
       return name
     raise ValueError(
-        f"padding={padding!r} is not understood; use 'SAME', 'VALID', "
-        "'CIRCULAR', 'REFLECT', 'CAUSAL' (1-D), an int, or (low, high) pairs.")
+      f"padding={padding!r} is not understood; use 'SAME', 'VALID', "
+      "'CIRCULAR', 'REFLECT', 'CAUSAL' (1-D), an int, or (low, high) pairs."
+    )
   if _is_integer(padding):
     return ((operator.index(padding),) * 2,) * num_spatial
   if not _is_sequence(padding):
     raise TypeError(
-        f'padding={padding!r} must be a padding name, an int, or one int or '
-        '(low, high) pair per spatial dimension.')
+      f'padding={padding!r} must be a padding name, an int, or one int or '
+      '(low, high) pair per spatial dimension.'
+    )
   entries = list(padding)
   if len(entries) != num_spatial:
     raise ValueError(
-        f'padding={padding!r} has {len(entries)} entries but the kernel has '
-        f'{num_spatial} spatial dimensions; give one int or (low, high) pair '
-        'per spatial dimension (no batch or channel entries).')
+      f'padding={padding!r} has {len(entries)} entries but the kernel has '
+      f'{num_spatial} spatial dimensions; give one int or (low, high) pair '
+      'per spatial dimension (no batch or channel entries).'
+    )
   return tuple(_padding_entry(e, i, padding) for i, e in enumerate(entries))
 
 
 def _group_count(feature_group_count) -> int:
   if not _is_integer(feature_group_count):
-    raise TypeError(
-        f'feature_group_count={feature_group_count!r} must be an int.')
+    raise TypeError(f'feature_group_count={feature_group_count!r} must be an int.')
   groups = operator.index(feature_group_count)
   if groups < 1:
-    raise ValueError(f'feature_group_count={groups} must be at least 1 (1 = an '
-                     'ordinary convolution).')
+    raise ValueError(
+      f'feature_group_count={groups} must be at least 1 (1 = an ordinary convolution).'
+    )
   return groups
 
 
-def _batched_shape(shape: Tuple[int, ...], kernel_size: Tuple[int, ...]
-                   ) -> Tuple[int, ...]:
+def _batched_shape(shape: Tuple[int, ...], kernel_size: Tuple[int, ...]) -> Tuple[int, ...]:
   """Channels-last input shape with exactly one leading batch axis."""
   num_spatial = len(kernel_size)
   if len(shape) < num_spatial + 1:
     raise ValueError(
-        f'A {num_spatial}-D convolution with kernel_size={kernel_size} '
-        f'needs channels-last inputs of shape (batch, {num_spatial} spatial '
-        f'dims, channels), i.e. rank {num_spatial + 2}; got shape {shape} '
-        f'(rank {len(shape)}). Add the channel axis (x[..., None]) or check '
-        'kernel_size.')
-  example_shape = shape[len(shape) - num_spatial - 1:]
-  batch = math.prod(shape[:len(shape) - num_spatial - 1])  # 1 if unbatched
+      f'A {num_spatial}-D convolution with kernel_size={kernel_size} '
+      f'needs channels-last inputs of shape (batch, {num_spatial} spatial '
+      f'dims, channels), i.e. rank {num_spatial + 2}; got shape {shape} '
+      f'(rank {len(shape)}). Add the channel axis (x[..., None]) or check '
+      'kernel_size.'
+    )
+  example_shape = shape[len(shape) - num_spatial - 1 :]
+  batch = math.prod(shape[: len(shape) - num_spatial - 1])  # 1 if unbatched
   return (batch,) + example_shape
 
 
 # ----------------------------------------------------------------------------
 # Geometry
 # ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
@@ -229,13 +236,15 @@ class ConvGeometry:
 
   @property
   def dilated_window(self) -> Tuple[int, ...]:
-    return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
+    return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation, strict=False))
 
   @property
   def extent(self) -> Tuple[int, ...]:
     """Input positions the output reads, per spatial dimension (after padding)."""
-    return tuple((o - 1) * s + w for o, s, w in
-                 zip(self.out_spatial, self.strides, self.dilated_window))
+    return tuple(
+      (o - 1) * s + w
+      for o, s, w in zip(self.out_spatial, self.strides, self.dilated_window, strict=False)
+    )
 
   @property
   def group_channels(self) -> int:
@@ -258,12 +267,15 @@ class ConvGeometry:
   @property
   def tiles_without_overlap(self) -> bool:
     """Whether windows are undilated and do not overlap (``strides >= kernel_size``)."""
-    return all(s >= k and (d == 1 or k == 1) for k, s, d in
-               zip(self.kernel_size, self.strides, self.dilation))
+    return all(
+      s >= k and (d == 1 or k == 1)
+      for k, s, d in zip(self.kernel_size, self.strides, self.dilation, strict=False)
+    )
 
 
-def _resolve(shape, kernel_size, strides, padding, dilation,
-             feature_group_count) -> Tuple[ConvGeometry, Optional[str], Pads]:
+def _resolve(
+  shape, kernel_size, strides, padding, dilation, feature_group_count
+) -> Tuple[ConvGeometry, Optional[str], Pads]:
   """Validates arguments against an input shape; shapes only, no data.
 
   Returns:
@@ -277,45 +289,56 @@ def _resolve(shape, kernel_size, strides, padding, dilation,
   padding = _canonical_padding(padding, num_spatial)
   groups = _group_count(feature_group_count)
   batch, *in_spatial, channels = _batched_shape(tuple(shape), kernel_size)
-  window_dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+  window_dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=False))
 
   mode, mode_pads = None, ((0, 0),) * num_spatial
   if padding in _MODE_PADDINGS:  # as flax.linen.Conv: pad by mode, then VALID
     mode = _MODE_PADDINGS[padding]
     mode_pads = tuple(((w - 1) // 2, w // 2) for w in window_dilated)
-    in_spatial = [size + lo + hi for size, (lo, hi) in zip(in_spatial, mode_pads)]
+    in_spatial = [size + lo + hi for size, (lo, hi) in zip(in_spatial, mode_pads, strict=False)]
     padding = 'VALID'
   elif padding == 'CAUSAL':
     if num_spatial != 1:
-      raise ValueError("padding='CAUSAL' is defined for 1-D convolutions only; "
-                       f'kernel_size={kernel_size} is {num_spatial}-D.')
+      raise ValueError(
+        "padding='CAUSAL' is defined for 1-D convolutions only; "
+        f'kernel_size={kernel_size} is {num_spatial}-D.'
+      )
     padding = ((window_dilated[0] - 1, 0),)
 
   in_spatial = tuple(in_spatial)
   if isinstance(padding, str):
-    pads = tuple((int(lo), int(hi)) for lo, hi in jax.lax.padtype_to_pads(
-        in_spatial, window_dilated, strides, padding))  # older jax: numpy ints
+    pads = tuple(
+      (int(lo), int(hi))
+      for lo, hi in jax.lax.padtype_to_pads(in_spatial, window_dilated, strides, padding)
+    )  # older jax: numpy ints
   else:
     pads = padding
   out_spatial = tuple(
-      (size + lo + hi - w) // s + 1 if size + lo + hi >= w else 0
-      for size, (lo, hi), w, s in zip(in_spatial, pads, window_dilated, strides))
+    (size + lo + hi - w) // s + 1 if size + lo + hi >= w else 0
+    for size, (lo, hi), w, s in zip(in_spatial, pads, window_dilated, strides, strict=False)
+  )
   if min(out_spatial) <= 0:
     raise ValueError(
-        f'Input spatial shape {in_spatial} with padding {pads} is smaller than '
-        f'the dilated kernel {window_dilated}: the convolution has no output.')
+      f'Input spatial shape {in_spatial} with padding {pads} is smaller than '
+      f'the dilated kernel {window_dilated}: the convolution has no output.'
+    )
   if channels % groups:
-    raise ValueError(
-        f'feature_group_count={groups} must divide the {channels} input '
-        'channels.')
-  geometry = ConvGeometry(kernel_size, strides, dilation, pads, batch,
-                          in_spatial, out_spatial, channels, groups)
+    raise ValueError(f'feature_group_count={groups} must divide the {channels} input channels.')
+  geometry = ConvGeometry(
+    kernel_size, strides, dilation, pads, batch, in_spatial, out_spatial, channels, groups
+  )
   return geometry, mode, mode_pads
 
 
-def conv_geometry(x, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
-                  padding: PaddingLike = 'SAME', dilation: IntOrSeq = 1, *,
-                  feature_group_count: int = 1) -> ConvGeometry:
+def conv_geometry(
+  x,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq = 1,
+  padding: PaddingLike = 'SAME',
+  dilation: IntOrSeq = 1,
+  *,
+  feature_group_count: int = 1,
+) -> ConvGeometry:
   """The :class:`ConvGeometry` of a convolution of ``x``, from shapes alone.
 
   Args:
@@ -334,21 +357,22 @@ def conv_geometry(x, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
     >>> g.out_spatial, g.pads, g.num_rows, g.num_features
     ((16, 16), ((0, 1), (0, 1)), 2048, 27)
   """
-  return _resolve(np.shape(x), kernel_size, strides, padding, dilation,
-                  feature_group_count)[0]
+  return _resolve(np.shape(x), kernel_size, strides, padding, dilation, feature_group_count)[0]
 
 
-def _prepare(x, kernel_size, strides, padding, dilation, feature_group_count,
-             where: str = 'conv_stats') -> Tuple[jax.Array, ConvGeometry]:
+def _prepare(
+  x, kernel_size, strides, padding, dilation, feature_group_count, where: str = 'conv_stats'
+) -> Tuple[jax.Array, ConvGeometry]:
   """Validates arguments; returns (batched, mode-padded x, ConvGeometry).
 
   Integer and boolean inputs become float32; complex inputs are rejected.
   """
-  geometry, mode, mode_pads = _resolve(np.shape(x), kernel_size, strides,
-                                       padding, dilation, feature_group_count)
+  geometry, mode, mode_pads = _resolve(
+    np.shape(x), kernel_size, strides, padding, dilation, feature_group_count
+  )
   x = stats_lib.as_real_input(x, where)
   num_spatial = len(geometry.kernel_size)
-  x = x.reshape((geometry.batch,) + x.shape[x.ndim - num_spatial - 1:])
+  x = x.reshape((geometry.batch,) + x.shape[x.ndim - num_spatial - 1 :])
   if mode is not None:
     x = jnp.pad(x, ((0, 0),) + mode_pads + ((0, 0),), mode=mode)
   return x, geometry
@@ -361,7 +385,7 @@ def _pad_to_extent(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
   is the convolution asked for.
   """
   config = [(0, 0, 0)]
-  for size, (lo, hi), need in zip(x.shape[1:-1], geometry.pads, geometry.extent):
+  for size, (lo, _hi), need in zip(x.shape[1:-1], geometry.pads, geometry.extent, strict=False):
     config.append((lo, need - size - lo, 0))  # a negative high end crops
   config.append((0, 0, 0))
   if not any(lo or hi for lo, hi, _ in config):
@@ -395,6 +419,7 @@ def patch_route(geometry: ConvGeometry) -> str:
 # Patch rows, one route each
 # ----------------------------------------------------------------------------
 
+
 def _group_rows(windows: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """``(B, *out, *window, C)`` -> ``(groups, B * P, n)`` patch rows."""
   num_rows = windows.shape[0] * math.prod(geometry.out_spatial)
@@ -416,20 +441,27 @@ def _non_overlapping_rows(padded: jax.Array, geometry: ConvGeometry) -> jax.Arra
   num_spatial = len(geometry.kernel_size)
   x = padded
   if geometry.strides != geometry.kernel_size:
-    fill = [(0, 0, 0)] + [(0, s - k, 0) for k, s in
-                          zip(geometry.kernel_size, geometry.strides)] + [(0, 0, 0)]
+    fill = (
+      [(0, 0, 0)]
+      + [(0, s - k, 0) for k, s in zip(geometry.kernel_size, geometry.strides, strict=False)]
+      + [(0, 0, 0)]
+    )
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), fill)
   split = [padded.shape[0]]
-  for out, stride in zip(geometry.out_spatial, geometry.strides):
+  for out, stride in zip(geometry.out_spatial, geometry.strides, strict=False):
     split += [out, stride]
-  x = x.reshape(split + [padded.shape[-1]])   # (B, o1, s1, o2, s2, ..., C)
+  x = x.reshape(split + [padded.shape[-1]])  # (B, o1, s1, o2, s2, ..., C)
   if geometry.strides != geometry.kernel_size:
     limits = list(x.shape)
     for axis, k in enumerate(geometry.kernel_size):
       limits[2 + 2 * axis] = k
     x = jax.lax.slice(x, [0] * x.ndim, limits)  # (B, o1, k1, o2, k2, ..., C)
-  order = ([0] + [1 + 2 * axis for axis in range(num_spatial)] +
-           [2 + 2 * axis for axis in range(num_spatial)] + [x.ndim - 1])
+  order = (
+    [0]
+    + [1 + 2 * axis for axis in range(num_spatial)]
+    + [2 + 2 * axis for axis in range(num_spatial)]
+    + [x.ndim - 1]
+  )
   return _group_rows(x.transpose(order), geometry)
 
 
@@ -442,17 +474,20 @@ def _strided_slice_rows(padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   slices in all, not ``prod(kernel_size)``.
   """
   x = padded
-  for axis, (k, s, d, out) in enumerate(zip(
-      geometry.kernel_size, geometry.strides, geometry.dilation,
-      geometry.out_spatial)):
-    offsets = [jax.lax.slice_in_dim(x, j * d, j * d + (out - 1) * s + 1, s,
-                                    axis=1 + axis) for j in range(k)]
+  for axis, (k, s, d, out) in enumerate(
+    zip(
+      geometry.kernel_size, geometry.strides, geometry.dilation, geometry.out_spatial, strict=False
+    )
+  ):
+    offsets = [
+      jax.lax.slice_in_dim(x, j * d, j * d + (out - 1) * s + 1, s, axis=1 + axis) for j in range(k)
+    ]
     x = jnp.stack(offsets, axis=x.ndim - 1)
   return _group_rows(x, geometry)
 
 
 def _dimension_numbers(num_spatial: int) -> Tuple[str, str, str]:
-  spatial = 'DHW'[3 - num_spatial:]
+  spatial = 'DHW'[3 - num_spatial :]
   return 'N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C'
 
 
@@ -463,10 +498,14 @@ def _identity_conv_rows(padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   :func:`_channel_major_to_flax` for the permutation to Flax order.
   """
   patches = jax.lax.conv_general_dilated_patches(
-      padded, geometry.kernel_size, geometry.strides, 'VALID',
-      rhs_dilation=geometry.dilation,
-      dimension_numbers=_dimension_numbers(len(geometry.kernel_size)),
-      precision=jax.lax.Precision.HIGHEST)  # an exact copy, even on TPU/GPU
+    padded,
+    geometry.kernel_size,
+    geometry.strides,
+    'VALID',
+    rhs_dilation=geometry.dilation,
+    dimension_numbers=_dimension_numbers(len(geometry.kernel_size)),
+    precision=jax.lax.Precision.HIGHEST,
+  )  # an exact copy, even on TPU/GPU
   num_rows = padded.shape[0] * math.prod(geometry.out_spatial)
   rows = patches.reshape(num_rows, geometry.groups, geometry.num_features)
   return jnp.moveaxis(rows, 1, 0)
@@ -484,9 +523,9 @@ def _channel_major_to_flax(geometry: ConvGeometry) -> np.ndarray:
 
 
 _ROUTE_ROWS = {
-    'non_overlapping': _non_overlapping_rows,
-    'strided_slices': _strided_slice_rows,
-    'identity_conv': _identity_conv_rows,
+  'non_overlapping': _non_overlapping_rows,
+  'strided_slices': _strided_slice_rows,
+  'identity_conv': _identity_conv_rows,
 }
 
 
@@ -509,15 +548,21 @@ def _flax_rows(padded: jax.Array, geometry: ConvGeometry, route: str) -> jax.Arr
 # The Gram matrix, chunked
 # ----------------------------------------------------------------------------
 
-def _gram_of_all(padded: jax.Array, geometry: ConvGeometry, route: str,
-                 precision: stats_lib.PrecisionLike) -> jax.Array:
+
+def _gram_of_all(
+  padded: jax.Array, geometry: ConvGeometry, route: str, precision: stats_lib.PrecisionLike
+) -> jax.Array:
   """``(groups, n, n)`` Gram matrix of every patch of ``padded``, native order."""
   return stats_lib.gram(_native_rows(padded, geometry, route), precision)
 
 
-def _gram_by_image_chunks(padded: jax.Array, geometry: ConvGeometry, route: str,
-                          precision: stats_lib.PrecisionLike,
-                          per_chunk: int) -> jax.Array:
+def _gram_by_image_chunks(
+  padded: jax.Array,
+  geometry: ConvGeometry,
+  route: str,
+  precision: stats_lib.PrecisionLike,
+  per_chunk: int,
+) -> jax.Array:
   """Sums the Gram matrices of chunks of ``per_chunk`` images (``lax.scan``)."""
   num_chunks = -(-geometry.batch // per_chunk)
   extra = num_chunks * per_chunk - geometry.batch
@@ -535,9 +580,13 @@ def _gram_by_image_chunks(padded: jax.Array, geometry: ConvGeometry, route: str,
   return total
 
 
-def _gram_by_bands(padded: jax.Array, geometry: ConvGeometry, route: str,
-                   precision: stats_lib.PrecisionLike,
-                   max_band_rows: int) -> jax.Array:
+def _gram_by_bands(
+  padded: jax.Array,
+  geometry: ConvGeometry,
+  route: str,
+  precision: stats_lib.PrecisionLike,
+  max_band_rows: int,
+) -> jax.Array:
   """Sums Gram matrices of bands of output rows, one image at a time.
 
   A band of output rows along the first spatial axis reads a band of input
@@ -552,10 +601,10 @@ def _gram_by_bands(padded: jax.Array, geometry: ConvGeometry, route: str,
   stride = geometry.strides[0]
   surplus = num_bands * band_rows - out_rows
   if surplus:
-    padded = jnp.pad(padded, [(0, 0), (0, surplus * stride)] +
-                     [(0, 0)] * (padded.ndim - 2))
+    padded = jnp.pad(padded, [(0, 0), (0, surplus * stride)] + [(0, 0)] * (padded.ndim - 2))
   band_geometry = dataclasses.replace(
-      geometry, batch=1, out_spatial=(band_rows,) + geometry.out_spatial[1:])
+    geometry, batch=1, out_spatial=(band_rows,) + geometry.out_spatial[1:]
+  )
   slice_size = (1, band_geometry.extent[0]) + padded.shape[2:]
   positions_per_row = math.prod(geometry.out_spatial[1:])
 
@@ -577,9 +626,13 @@ def _gram_by_bands(padded: jax.Array, geometry: ConvGeometry, route: str,
   return total
 
 
-def _chunked_gram(padded: jax.Array, geometry: ConvGeometry, route: str,
-                  precision: stats_lib.PrecisionLike,
-                  max_chunk_bytes: Optional[int]) -> jax.Array:
+def _chunked_gram(
+  padded: jax.Array,
+  geometry: ConvGeometry,
+  route: str,
+  precision: stats_lib.PrecisionLike,
+  max_chunk_bytes: Optional[int],
+) -> jax.Array:
   """``(groups, n, n)`` Gram matrix in the route's order, chunk by chunk.
 
   At most ``max_chunk_bytes`` of patches exist at once: chunks of whole
@@ -603,12 +656,13 @@ def _validated_budget(max_chunk_bytes) -> Optional[int]:
   if max_chunk_bytes is None:
     return None
   if isinstance(max_chunk_bytes, (bool, np.bool_)) or not isinstance(
-      max_chunk_bytes, (int, float, np.integer, np.floating)):
-    raise TypeError(f'max_chunk_bytes={max_chunk_bytes!r} must be a number of '
-                    'bytes or None.')
+    max_chunk_bytes, (int, float, np.integer, np.floating)
+  ):
+    raise TypeError(f'max_chunk_bytes={max_chunk_bytes!r} must be a number of bytes or None.')
   if not max_chunk_bytes >= 1:
-    raise ValueError(f'max_chunk_bytes={max_chunk_bytes!r} must be at least 1 '
-                     '(or None for one chunk).')
+    raise ValueError(
+      f'max_chunk_bytes={max_chunk_bytes!r} must be at least 1 (or None for one chunk).'
+    )
   return int(max_chunk_bytes)
 
 
@@ -616,23 +670,33 @@ def _validated_budget(max_chunk_bytes) -> Optional[int]:
 # Public functions
 # ----------------------------------------------------------------------------
 
-def _patches(x, kernel_size, strides, padding, dilation, feature_group_count,
-             route: Optional[str]) -> jax.Array:
+
+def _patches(
+  x, kernel_size, strides, padding, dilation, feature_group_count, route: Optional[str]
+) -> jax.Array:
   """:func:`conv_patches` by ``route`` (one of :data:`ROUTES`; None: the best)."""
-  x, geometry = _prepare(x, kernel_size, strides, padding, dilation,
-                         feature_group_count, where='conv_patches')
+  x, geometry = _prepare(
+    x, kernel_size, strides, padding, dilation, feature_group_count, where='conv_patches'
+  )
   route = route or patch_route(geometry)
   rows = _flax_rows(_pad_to_extent(x, geometry), geometry, route)
   return rows[0] if geometry.groups == 1 else rows
 
 
-def _stats(x, kernel_size, strides, padding, dilation, feature_group_count,
-           precision, max_chunk_bytes, route: Optional[str]
-           ) -> stats_lib.TractStats:
+def _stats(
+  x,
+  kernel_size,
+  strides,
+  padding,
+  dilation,
+  feature_group_count,
+  precision,
+  max_chunk_bytes,
+  route: Optional[str],
+) -> stats_lib.TractStats:
   """:func:`conv_stats` by ``route`` (one of :data:`ROUTES`; None: the best)."""
   max_chunk_bytes = _validated_budget(max_chunk_bytes)
-  x, geometry = _prepare(x, kernel_size, strides, padding, dilation,
-                         feature_group_count)
+  x, geometry = _prepare(x, kernel_size, strides, padding, dilation, feature_group_count)
   route = route or patch_route(geometry)
   dtype = stats_lib.stats_dtype(x.dtype)
   count = jnp.asarray(geometry.num_rows, dtype)
@@ -651,9 +715,15 @@ def _stats(x, kernel_size, strides, padding, dilation, feature_group_count,
     return stats_lib.TractStats(moment=moment, rows=None, count=count)
 
 
-def conv_patches(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
-                 padding: PaddingLike = 'SAME', dilation: IntOrSeq = 1, *,
-                 feature_group_count: int = 1) -> jax.Array:
+def conv_patches(
+  x: jax.Array,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq = 1,
+  padding: PaddingLike = 'SAME',
+  dilation: IntOrSeq = 1,
+  *,
+  feature_group_count: int = 1,
+) -> jax.Array:
   """The explicit patch matrix ``A`` of a convolution, in Flax kernel order.
 
   This is the obvious (memory-hungry) reference: it materialises all
@@ -687,16 +757,20 @@ def conv_patches(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
     >>> conv_patches(jnp.ones((2, 5, 5, 3)), (3, 3), padding='VALID').shape
     (18, 27)
   """
-  return _patches(x, kernel_size, strides, padding, dilation,
-                  feature_group_count, route=None)
+  return _patches(x, kernel_size, strides, padding, dilation, feature_group_count, route=None)
 
 
-def conv_stats(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
-               padding: PaddingLike = 'SAME', dilation: IntOrSeq = 1, *,
-               feature_group_count: int = 1,
-               precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
-               max_chunk_bytes: Optional[int] = DEFAULT_MAX_CHUNK_BYTES
-               ) -> stats_lib.TractStats:
+def conv_stats(
+  x: jax.Array,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq = 1,
+  padding: PaddingLike = 'SAME',
+  dilation: IntOrSeq = 1,
+  *,
+  feature_group_count: int = 1,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = DEFAULT_MAX_CHUNK_BYTES,
+) -> stats_lib.TractStats:
   """Statistic of the inputs of a 1-D, 2-D or 3-D convolution.
 
   The moment ``A^T A / N`` of the patch rows is accumulated chunk by chunk, so
@@ -738,5 +812,14 @@ def conv_stats(x: jax.Array, kernel_size: IntOrSeq, strides: IntOrSeq = 1,
     >>> s.moment.shape, float(s.count)
     ((27, 27), 128.0)
   """
-  return _stats(x, kernel_size, strides, padding, dilation, feature_group_count,
-                precision, max_chunk_bytes, route=None)
+  return _stats(
+    x,
+    kernel_size,
+    strides,
+    padding,
+    dilation,
+    feature_group_count,
+    precision,
+    max_chunk_bytes,
+    route=None,
+  )

@@ -33,8 +33,7 @@ def normalize_path(path: PathLike) -> ModulePath:
     return tuple(part for part in path.split('/') if part)
   if isinstance(path, (tuple, list)):
     return tuple(_part_name(part) for part in path)
-  raise TypeError(
-      f'A module path must be a tuple of names or an "a/b" string; got {path!r}.')
+  raise TypeError(f'A module path must be a tuple of names or an "a/b" string; got {path!r}.')
 
 
 def _part_name(part) -> str:
@@ -45,8 +44,9 @@ def _part_name(part) -> str:
   if hasattr(part, '__index__') and not isinstance(part, bool):
     return str(part.__index__())  # numpy integers
   raise TypeError(
-      f'A module path is made of names (str) and indices (int); got {part!r} '
-      f'of type {type(part).__name__}.')
+    f'A module path is made of names (str) and indices (int); got {part!r} '
+    f'of type {type(part).__name__}.'
+  )
 
 
 def _key_name(key) -> str:
@@ -98,18 +98,19 @@ def find_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath) -> Option
     >>> find_kernel(index, ('stem',)), find_kernel(index, ('head',))
     (0, None)
   """
-  found = [candidate for candidate in (path, ('params',) + path)
-           if candidate in kernel_index]
+  found = [candidate for candidate in (path, ('params',) + path) if candidate in kernel_index]
   if len(found) > 1:
     raise ValueError(
-        f'The module path {path!r} is ambiguous: the tree has a kernel under '
-        f'{found[0]!r} and under {found[1]!r}. Pass the updates of the params '
-        'collection alone (grads["params"]), or name the full path.')
+      f'The module path {path!r} is ambiguous: the tree has a kernel under '
+      f'{found[0]!r} and under {found[1]!r}. Pass the updates of the params '
+      'collection alone (grads["params"]), or name the full path.'
+    )
   return kernel_index[found[0]] if found else None
 
 
-def require_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath,
-                   source: str, tree: str, hint: str = '') -> int:
+def require_kernel(
+  kernel_index: Dict[ModulePath, int], path: ModulePath, source: str, tree: str, hint: str = ''
+) -> int:
   """:func:`find_kernel`, raising a ``KeyError`` that lists the kernels.
 
   Args:
@@ -122,8 +123,9 @@ def require_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath,
   position = find_kernel(kernel_index, path)
   if position is None:
     raise KeyError(
-        f'{source} names the module path {path!r} ({format_path(path)!r}), but '
-        f"{tree} have no 'kernel' under it. " + kernel_paths_text(kernel_index) + hint)
+      f'{source} names the module path {path!r} ({format_path(path)!r}), but '
+      f"{tree} have no 'kernel' under it. " + kernel_paths_text(kernel_index) + hint
+    )
   return position
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tract_optax import stats as stats_lib
+from tract_optax._src import stats as stats_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -30,8 +30,10 @@ PROBE_STEPS = (0,) + tuple(2**k for k in range(31)) + (2**31 - 1,)
 
 
 def _message(name: str, value: Any) -> str:
-  return (f'{name} must be a finite number > 0 (the ridge strength lambda; the '
-          f'paper uses 0.1); got {value!r}.')
+  return (
+    f'{name} must be a finite number > 0 (the ridge strength lambda; the '
+    f'paper uses 0.1); got {value!r}.'
+  )
 
 
 def validate_lam(lam: Any, name: str = 'lam') -> None:
@@ -89,14 +91,16 @@ def _probe_schedule(schedule: Callable, name: str) -> None:
     except Exception:  # pylint: disable=broad-except  # not probeable: traced later
       return
     if value.ndim != 0:
-      raise ValueError(f'The {name} schedule must return a scalar; at step '
-                       f'{step} it returned shape {value.shape}.')
+      raise ValueError(
+        f'The {name} schedule must return a scalar; at step {step} it returned shape {value.shape}.'
+      )
     number = float(value)
     if not math.isfinite(number) or number <= 0:
       raise ValueError(
-          f'The {name} schedule reaches {number!r} at step {step}: lambda must '
-          'stay > 0 (at 0 the solve divides by zero). Give the decay a floor, '
-          'e.g. optax.cosine_decay_schedule(0.1, steps, alpha=0.1).')
+        f'The {name} schedule reaches {number!r} at step {step}: lambda must '
+        'stay > 0 (at 0 the solve divides by zero). Give the decay a floor, '
+        'e.g. optax.cosine_decay_schedule(0.1, steps, alpha=0.1).'
+      )
 
 
 def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from tract_optax import ridge as ridge_lib
-from tract_optax.stats import TractStats
+from tract_optax._src import ridge as ridge_lib
+from tract_optax._src.stats import TractStats
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -57,13 +57,13 @@ def _solve_woodbury(rows: jax.Array, count, grad: jax.Array, lam):
   system = outer + (count * lam) * jnp.eye(num_rows, dtype=rows.dtype)
   factor = jsl.cho_factor(system, lower=True)
   projected = jnp.matmul(rows, grad, precision=_HIGHEST)
-  correction = jnp.matmul(rows.T, jsl.cho_solve(factor, projected),
-                          precision=_HIGHEST)
+  correction = jnp.matmul(rows.T, jsl.cho_solve(factor, projected), precision=_HIGHEST)
   return (grad - correction) / lam, system, factor[0]
 
 
-def condition_estimate(system: jax.Array, factor: jax.Array,
-                       smallest: Optional[jax.Array] = None) -> jax.Array:
+def condition_estimate(
+  system: jax.Array, factor: jax.Array, smallest: Optional[jax.Array] = None
+) -> jax.Array:
   """Estimated 2-norm condition number of an SPD ``system`` (a lower bound).
 
   Power iteration for the largest eigenvalue and inverse iteration (with the
@@ -100,32 +100,39 @@ def condition_estimate(system: jax.Array, factor: jax.Array,
 
 
 def _is_concrete(*values) -> bool:
-  return not any(isinstance(v, jax.core.Tracer)
-                 for v in jax.tree_util.tree_leaves(values))
+  return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
 
 
-def _warn_condition(condition, dtype_name: str, eps: float, relative: bool,
-                    name: str) -> None:
+def _warn_condition(condition, dtype_name: str, eps: float, relative: bool, name: str) -> None:
   condition = float(np.max(np.asarray(condition)))
   if not math.isfinite(condition) or eps * condition <= CONDITION_TOLERANCE:
     return
   where = f' of {name!r}' if name else ''
-  cure = ('standardise the inputs (mean 0, std 1) or pass relative_lam=True'
-          if not relative else
-          'standardise the inputs (mean 0, std 1) or raise lam')
+  cure = (
+    'standardise the inputs (mean 0, std 1) or pass relative_lam=True'
+    if not relative
+    else 'standardise the inputs (mean 0, std 1) or raise lam'
+  )
   warnings.warn(
-      f'TrAct: the system solved for the kernel{where} has condition number '
-      f'~{condition:.2g}, too large for {dtype_name} (eps {eps:.1g}): the '
-      f'relative error of its TrAct gradient can reach eps x condition = '
-      f'{eps * condition:.1g}. The usual cause is unscaled inputs (e.g. raw '
-      f'0..255 pixels) with an absolute lambda; {cure}.', ConditioningWarning,
-      stacklevel=3)
+    f'TrAct: the system solved for the kernel{where} has condition number '
+    f'~{condition:.2g}, too large for {dtype_name} (eps {eps:.1g}): the '
+    f'relative error of its TrAct gradient can reach eps x condition = '
+    f'{eps * condition:.1g}. The usual cause is unscaled inputs (e.g. raw '
+    f'0..255 pixels) with an absolute lambda; {cure}.',
+    ConditioningWarning,
+    stacklevel=3,
+  )
 
 
-def precondition(grad_kernel: jax.Array, stats: TractStats,
-                 lam: Union[float, jax.Array], *, relative_lam: bool = False,
-                 check_condition: Optional[bool] = None, name: Optional[str] = None
-                 ) -> jax.Array:
+def precondition(
+  grad_kernel: jax.Array,
+  stats: TractStats,
+  lam: Union[float, jax.Array],
+  *,
+  relative_lam: bool = False,
+  check_condition: Optional[bool] = None,
+  name: Optional[str] = None,
+) -> jax.Array:
   """Returns the TrAct gradient of one kernel.
 
   Args:
@@ -168,21 +175,23 @@ def precondition(grad_kernel: jax.Array, stats: TractStats,
     raise ValueError(f'grad_kernel must be at least 2-D (n_in, n_out); got {shape}.')
   if jnp.ndim(lam) != 0:
     raise ValueError(
-        f'lam must be a scalar (the ridge strength lambda); got shape '
-        f'{jnp.shape(lam)}.')
+      f'lam must be a scalar (the ridge strength lambda); got shape {jnp.shape(lam)}.'
+    )
   n, m = math.prod(shape[:-1]), shape[-1]
   groups = stats.groups
   data = stats.moment if stats.moment is not None else stats.rows
   if stats.num_features != n:
     raise ValueError(
-        f'The statistic (shape {data.shape}, n = {stats.num_features}) does not '
-        f'fit the kernel gradient of shape {shape}: it needs n = '
-        f'prod(kernel.shape[:-1]) = {n}. Was the statistic computed from this '
-        'layer\'s input, with its kernel_size and feature groups?')
+      f'The statistic (shape {data.shape}, n = {stats.num_features}) does not '
+      f'fit the kernel gradient of shape {shape}: it needs n = '
+      f'prod(kernel.shape[:-1]) = {n}. Was the statistic computed from this '
+      "layer's input, with its kernel_size and feature groups?"
+    )
   if m % groups:
     raise ValueError(
-        f'The statistic has {groups} feature groups, which do not divide the '
-        f'{m} output features of the kernel gradient of shape {shape}.')
+      f'The statistic has {groups} feature groups, which do not divide the '
+      f'{m} output features of the kernel gradient of shape {shape}.'
+    )
   dtype = jnp.promote_types(data.dtype, jnp.float32)
   ridges = ridge_lib.ridge(stats, lam, relative_lam, dtype)
   valid = ridge_lib.valid_ridge(ridges)
@@ -198,7 +207,8 @@ def precondition(grad_kernel: jax.Array, stats: TractStats,
       rows = stats.rows.astype(dtype).reshape(groups, -1, n)
       count = jnp.asarray(stats.count, dtype)
       solved, system, factor = jax.vmap(_solve_woodbury, (0, None, 0, 0))(
-          rows, count, grad, safe_ridges)
+        rows, count, grad, safe_ridges
+      )
     solved = jnp.where(valid[:, None, None], solved, jnp.nan)
     eager = check_condition is None and _is_concrete(stats, lam, grad_kernel)
     if check_condition or eager:
@@ -207,9 +217,12 @@ def precondition(grad_kernel: jax.Array, stats: TractStats,
       else:
         floor = jnp.asarray(stats.count, dtype) * safe_ridges
         condition = jax.vmap(condition_estimate)(system, factor, floor)
-      report = lambda c: _warn_condition(c, jnp.dtype(dtype).name,
-                                         float(jnp.finfo(dtype).eps),
-                                         relative_lam, name or '')
+
+      def report(c):
+        return _warn_condition(
+          c, jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or ''
+        )
+
       if _is_concrete(condition):
         report(condition)
       else:

@@ -71,8 +71,7 @@ class TractStats(NamedTuple):
     """Whether the statistic keeps the rows (``N < n``) instead of the moment."""
     return self.rows is not None
 
-
-  def validate(self, where: str = 'tract_optax') -> 'TractStats':
+  def validate(self, where: str = 'tract_optax') -> TractStats:
     """Returns ``self`` after checking that it is a well-formed statistic.
 
     Args:
@@ -85,31 +84,35 @@ class TractStats(NamedTuple):
     """
     if (self.moment is None) == (self.rows is None):
       raise TypeError(
-          f'{where}: a TractStats holds exactly one of moment (A^T A / N) and '
-          f'rows (Woodbury form); got moment={_shape_text(self.moment)}, '
-          f'rows={_shape_text(self.rows)}. Build it with dense_stats, '
-          'conv_stats or stats_from_rows.')
+        f'{where}: a TractStats holds exactly one of moment (A^T A / N) and '
+        f'rows (Woodbury form); got moment={_shape_text(self.moment)}, '
+        f'rows={_shape_text(self.rows)}. Build it with dense_stats, '
+        'conv_stats or stats_from_rows.'
+      )
     if self.count is None:
       raise TypeError(f'{where}: TractStats.count (the row count N) is missing.')
     if jnp.ndim(self.count) != 0:
       raise ValueError(
-          f'{where}: TractStats.count has shape {jnp.shape(self.count)}: this is '
-          'a stack of statistics (from jax.vmap or lax.scan over micro-batches), '
-          'not one, and its leading axis would be read as feature groups. '
-          'Combine them first: tract_optax.combine_stats([...]) or the capture '
-          'outside the vmap/scan.')
+        f'{where}: TractStats.count has shape {jnp.shape(self.count)}: this is '
+        'a stack of statistics (from jax.vmap or lax.scan over micro-batches), '
+        'not one, and its leading axis would be read as feature groups. '
+        'Combine them first: tract_optax.combine_stats([...]) or the capture '
+        'outside the vmap/scan.'
+      )
     if self.moment is not None:
       shape = jnp.shape(self.moment)
       if len(shape) not in (2, 3) or shape[-1] != shape[-2] or shape[-1] == 0:
         raise ValueError(
-            f'{where}: TractStats.moment must be (n, n) or (groups, n, n) with '
-            f'n >= 1; got shape {shape}.')
+          f'{where}: TractStats.moment must be (n, n) or (groups, n, n) with '
+          f'n >= 1; got shape {shape}.'
+        )
     else:
       shape = jnp.shape(self.rows)
       if len(shape) not in (2, 3) or shape[-1] == 0:
         raise ValueError(
-            f'{where}: TractStats.rows must be (N, n) or (groups, N, n) with '
-            f'n >= 1; got shape {shape}.')
+          f'{where}: TractStats.rows must be (N, n) or (groups, N, n) with '
+          f'n >= 1; got shape {shape}.'
+        )
     return self
 
 
@@ -141,9 +144,10 @@ def as_real_input(x, where: str) -> jax.Array:
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
     raise TypeError(
-        f'{where}: TrAct statistics are defined for real inputs; got '
-        f'{x.dtype}. Feed the real and imaginary parts as separate features '
-        'if the layer is real-valued.')
+      f'{where}: TrAct statistics are defined for real inputs; got '
+      f'{x.dtype}. Feed the real and imaginary parts as separate features '
+      'if the layer is real-valued.'
+    )
   if jnp.issubdtype(x.dtype, jnp.floating):
     return x
   if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
@@ -157,7 +161,7 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.where(count > 0, count, jnp.ones_like(count))
 
 
-def mean_eigenvalue(stats: 'TractStats') -> jax.Array:
+def mean_eigenvalue(stats: TractStats) -> jax.Array:
   """``trace(A^T A / N) / n`` per feature group: the scale of the inputs.
 
   The relative ridge of :func:`~tract_optax.tract` (``relative_lam=True``) is
@@ -199,14 +203,18 @@ def stats_dtype(input_dtype: jnp.dtype) -> jnp.dtype:
 def _normalize_precision(precision: PrecisionLike) -> Optional[jax.lax.Precision]:
   if precision is None or isinstance(precision, jax.lax.Precision):
     return precision
-  names = {'default': jax.lax.Precision.DEFAULT, 'high': jax.lax.Precision.HIGH,
-           'highest': jax.lax.Precision.HIGHEST}
+  names = {
+    'default': jax.lax.Precision.DEFAULT,
+    'high': jax.lax.Precision.HIGH,
+    'highest': jax.lax.Precision.HIGHEST,
+  }
   try:
     return names[str(precision).lower()]
   except KeyError:
     raise ValueError(
-        f"precision={precision!r} is not understood; use 'default', 'high', "
-        "'highest' or a jax.lax.Precision.") from None
+      f"precision={precision!r} is not understood; use 'default', 'high', "
+      "'highest' or a jax.lax.Precision."
+    ) from None
 
 
 def gram(rows: jax.Array, precision: PrecisionLike = DEFAULT_PRECISION) -> jax.Array:
@@ -223,13 +231,17 @@ def gram(rows: jax.Array, precision: PrecisionLike = DEFAULT_PRECISION) -> jax.A
   batch = tuple(range(rows.ndim - 2))
   contract = rows.ndim - 2
   return jax.lax.dot_general(
-      rows, rows, (((contract,), (contract,)), (batch, batch)),
-      precision=_normalize_precision(precision),
-      preferred_element_type=out_dtype)
+    rows,
+    rows,
+    (((contract,), (contract,)), (batch, batch)),
+    precision=_normalize_precision(precision),
+    preferred_element_type=out_dtype,
+  )
 
 
-def stats_from_rows(rows: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION,
-                    force_moment: bool = False) -> TractStats:
+def stats_from_rows(
+  rows: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION, force_moment: bool = False
+) -> TractStats:
   """Statistic of an explicit ``(N, n)`` row matrix (``(groups, N, n)`` grouped).
 
   Keeps the rows (Woodbury form) when ``N < n``, the moment otherwise.
@@ -254,28 +266,30 @@ def stats_from_rows(rows: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECI
   rows = as_real_input(rows, 'stats_from_rows')
   if rows.ndim not in (2, 3) or rows.shape[-1] == 0:
     raise ValueError(
-        'stats_from_rows needs rows of shape (N, n), or (groups, N, n), with '
-        f'n >= 1 features; got shape {rows.shape}. For a single input row use '
-        'rows[None]; for inputs with several leading axes use dense_stats.')
+      'stats_from_rows needs rows of shape (N, n), or (groups, N, n), with '
+      f'n >= 1 features; got shape {rows.shape}. For a single input row use '
+      'rows[None]; for inputs with several leading axes use dense_stats.'
+    )
   num_rows, num_features = rows.shape[-2], rows.shape[-1]
   dtype = stats_dtype(rows.dtype)
   count = jnp.asarray(num_rows, dtype)
   if num_rows < num_features and not force_moment:
     return TractStats(moment=None, rows=rows.astype(dtype), count=count)
-  return TractStats(moment=safe_divide(gram(rows, precision), count), rows=None,
-                    count=count)
+  return TractStats(moment=safe_divide(gram(rows, precision), count), rows=None, count=count)
 
 
 def to_moment(stats: TractStats, precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
   """Converts a statistic to the moment form (a no-op if it is in that form)."""
   if stats.moment is not None:
     return stats
-  return TractStats(moment=safe_divide(gram(stats.rows, precision), stats.count),
-                    rows=None, count=stats.count)
+  return TractStats(
+    moment=safe_divide(gram(stats.rows, precision), stats.count), rows=None, count=stats.count
+  )
 
 
-def combine_stats(stats: Sequence[TractStats], *,
-                  precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
+def combine_stats(
+  stats: Sequence[TractStats], *, precision: PrecisionLike = DEFAULT_PRECISION
+) -> TractStats:
   """Statistic of the union of the rows behind several statistics.
 
   Used when a layer is called more than once in a forward pass: the result is
@@ -308,8 +322,8 @@ def combine_stats(stats: Sequence[TractStats], *,
   shapes = {(s.groups, s.num_features) for s in stats}
   if len(shapes) > 1:
     raise ValueError(
-        'Cannot combine statistics of different layers: (groups, n) differ: '
-        f'{sorted(shapes)}.')
+      f'Cannot combine statistics of different layers: (groups, n) differ: {sorted(shapes)}.'
+    )
   total = sum(s.count for s in stats)
   if all(s.is_woodbury for s in stats):
     rows = jnp.concatenate([s.rows for s in stats], axis=-2)
@@ -347,8 +361,9 @@ def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
   return jax.lax.psum(padded, axis_name)
 
 
-def all_reduce_stats(stats: TractStats, axis_name, *,
-                     precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
+def all_reduce_stats(
+  stats: TractStats, axis_name, *, precision: PrecisionLike = DEFAULT_PRECISION
+) -> TractStats:
   """Global-batch statistic from per-device statistics over ``axis_name``.
 
   Inside ``pmap`` or ``shard_map`` each device sees only its part of the batch;
@@ -370,8 +385,7 @@ def all_reduce_stats(stats: TractStats, axis_name, *,
   if stats.is_woodbury:
     global_rows = _axis_size(axis_name) * stats.rows.shape[-2]
     if global_rows < stats.num_features:
-      return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name),
-                        count=total)
+      return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name), count=total)
     stats = to_moment(stats, precision)
   moment = safe_divide(jax.lax.psum(stats.moment * stats.count, axis_name), total)
   return TractStats(moment=moment, rows=None, count=total)
@@ -405,7 +419,7 @@ def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -
   x = as_real_input(x, 'dense_stats')
   if x.ndim < 1 or x.shape[-1] == 0:
     raise ValueError(
-        f'dense_stats needs inputs of shape (..., n) with n >= 1 features; got '
-        f'shape {x.shape}.')
+      f'dense_stats needs inputs of shape (..., n) with n >= 1 features; got shape {x.shape}.'
+    )
   with jax.named_scope('tract_dense_stats'):
     return stats_from_rows(x.reshape(-1, x.shape[-1]), precision=precision)

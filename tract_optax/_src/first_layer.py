@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from tract_optax import _capture
-from tract_optax import paths as paths_lib
+from tract_optax._src import capture as _capture
+from tract_optax._src import paths as paths_lib
 
 Path = Tuple[Any, ...]
 
 DATA, PARAMS, UNKNOWN = 'data only', 'parameters', 'unknown'
 
-_PROBES: Dict[int, 'DependencyProbe'] = {}
+_PROBES: Dict[int, DependencyProbe] = {}
 _probe_ids = itertools.count()
 
 
@@ -104,12 +104,14 @@ class DependencyProbe:
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     inexact = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
-    differentiated = [leaf for leaf, flag in zip(leaves, inexact) if flag]
+    differentiated = [leaf for leaf, flag in zip(leaves, inexact, strict=False) if flag]
 
     def rebuild(values):
       values = iter(values)
       return jax.tree_util.tree_unflatten(
-          treedef, [next(values) if flag else leaf for leaf, flag in zip(leaves, inexact)])
+        treedef,
+        [next(values) if flag else leaf for leaf, flag in zip(leaves, inexact, strict=False)],
+      )
 
     def with_token(values, token):
       self.token = token
@@ -155,34 +157,38 @@ def choose(calls: Sequence[LayerCall], kind: str = 'Conv/Dense') -> Path:
       status[call.path] = PARAMS
   if not status:
     raise ValueError(
-        f'No {kind} layer was called in the forward pass, so there is no first '
-        'layer to precondition.')
+      f'No {kind} layer was called in the forward pass, so there is no first layer to precondition.'
+    )
   listing = ', '.join(f'{_text(p)} (input depends on {s})' for p, s in status.items())
   candidates = [p for p, s in status.items() if s == DATA]
   first = next(iter(status))
-  example = paths_lib.format_path(paths_lib.normalize_path(
-      candidates[0] if candidates else first))
-  fix = ('Name the image stem explicitly with layers=[<its module path>], e.g. '
-         f'layers=[{example!r}].')
+  example = paths_lib.format_path(paths_lib.normalize_path(candidates[0] if candidates else first))
+  fix = (
+    f'Name the image stem explicitly with layers=[<its module path>], e.g. layers=[{example!r}].'
+  )
   unknown = [p for p, s in status.items() if s == UNKNOWN]
   if unknown:
     raise ValueError(
-        f'Cannot tell whether the input of {", ".join(_text(p) for p in unknown)} '
-        f'depends on parameters (the layers called: {listing}). ' + fix)
+      f'Cannot tell whether the input of {", ".join(_text(p) for p in unknown)} '
+      f'depends on parameters (the layers called: {listing}). ' + fix
+    )
   if not candidates:
     raise ValueError(
-        f'Every {kind} layer called takes an input that depends on parameters, '
-        f'so none is a first layer (the layers called: {listing}). ' + fix)
+      f'Every {kind} layer called takes an input that depends on parameters, '
+      f'so none is a first layer (the layers called: {listing}). ' + fix
+    )
   if len(candidates) > 1:
     raise ValueError(
-        f'Several {kind} layers take input computed from data alone: '
-        f'{", ".join(_text(p) for p in candidates)} (e.g. an image stem and a '
-        f'label or time embedding); TrAct cannot tell which is the image stem '
-        f'(the layers called: {listing}). ' + fix)
+      f'Several {kind} layers take input computed from data alone: '
+      f'{", ".join(_text(p) for p in candidates)} (e.g. an image stem and a '
+      f'label or time embedding); TrAct cannot tell which is the image stem '
+      f'(the layers called: {listing}). ' + fix
+    )
   if candidates[0] != first:
     raise ValueError(
-        f'The first {kind} layer called, {_text(first)}, takes an input that '
-        f'depends on parameters, so it is no first layer; the only layer with '
-        f'data-only input is {_text(candidates[0])} (the layers called: '
-        f'{listing}). ' + fix)
+      f'The first {kind} layer called, {_text(first)}, takes an input that '
+      f'depends on parameters, so it is no first layer; the only layer with '
+      f'data-only input is {_text(candidates[0])} (the layers called: '
+      f'{listing}). ' + fix
+    )
   return first

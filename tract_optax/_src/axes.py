@@ -32,6 +32,7 @@ def bound_axis_names() -> Optional[Tuple[Hashable, ...]]:
   """
   try:
     from jax._src import core  # pylint: disable=g-import-not-at-top
+
     return tuple(core.get_axis_env().axis_sizes)
   except Exception:  # pylint: disable=broad-except  # the API moved: say so
     return None
@@ -43,8 +44,7 @@ def _names(axis_name: AxisName) -> Tuple[Hashable, ...]:
   return (axis_name,)
 
 
-def resolve_axis_name(axis_name: AxisName, local_stats: bool, *,
-                      owner: str = 'tract') -> AxisName:
+def resolve_axis_name(axis_name: AxisName, local_stats: bool, *, owner: str = 'tract') -> AxisName:
   """The axes to all-reduce statistics over, checked against the bound axes.
 
   Args:
@@ -69,38 +69,42 @@ def resolve_axis_name(axis_name: AxisName, local_stats: bool, *,
   """
   if axis_name is not None and local_stats:
     raise ValueError(
-        f'{owner}: pass either axis_name={axis_name!r} (all-reduce the statistic '
-        'over the devices) or local_stats=True (keep each device\'s own), not '
-        'both.')
+      f'{owner}: pass either axis_name={axis_name!r} (all-reduce the statistic '
+      "over the devices) or local_stats=True (keep each device's own), not "
+      'both.'
+    )
   bound = bound_axis_names()
   if axis_name is not None:
     if bound is not None:
       missing = [name for name in _names(axis_name) if name not in bound]
       if missing:
         raise ValueError(
-            f'{owner}(axis_name={axis_name!r}): the axis {missing[0]!r} is not '
-            f'bound here (bound named axes: {list(bound) or "none"}). Use '
-            'axis_name inside pmap or shard_map over that axis; under jit with '
-            'a sharded batch the statistic is already global, so leave '
-            'axis_name out there.')
+          f'{owner}(axis_name={axis_name!r}): the axis {missing[0]!r} is not '
+          f'bound here (bound named axes: {list(bound) or "none"}). Use '
+          'axis_name inside pmap or shard_map over that axis; under jit with '
+          'a sharded batch the statistic is already global, so leave '
+          'axis_name out there.'
+        )
     return axis_name
   if local_stats:
     return None
   if bound is None:
     raise RuntimeError(
-        f'{owner}: this JAX version offers no way to check whether the step '
-        'runs inside pmap/shard_map, so TrAct cannot tell whether its '
-        'statistic covers the whole batch. Say it: axis_name=... inside '
-        'pmap/shard_map (the axes that split the batch), or local_stats=True '
-        '(exact under jit, where the statistic is already global).')
+      f'{owner}: this JAX version offers no way to check whether the step '
+      'runs inside pmap/shard_map, so TrAct cannot tell whether its '
+      'statistic covers the whole batch. Say it: axis_name=... inside '
+      'pmap/shard_map (the axes that split the batch), or local_stats=True '
+      '(exact under jit, where the statistic is already global).'
+    )
   if bound:
     suggestion = bound[0] if len(bound) == 1 else tuple(bound)
     raise ValueError(
-        f'{owner} runs inside the named axis {list(bound)} (pmap, shard_map or '
-        'vmap with axis_name) without axis_name: each device would '
-        'precondition with the statistic of its own part of the batch, not of '
-        f'the whole batch. Build it with {owner}(..., axis_name={suggestion!r}) '
-        '(the axes that split the batch), or pass local_stats=True to use '
-        'per-device statistics on purpose (what the PyTorch reference does '
-        'under DDP).')
+      f'{owner} runs inside the named axis {list(bound)} (pmap, shard_map or '
+      'vmap with axis_name) without axis_name: each device would '
+      'precondition with the statistic of its own part of the batch, not of '
+      f'the whole batch. Build it with {owner}(..., axis_name={suggestion!r}) '
+      '(the axes that split the batch), or pass local_stats=True to use '
+      'per-device statistics on purpose (what the PyTorch reference does '
+      'under DDP).'
+    )
   return None

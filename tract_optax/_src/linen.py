@@ -1,0 +1,530 @@
+"""Flax Linen glue: first-layer input statistics captured in the forward pass.
+
+:func:`apply_with_stats` runs ``module.apply`` under ``nn.intercept_methods``.
+When a selected ``nn.Conv`` / ``nn.Dense`` / ``nn.DenseGeneral`` is called, the
+interceptor computes the TrAct statistic of that call's input right there
+(never keeping the input itself) and ``sow``s it into a private collection,
+which Flax's lifted transforms (``nn.remat``, ``nn.scan``, ``nn.vmap``, ...)
+carry out like any other variable. The collection is stripped again, so the
+caller gets exactly what ``apply`` returns plus ``{module path: TractStats}``
+for :func:`tract_optax.tract`. Without ``layers``, the first layer is found
+by what it is, a layer whose input depends on no parameter (see
+:mod:`tract_optax.first_layer`), or the call refuses and lists the candidates.
+
+:func:`apply_tract` is the gradient route: it returns exactly what ``apply``
+returns, and differentiating through it gives the first layer's kernel its
+TrAct gradient, so any optimizer, ``TrainState`` and accumulation scheme
+receive TrAct gradients with no ``tract_stats`` and no change to the chain.
+
+:class:`TractTrainState` is Flax's ``TrainState`` whose ``apply_gradients``
+forwards ``tract_stats`` to ``tx.update`` (the Optax route).
+
+Inside ``nn.scan`` / ``nn.vmap`` the collection must be lifted explicitly:
+add ``COLLECTION`` to ``variable_axes`` (e.g. ``{COLLECTION: 0}``). A layer whose
+kernel is shared across the lifted axis (``variable_broadcast='params'`` or
+``variable_axes={'params': None}``) then gets the statistic of the rows of all
+iterations together, exactly; a layer with one kernel per iteration
+(``variable_axes={'params': 0}``) is rejected, since ``tract`` treats a kernel
+as one ``(n, m)`` matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import core as flax_core
+from flax.core import meta
+from flax.core import scope as scope_lib
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+from flax.training import train_state
+
+from tract_optax._src import capture as _capture
+from tract_optax._src import conv as conv_lib
+from tract_optax._src import first_layer, gradient_route
+from tract_optax._src import paths as paths_lib
+from tract_optax._src import stats as stats_lib
+from tract_optax._src.stats import TractStats
+
+#: Variable collection the statistics are sown into during ``apply``; add it to
+#: ``variable_axes`` of any ``nn.scan`` / ``nn.vmap`` around a selected layer.
+COLLECTION = 'tract_stats'
+
+_SOW_NAME = 'tract_input_stats'
+
+ModulePath = Tuple[str, ...]
+
+#: Layers whose input statistic this module computes.
+SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+#: Layers with a kernel that are recognised (for auto-selection and errors) but
+#: rejected: their kernel is not a single ``(n, m)`` map of input rows.
+_KERNEL_LAYERS = SUPPORTED_LAYERS + (nn.ConvLocal, nn.ConvTranspose, nn.Einsum)
+
+
+def layer_input_stats(
+  module: nn.Module,
+  x: jax.Array,
+  *,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+) -> TractStats:
+  """Statistic of input ``x`` of a Linen layer, with the layer's own settings.
+
+  Args:
+    module: an ``nn.Dense``, ``nn.DenseGeneral`` or ``nn.Conv`` (bound or not).
+    x: the input the layer is (or would be) called with; gradients are stopped.
+    precision: matmul precision of the moment.
+    max_chunk_bytes: patch bytes materialised at once (convolutions).
+
+  Returns:
+    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+
+  Raises:
+    ValueError: for layers or settings TrAct does not support (``nn.ConvLocal``,
+      ``nn.ConvTranspose``, ``nn.Einsum``, ``input_dilation``, ``mask``,
+      DenseGeneral with several output axes or ``batch_dims``), and for
+      subclasses that may not use the stored kernel linearly (see
+      :func:`tract_optax.mark_linear_kernel`).
+
+  Example:
+    >>> import flax.linen as nn
+    >>> conv = nn.Conv(8, (3, 3), strides=2, padding='CIRCULAR')
+    >>> s = layer_input_stats(conv, jnp.ones((2, 8, 8, 3)))
+    >>> s.moment.shape, float(s.count)
+    ((27, 27), 32.0)
+  """
+  path = tuple(module.path) if module.scope is not None else ()
+  type_name = f'nn.{type(module).__name__}'
+  if isinstance(module, SUPPORTED_LAYERS):
+    _capture.check_linear_kernel(path, type_name, module, SUPPORTED_LAYERS)
+  if isinstance(module, nn.Conv):
+    return _capture.conv_layer_stats(
+      path, type_name, x, module, precision=precision, max_chunk_bytes=max_chunk_bytes
+    )
+  if isinstance(module, nn.Dense):
+    return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features
+    batch_dims = module.batch_dims
+    return _capture.general_layer_stats(
+      path,
+      type_name,
+      x,
+      axis=module.axis,
+      num_out_axes=1 if isinstance(features, int) else len(tuple(features)),
+      batch_axes=(batch_dims,) if isinstance(batch_dims, int) else tuple(batch_dims),
+      precision=precision,
+    )
+  if isinstance(module, nn.ConvLocal):
+    reason = 'its kernel is not shared across positions (one per output position).'
+  elif isinstance(module, _KERNEL_LAYERS):
+    reason = 'its kernel does not map input rows to output rows.'
+  else:
+    reason = 'it is not a Dense or Conv layer.'
+  raise _capture.unsupported_layer(path, type_name, reason)
+
+
+def _lookup(tree, path: ModulePath):
+  node = tree
+  for name in path:
+    if not hasattr(node, 'keys') or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+class _Recorder:
+  """Python-side bookkeeping of one ``apply_with_stats`` call (static only)."""
+
+  def __init__(self, selected: List[ModulePath], precision, max_chunk_bytes):
+    self.selected = selected
+    self.precision = precision
+    self.max_chunk_bytes = max_chunk_bytes
+    self.called: List[ModulePath] = []  # kernel layers called, in order
+    self.recorded: List[ModulePath] = []  # layers with sown statistics
+    self.kernel_shapes: Dict[ModulePath, Tuple[int, ...]] = {}
+    self.active: List[list] = []  # [path, superseded] frames
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
+      self.called.append(path)
+    if path not in self.selected:
+      return next_fun(*args, **kwargs)
+    for frame in self.active:  # a subclass calling super().__call__: the
+      if frame[0] == path:  # innermost call is the one the kernel sees
+        frame[1] = True
+    frame = [path, False]
+    self.active.append(frame)
+    try:
+      output = next_fun(*args, **kwargs)
+    finally:
+      self.active.pop()
+    if not frame[1]:
+      self._record(module, path, args, kwargs)
+    return output
+
+  def _record(self, module, path, args, kwargs):
+    inputs = _capture.call_input(path, args, kwargs)
+    if not module.scope.is_mutable_collection(COLLECTION):
+      raise ValueError(
+        f'The layer {paths_lib.format_path(path)!r} runs inside a lifted '
+        f'transform (nn.scan, nn.vmap, ...) that does not carry the '
+        f'collection {COLLECTION!r}, so its statistic cannot leave the '
+        f"transform. Add it to the transform's variable_axes, e.g. "
+        f'variable_axes={{{COLLECTION!r}: 0, ...}}.'
+      )
+    stats = layer_input_stats(
+      module, inputs, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
+    )
+    module.sow(COLLECTION, _SOW_NAME, stats)
+    if module.has_variable('params', 'kernel'):
+      kernel = module.get_variable('params', 'kernel')
+      self.kernel_shapes[path] = tuple(jnp.shape(meta.unbox(kernel)))
+    if path not in self.recorded:
+      self.recorded.append(path)
+
+  def collect(self, sown, variables) -> Dict[ModulePath, TractStats]:
+    """``{path: TractStats}`` from the sown collection, lifted axes merged."""
+    result = {}
+    params = variables.get('params', {})
+    for path in self.recorded:
+      entry = _lookup(sown, path)
+      if entry is None or _SOW_NAME not in entry:
+        raise ValueError(
+          f'The statistic of layer {paths_lib.format_path(path)!r} did not come '
+          'out of the forward pass: a lifted transform around it dropped the '
+          f'collection {COLLECTION!r}; lift it like any sown collection.'
+        )
+      calls = entry[_SOW_NAME]
+      kernel = _lookup(params, path + (paths_lib.KERNEL_NAME,))
+      outer = None if kernel is None else tuple(jnp.shape(meta.unbox(kernel)))
+      result[path] = _capture.combine_calls(
+        path, calls, outer, self.kernel_shapes.get(path), self.precision
+      )
+    return result
+
+  def check_selection(self) -> None:
+    _capture.check_selection(self.selected, self.recorded, self.called)
+
+
+def _strip_collection(mutated):
+  """``mutated`` without :data:`COLLECTION` (dict or FrozenDict alike)."""
+  if COLLECTION not in mutated:
+    return mutated
+  rest, _ = flax_core.pop(mutated, COLLECTION)
+  return rest
+
+
+ModuleOrApply = Union[nn.Module, Callable[..., Any]]
+
+
+def as_module(module_or_apply_fn: ModuleOrApply, owner: str) -> nn.Module:
+  """The Linen module behind a module or its bound ``apply`` (``state.apply_fn``)."""
+  if isinstance(module_or_apply_fn, nn.Module):
+    return module_or_apply_fn
+  target = module_or_apply_fn
+  while isinstance(target, functools.partial) and not target.args and not target.keywords:
+    target = target.func
+  owner_object = getattr(target, '__self__', None)
+  if isinstance(owner_object, nn.Module) and getattr(target, '__name__', '') == 'apply':
+    return owner_object
+  raise TypeError(
+    f'{owner} needs the Linen module or its bound apply method (what '
+    'TrainState.apply_fn holds when created with apply_fn=model.apply); got '
+    f'{module_or_apply_fn!r}.'
+  )
+
+
+def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
+  """The first layer of ``module`` by :mod:`tract_optax.first_layer`'s rule."""
+  probe = first_layer.DependencyProbe()
+  params = variables.get('params', {}) if hasattr(variables, 'get') else {}
+  active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    layer = context.module
+    if (
+      context.method_name != '__call__'
+      or layer.scope is None
+      or not isinstance(layer, _KERNEL_LAYERS)
+    ):
+      return next_fun(*call_args, **call_kwargs)
+    path = tuple(layer.path)
+    if path in active:  # a subclass calling super().__call__: marked already
+      return next_fun(*call_args, **call_kwargs)
+    active.append(path)
+    try:
+      type_name = f'nn.{type(layer).__name__}'
+      if call_args:
+        call_args = (probe.mark(call_args[0], path, type_name),) + tuple(call_args[1:])
+      elif 'inputs' in call_kwargs:
+        call_kwargs = {**call_kwargs, 'inputs': probe.mark(call_kwargs['inputs'], path, type_name)}
+      else:
+        raise _capture.missing_input(path)
+      return next_fun(*call_args, **call_kwargs)
+    finally:
+      active.pop()
+
+  def run(probed_params, _):
+    probed = dict(variables)
+    probed['params'] = probed_params
+    with nn.intercept_methods(interceptor):
+      module.apply(probed, *args, **apply_kwargs)
+
+  probe.trace(run, params)
+  return first_layer.choose(probe.calls, 'Conv/Dense')
+
+
+def apply_with_stats(
+  module: ModuleOrApply,
+  variables,
+  *args,
+  layers: _capture.LayersLike = None,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+  **apply_kwargs,
+) -> Tuple[Any, Dict[ModulePath, TractStats]]:
+  """``module.apply`` that also returns the TrAct statistics of chosen layers.
+
+  The statistic of each selected layer's input is computed inside the forward
+  pass (under ``stop_gradient``) when the layer is called; a layer called
+  several times gets the statistic of all its calls' rows together.
+
+  Args:
+    module: the Linen module to apply, or its bound ``apply`` (e.g. a
+      TrainState's ``apply_fn``).
+    variables: its variables, as for ``module.apply``.
+    *args: positional arguments of the applied method.
+    layers: ``None`` for the first layer: the one ``nn.Conv`` / ``nn.Dense`` /
+      ``nn.DenseGeneral`` whose input depends on no parameter, if it is also
+      the first called (otherwise the call raises and lists the candidates);
+      or a list of module paths (tuples like ``('backbone', 'patch_embed')``
+      or strings like ``'backbone/patch_embed'``); a single string names one
+      layer.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    **apply_kwargs: everything else ``module.apply`` takes (``rngs``,
+      ``mutable``, ``method``, ...) and keyword arguments of the method.
+
+  Returns:
+    ``(apply_output, tract_stats)``: ``apply_output`` is exactly what
+    ``module.apply`` returns (``(out, updates)`` with ``mutable=...``);
+    ``tract_stats`` maps each selected layer's path (relative to ``module``, as
+    in the params tree) to its :class:`~tract_optax.TractStats`.
+
+  Raises:
+    ValueError: a selected layer was never called; without ``layers``, no
+      first layer can be told apart (none or several Conv/Dense layers take
+      data-only input, or the first called takes a parameter-dependent one);
+      the layer is of an unsupported kind or a subclass that may not use its
+      kernel linearly; or it sits in an ``nn.scan`` / ``nn.vmap`` that does
+      not lift ``COLLECTION`` or has one kernel per iteration.
+    TypeError: ``layers`` is an ambiguous tuple of names, or ``module`` is
+      neither a Linen module nor its bound ``apply``.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((8, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> out, stats = apply_with_stats(model, variables, x)
+    >>> list(stats), stats[('layers_0',)].moment.shape
+    ([('layers_0',)], (3, 3))
+  """
+  module = as_module(module, 'apply_with_stats')
+  selected = _capture.normalize_layers(layers)
+  if selected is None:
+    selected = [_probe_first_layer(module, variables, args, apply_kwargs)]
+  recorder = _Recorder(selected, precision, max_chunk_bytes)
+  user_mutable = apply_kwargs.pop('mutable', False)
+  mutable = scope_lib.union_filters(user_mutable, COLLECTION)
+  with nn.intercept_methods(recorder):
+    output, mutated = module.apply(variables, *args, mutable=mutable, **apply_kwargs)
+  recorder.check_selection()
+  tract_stats = recorder.collect(mutated.get(COLLECTION, {}), variables)
+  if user_mutable is False:
+    return output, tract_stats
+  return (output, _strip_collection(mutated)), tract_stats
+
+
+def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.Array]):
+  """``tree`` with the kernel at ``path + ('kernel',)`` replaced (copies along the way)."""
+  if not path:
+    kernel = tree[paths_lib.KERNEL_NAME]
+    if isinstance(kernel, meta.AxisMetadata):
+      new = kernel.replace_boxed(replace(kernel.unbox()))
+    else:
+      new = replace(kernel)
+    return _with_entry(tree, paths_lib.KERNEL_NAME, new)
+  head, rest = path[0], path[1:]
+  return _with_entry(tree, head, _replace_kernel(tree[head], rest, replace))
+
+
+def _with_entry(tree, key, value):
+  if isinstance(tree, flax_core.FrozenDict):
+    return flax_core.FrozenDict({**tree, key: value})
+  return {**tree, key: value}
+
+
+def apply_tract(
+  module_or_apply_fn: ModuleOrApply,
+  variables,
+  *args,
+  lam: Union[float, jax.Array] = 0.1,
+  layers: _capture.LayersLike = None,
+  axis_name=None,
+  relative_lam: bool = False,
+  local_stats: bool = False,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+  check_condition: Optional[bool] = None,
+  **apply_kwargs,
+):
+  """``apply`` whose gradient gives the first layer's kernel its TrAct gradient.
+
+  Returns exactly what ``module.apply(variables, *args, **apply_kwargs)``
+  returns. Differentiating through it gives, for each selected layer's
+  kernel, ``(A^T A / N + lam I)^{-1} G`` with ``G`` the gradient of everything
+  that flows through the layer (all its calls) and ``A`` its inputs in this
+  pass; every other gradient, biases included, is unchanged. So ``jax.grad``
+  hands any optimizer, Flax's own ``TrainState`` and any accumulation scheme
+  TrAct gradients: no ``tract_stats``, no ``tract`` in the chain.
+
+  It traces the forward pass twice: once to compute the statistics (as
+  :func:`apply_with_stats`, whose selection and checks it shares), once with
+  the kernels wrapped by :func:`tract_optax.tract_kernel`. Under ``jit`` the
+  first pass costs only what leads to the selected layers' inputs (XLA drops
+  the rest); run eagerly, it is a second forward pass.
+
+  Args:
+    module_or_apply_fn: the Linen module, or its bound ``apply``
+      (``state.apply_fn``).
+    variables: the variables, as for ``apply``; gradients are taken with
+      respect to them (or ``variables['params']``) as usual.
+    *args: positional arguments of the applied method.
+    lam: ridge strength lambda > 0 (a number, or a traced scalar such as a
+      schedule's value at the step).
+    layers: the layers to precondition, as for :func:`apply_with_stats`
+      (``None``: the first layer, found by its data-only input).
+    axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch;
+      the statistic is all-reduced in the backward pass. Not needed under
+      ``jit`` with a sharded batch. Inside a bound named axis it is required
+      (or ``local_stats=True``).
+    relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
+    local_stats: precondition each device with its own statistic on purpose.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    **apply_kwargs: everything else ``apply`` takes (``rngs``, ``mutable``,
+      ``method``, ...) and keyword arguments of the method.
+
+  Returns:
+    What ``apply`` returns.
+
+  Raises:
+    ValueError, TypeError: as :func:`apply_with_stats`, and for a bad ``lam``
+      or misused named axes.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> loss = lambda p: jnp.mean(apply_tract(model, {'params': p}, x, lam=0.1) ** 2)
+    >>> grads = jax.grad(loss)(variables['params'])
+    >>> plain = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, x) ** 2))(
+    ...     variables['params'])
+    >>> expected = tract_optax.precondition(plain['layers_0']['kernel'],
+    ...                                     tract_optax.dense_stats(x), 0.1)
+    >>> bool(jnp.allclose(grads['layers_0']['kernel'], expected, atol=1e-5))
+    True
+    >>> bool(jnp.allclose(grads['layers_2']['kernel'], plain['layers_2']['kernel']))
+    True
+  """
+  module = as_module(module_or_apply_fn, 'apply_tract')
+  gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
+  _, tract_stats = apply_with_stats(
+    module,
+    variables,
+    *args,
+    layers=layers,
+    precision=precision,
+    max_chunk_bytes=max_chunk_bytes,
+    **apply_kwargs,
+  )
+  params = variables['params']
+  for path, stats in tract_stats.items():
+    wrap = functools.partial(
+      gradient_route.tract_kernel,
+      stats=stats,
+      lam=lam,
+      axis_name=axis_name,
+      local_stats=local_stats,
+      relative_lam=relative_lam,
+      check_condition=check_condition,
+      name=paths_lib.format_path(path),
+    )
+    params = _replace_kernel(params, path, wrap)
+  return module.apply(_with_entry(variables, 'params', params), *args, **apply_kwargs)
+
+
+class TractTrainState(train_state.TrainState):
+  """Flax ``TrainState`` whose ``apply_gradients`` hands ``tract_stats`` on.
+
+  Flax's own ``apply_gradients`` calls ``tx.update(grads, opt_state, params)``
+  and cannot pass the statistics :func:`tract_optax.tract` needs. Everything
+  else (step count, ``create``, ``replace``) is Flax's.
+
+  It is for the Optax route; the gradient route (:func:`apply_tract`) works
+  with Flax's own ``TrainState``. It adds no field, so it subclasses exactly
+  as Flax's does: Flax's ImageNet example's ``class TrainState(TrainState):
+  batch_stats: Any; dynamic_scale: DynamicScale`` works on this base
+  unchanged, and ``apply_gradients(..., batch_stats=new)`` updates such a
+  field.
+
+  Example:
+    >>> import flax.linen as nn, optax
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((8, 3))
+    >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}
+    >>> tx = optax.chain(tract_optax.tract(0.1), optax.sgd(0.1))
+    >>> state = TractTrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    >>> def loss_fn(params):
+    ...   out, stats = apply_with_stats(model, {'params': params}, x)
+    ...   return jnp.mean(out ** 2), stats
+    >>> grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+    >>> int(state.apply_gradients(grads=grads, tract_stats=stats).step)
+    1
+  """
+
+  def apply_gradients(self, *, grads, tract_stats=None, **kwargs) -> TractTrainState:
+    """Updates ``step``, ``params``, ``opt_state`` (and ``**kwargs`` fields).
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      tract_stats: ``{module path: TractStats}`` for ``tx.update``; ``None``
+        calls ``tx.update`` without it (a plain optimizer).
+      **kwargs: other dataclass fields to replace, e.g. ``batch_stats``.
+
+    Returns:
+      The new state, ``step`` incremented by one.
+    """
+    overwrite = OVERWRITE_WITH_GRADIENT in grads
+    grads_with_opt = grads['params'] if overwrite else grads
+    params_with_opt = self.params['params'] if overwrite else self.params
+    extra = {} if tract_stats is None else {'tract_stats': tract_stats}
+    updates, new_opt_state = self.tx.update(
+      grads_with_opt, self.opt_state, params_with_opt, **extra
+    )
+    new_params = optax.apply_updates(params_with_opt, updates)
+    if overwrite:
+      new_params = {'params': new_params, OVERWRITE_WITH_GRADIENT: grads[OVERWRITE_WITH_GRADIENT]}
+    return self.replace(step=self.step + 1, params=new_params, opt_state=new_opt_state, **kwargs)

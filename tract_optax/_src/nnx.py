@@ -1,0 +1,713 @@
+"""Flax NNX glue: first-layer input statistics captured in the forward pass.
+
+NNX has no method interceptor. For the duration of one forward pass, each
+``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` of the model (and each
+named layer) is given a thin subclass whose ``__call__`` computes the TrAct
+statistic of its input (never keeping the input) and ``sow``s it as a
+:class:`TractInputStats` variable; the original classes are restored before
+the pass returns. The subclass is part of the module's type, so it survives the
+copies NNX transforms make (``nnx.remat`` and friends), and the sown variable
+leaves those transforms as module state does.
+
+The statistics are collected with ``nnx.capture`` where Flax has it (0.12.6
+and later), otherwise (or when an outer ``nnx.capture`` is active) they are
+set as attributes and taken off again with ``nnx.pop``. Either way the
+model's state and graph are the same before and after.
+
+Module paths in the result are those of the kernels in ``nnx.state(model)``
+and in gradients, e.g. ``('stem',)`` or ``('backbone', 'layers', 0)``.
+
+Without ``layers``, the first layer is the one Conv/Linear whose input
+depends on no parameter, if it is also the first called (see
+:mod:`tract_optax.first_layer`); otherwise the call refuses and lists the
+candidates. :func:`apply_tract` is the gradient route: differentiate through
+it and the first layer's kernel receives its TrAct gradient.
+
+Inside ``nnx.vmap`` / ``nnx.scan`` the sown statistics need their own axis:
+pass the module with ``in_axes=nnx.StateAxes({TractInputStats: 0, ...: None})``.
+A layer whose kernel is shared across the transform then gets the exact
+statistic of all its rows; one with a kernel per iteration is rejected, since
+``tract`` treats a kernel as one ``(n, m)`` matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import jax
+from flax import nnx
+
+from tract_optax._src import capture as _capture
+from tract_optax._src import conv as conv_lib
+from tract_optax._src import first_layer, gradient_route
+from tract_optax._src import paths as paths_lib
+from tract_optax._src import stats as stats_lib
+from tract_optax._src.stats import TractStats
+
+Path = Tuple[Any, ...]
+
+_SOW_NAME = 'tract_input_stats'
+
+#: Whether to collect with ``nnx.capture``; ``False`` uses attributes and
+#: ``nnx.pop`` (the route for Flax before 0.12.6). Tests switch it off.
+USE_CAPTURE = hasattr(nnx, 'capture')
+
+#: Layers whose input statistic this module computes.
+SUPPORTED_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+#: Layers with a kernel that are recognised (for auto-selection and errors) but
+#: rejected: their kernel is not a single ``(n, m)`` map of input rows.
+_KERNEL_LAYERS = SUPPORTED_LAYERS + (nnx.ConvTranspose, nnx.Einsum)
+
+
+_TRANSFORM_HINT = (
+  'An NNX transform (nnx.vmap, nnx.scan, ...) around a layer must give the '
+  'TractInputStats variables it sows their own axis, e.g. in_axes=(nnx.StateAxes('
+  '{tract_optax.nnx.TractInputStats: 0, ...: None}), ...) for the module.'
+)
+
+
+class TractInputStats(nnx.Intermediate):
+  """Variable type of statistics sown during a captured forward pass.
+
+  Only exists while :func:`capture_stats` runs; never left on a model.
+  """
+
+
+def _get(variable):
+  if hasattr(variable, 'get_value'):
+    return variable.get_value()
+  return variable.value
+
+
+def _set(variable, value) -> None:
+  if hasattr(variable, 'set_value'):
+    variable.set_value(value)
+  else:
+    variable.value = value
+
+
+def _iter_modules(model):
+  if hasattr(nnx, 'iter_modules'):
+    return nnx.iter_modules(model)
+  return model.iter_modules()
+
+
+def layer_input_stats(
+  layer: nnx.Module,
+  x: jax.Array,
+  *,
+  path: Path = (),
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+) -> TractStats:
+  """Statistic of input ``x`` of an NNX layer, with the layer's own settings.
+
+  Args:
+    layer: an ``nnx.Linear``, ``nnx.LinearGeneral`` or ``nnx.Conv``.
+    x: the input the layer is (or would be) called with; gradients are stopped.
+    path: the layer's path, for error messages.
+    precision: matmul precision of the moment.
+    max_chunk_bytes: patch bytes materialised at once (convolutions).
+
+  Returns:
+    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+
+  Raises:
+    ValueError: for layers or settings TrAct does not support
+      (``nnx.ConvTranspose``, ``nnx.Einsum``, ``input_dilation``, ``mask``,
+      LinearGeneral with several output axes or batch axes), and for
+      subclasses that may not use the stored kernel linearly (see
+      :func:`tract_optax.mark_linear_kernel`).
+
+  Example:
+    >>> from flax import nnx
+    >>> make = lambda: nnx.Conv(3, 8, (3, 3), strides=2, rngs=nnx.Rngs(0))
+    >>> conv = nnx.eval_shape(make)  # only the settings matter
+    >>> s = layer_input_stats(conv, jnp.ones((2, 8, 8, 3)))
+    >>> s.moment.shape, float(s.count)
+    ((27, 27), 32.0)
+  """
+  type_name = f'nnx.{type(layer).__name__}'
+  if isinstance(layer, SUPPORTED_LAYERS):
+    _capture.check_linear_kernel(path, type_name, layer, SUPPORTED_LAYERS)
+  if isinstance(layer, nnx.Conv):
+    return _capture.conv_layer_stats(
+      path, type_name, x, layer, precision=precision, max_chunk_bytes=max_chunk_bytes
+    )
+  if isinstance(layer, nnx.Linear):
+    return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
+  if isinstance(layer, nnx.LinearGeneral):
+    return _capture.general_layer_stats(
+      path,
+      type_name,
+      x,
+      axis=layer.axis,
+      num_out_axes=len(tuple(layer.out_features)),
+      batch_axes=tuple(layer.batch_axis),
+      precision=precision,
+    )
+  if isinstance(layer, _KERNEL_LAYERS):
+    reason = 'its kernel does not map input rows to output rows.'
+  else:
+    reason = 'it is not a Linear or Conv layer.'
+  raise _capture.unsupported_layer(path, type_name, reason)
+
+
+_active = threading.local()
+
+
+def _active_recorder() -> Optional[_Recorder]:
+  stack = getattr(_active, 'stack', None)
+  return stack[-1] if stack else None
+
+
+def _reporting_call(call, path: Path):
+  """``call`` (an unbound ``__call__``) that first reports to the active recorder."""
+
+  def __call__(self, *args, **kwargs):
+    recorder = _active_recorder()
+    if recorder is not None:
+      args, kwargs = recorder.observe(self, path, args, kwargs)
+    return call(self, *args, **kwargs)
+
+  return __call__
+
+
+@functools.cache
+def _reporting_base(base: type, path: Path) -> type:
+  """A subclass of the Flax layer ``base`` whose ``__call__`` reports its input."""
+  namespace = {
+    '__call__': _reporting_call(base.__call__, path),
+    '_tract_hook': True,
+    '__module__': base.__module__,
+    '__qualname__': base.__qualname__,
+  }
+  return type(base.__name__, (base,), namespace)
+
+
+@functools.cache
+def _hooked_class(cls: type, path: Path) -> type:
+  """``cls`` with the Flax layer's own ``__call__`` reporting to the recorder.
+
+  The report sits between ``cls`` and the Flax base class in the method
+  resolution order: a subclass that changes its input before
+  ``super().__call__`` (marked linear) reports what the kernel really sees.
+  A module that is no Flax layer reports its own call.
+  """
+  base = next((klass for klass in cls.__mro__ if klass in _KERNEL_LAYERS), None)
+  namespace = {
+    '__module__': cls.__module__,
+    '__qualname__': cls.__qualname__,
+    '_tract_original_class': cls,
+    '_tract_hook': True,
+  }
+  if base is None:
+    namespace['__call__'] = _reporting_call(cls.__call__, path)
+    return type(cls.__name__, (cls,), namespace)
+  reporting = _reporting_base(base, path)
+  bases = (reporting,) if cls is base else (cls, reporting)
+  return type(cls.__name__, bases, namespace)
+
+
+def _store(module: nnx.Module, stats: TractStats) -> None:
+  """Sows ``stats`` (into ``nnx.capture``) or appends to the attribute."""
+  if hasattr(module, '__captures__') and module.sow(TractInputStats, _SOW_NAME, stats):
+    return
+  current = getattr(module, _SOW_NAME, None)
+  if current is None:
+    setattr(module, _SOW_NAME, TractInputStats((stats,)))
+  else:
+    _set(current, tuple(_get(current)) + (stats,))
+
+
+def _kernel_layers(model: nnx.Module) -> Dict[Path, nnx.Module]:
+  return {
+    path: module for path, module in _iter_modules(model) if isinstance(module, _KERNEL_LAYERS)
+  }
+
+
+def _resolve(model: nnx.Module, selected) -> List[Tuple[Path, nnx.Module]]:
+  """The (path, module) of each selected name (paths as ``nnx.state`` has them)."""
+  by_name = {paths_lib.normalize_path(p): (p, m) for p, m in _iter_modules(model)}
+  resolved = []
+  for name in selected:
+    if name not in by_name:
+      raise ValueError(
+        f'The model has no submodule at path {paths_lib.format_path(name)!r}. '
+        f'Its Conv/Linear layers: {_capture.format_paths(list(_kernel_layers(model)))}.'
+      )
+    resolved.append(by_name[name])
+  return resolved
+
+
+class _Hooks:
+  """Swaps the classes of some modules for hooked ones, and back."""
+
+  def __init__(self, modules: Dict[Path, nnx.Module]):
+    self.modules = modules
+
+  def hook(self) -> None:
+    for path, module in self.modules.items():
+      if hasattr(type(module), '_tract_original_class'):
+        raise RuntimeError(
+          'tract_optax.nnx.capture_stats is already active on the layer '
+          f'{paths_lib.format_path(paths_lib.normalize_path(path))!r}; '
+          'captures of the same model cannot be nested.'
+        )
+    for path, module in self.modules.items():
+      object.__setattr__(module, '__class__', _hooked_class(type(module), path))
+
+  def unhook(self) -> None:
+    for module in self.modules.values():
+      original = getattr(type(module), '_tract_original_class', None)
+      if original is not None:
+        object.__setattr__(module, '__class__', original)
+
+
+class _ProbeRecorder(_Hooks):
+  """Marks the input of every Conv/Linear call for the dependency probe."""
+
+  def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe):
+    super().__init__(_kernel_layers(model))
+    self.probe = probe
+
+  def observe(self, module, path, args, kwargs):
+    type_name = f'nnx.{type(module).__name__}'
+    if args:
+      return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
+    if 'inputs' in kwargs:
+      return args, {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
+    raise _capture.missing_input(path)
+
+
+def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
+  """The first layer of ``model`` by :mod:`tract_optax.first_layer`'s rule.
+
+  Runs ``fn`` on a copy of the model, abstractly: the model is untouched.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
+  probe = first_layer.DependencyProbe()
+
+  def run(probed_params, _):
+    # Variables of its own, created at this trace level, so the copy may be
+    # mutated (BatchNorm statistics, RNG counts) inside the probe.
+    own_rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
+    copy = nnx.merge(graphdef, probed_params, own_rest)
+    own_args, own_kwargs = _copy_graph_nodes((args, kwargs))  # e.g. an nnx.Rngs
+    recorder = _ProbeRecorder(copy, probe)
+    recorder.hook()
+    _stack().append(recorder)
+    try:
+      fn(copy, *own_args, **own_kwargs)
+    finally:
+      _stack().pop()
+      recorder.unhook()
+
+  probe.trace(run, params)
+  return first_layer.choose(probe.calls, 'Conv/Linear')
+
+
+def _stack() -> list:
+  if not hasattr(_active, 'stack'):
+    _active.stack = []
+  return _active.stack
+
+
+class _Recorder(_Hooks):
+  """Which layers to watch, and what happened in one forward pass."""
+
+  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes):
+    self.precision = precision
+    self.max_chunk_bytes = max_chunk_bytes
+    modules = _kernel_layers(model)
+    resolved = _resolve(model, selected)
+    self.selected: List[Path] = [path for path, _ in resolved]
+    modules.update(resolved)
+    super().__init__(modules)
+    self.called: List[Path] = []
+    self.recorded: List[Path] = []
+    self.kernel_shapes: Dict[Path, Tuple[int, ...]] = {}
+
+  def observe(self, module, path, args, kwargs):
+    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
+      self.called.append(path)
+    if path in self.selected:
+      self._record(module, path, args, kwargs)
+    return args, kwargs
+
+  def _record(self, module, path, args, kwargs) -> None:
+    inputs = _capture.call_input(path, args, kwargs)
+    stats = layer_input_stats(
+      module, inputs, path=path, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
+    )
+    _store(module, stats)
+    kernel = getattr(module, 'kernel', None)
+    if kernel is not None:
+      self.kernel_shapes[path] = tuple(_get(kernel).shape)
+    if path not in self.recorded:
+      self.recorded.append(path)
+
+  def annotate(self, error: Exception) -> None:
+    """Adds a hint to an error raised after statistics were sown."""
+    if self.recorded and hasattr(error, 'add_note'):
+      error.add_note(
+        f'tract_optax.nnx sowed statistics in layer(s) '
+        f'{_capture.format_paths(self.recorded)} before this error. ' + _TRANSFORM_HINT
+      )
+
+  def check_selection(self) -> None:
+    _capture.check_selection(self.selected, self.recorded, self.called)
+
+  def collect(self, sown) -> Dict[Path, TractStats]:
+    result = {}
+    for path in self.recorded:
+      node = sown
+      for name in path + (_SOW_NAME,):
+        if name not in node:
+          raise ValueError(
+            f'The statistic of layer {_capture.format_paths([path])} did not '
+            'come out of the forward pass. ' + _TRANSFORM_HINT
+          )
+        node = node[name]
+      calls = _get(node)
+      kernel = getattr(self.modules[path], 'kernel', None)
+      outer = None if kernel is None else tuple(_get(kernel).shape)
+      result[path] = _capture.combine_calls(
+        path, calls, outer, self.kernel_shapes.get(path), self.precision
+      )
+    return result
+
+
+def _registered_nodes(model: nnx.Module) -> List[Tuple[nnx.Module, Any]]:
+  """Each module of ``model`` with its set of registered data attributes.
+
+  Flax before 0.12 registers an attribute that holds a Variable in the
+  module's ``_pytree__nodes`` when it is set, but ``nnx.pop`` deletes the
+  attribute without unregistering it, so its name would stay in the model's
+  GraphDef. :func:`_unregister_popped` undoes that from this snapshot.
+  """
+  return [(module, vars(module).get('_pytree__nodes')) for _, module in _iter_modules(model)]
+
+
+def _unregister_popped(registered: List[Tuple[nnx.Module, Any]]) -> None:
+  """Unregisters the popped statistics attribute (see :func:`_registered_nodes`)."""
+  for module, before in registered:
+    nodes = vars(module).get('_pytree__nodes')
+    if not isinstance(nodes, frozenset) or _SOW_NAME not in nodes or _SOW_NAME in vars(module):
+      continue  # Flax 0.12+ keeps a mapping and unregisters on delete
+    after = nodes - {_SOW_NAME}
+    # the very object from before keeps the GraphDef's text (set order) as it was
+    object.__setattr__(module, '_pytree__nodes', before if before == after else after)
+
+
+def _drop_captures(model: nnx.Module) -> None:
+  """Removes what a failed ``nnx.capture`` leaves on the modules."""
+  for _, module in _iter_modules(model):
+    if hasattr(module, '__captures__'):
+      delattr(module, '__captures__')
+
+
+def capture_stats(
+  fn: Callable[..., Any],
+  *,
+  layers: _capture.LayersLike = None,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+) -> Callable[..., Tuple[Any, Dict[Path, TractStats]]]:
+  """Wraps ``fn(model, *args, **kwargs)`` to also return TrAct statistics.
+
+  Args:
+    fn: a function whose first argument is the NNX model; it may call the
+      model any number of times.
+    layers: ``None`` for the first layer: the one ``nnx.Conv`` /
+      ``nnx.Linear`` / ``nnx.LinearGeneral`` whose input depends on no
+      parameter, if it is also the first called (otherwise the call raises
+      and lists the candidates); or a list of attribute paths (tuples like
+      ``('backbone', 'layers', 0)`` or strings like ``'backbone/layers/0'``);
+      a single string names one layer.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+
+  Returns:
+    ``wrapped(model, *args, **kwargs) -> (fn(model, *args, **kwargs),
+    tract_stats)`` with ``tract_stats`` mapping each selected layer's path (as
+    in ``nnx.state(model)``) to the statistic of all its calls' inputs.
+
+  Raises:
+    ValueError: (when called) a selected path is not in the model or its layer
+      was never called; without ``layers``, no first layer can be told apart
+      (none or several Conv/Linear layers take data-only input, or the first
+      called takes a parameter-dependent one); the layer is of an unsupported
+      kind or a subclass that may not use its kernel linearly; it has one
+      kernel per ``scan``/``vmap`` iteration; or its statistic did not leave
+      an NNX transform (see the module docstring).
+    TypeError: ``layers`` is an ambiguous tuple of names, or (when called) a
+      selected layer was called without a positional or ``inputs=`` input.
+    RuntimeError: (when called) a capture of the same model is already active.
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu)
+    >>> forward = capture_stats(lambda m, x: m(x))
+    >>> out, stats = forward(model, jnp.ones((8, 3)))
+    >>> list(stats), stats[('layers', 0)].moment.shape
+    ([('layers', 0)], (3, 3))
+  """
+  selected = _capture.normalize_layers(layers)
+
+  @functools.wraps(fn)
+  def wrapped(model, *args, **kwargs):
+    chosen = selected
+    if chosen is None:
+      chosen = [paths_lib.normalize_path(_probe_first_layer(fn, model, args, kwargs))]
+    recorder = _Recorder(model, chosen, precision, max_chunk_bytes)
+    use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
+    recorder.hook()
+    _stack().append(recorder)
+    try:
+      if use_capture:
+        try:
+          result, sown = nnx.capture(fn, TractInputStats)(model, *args, **kwargs)
+        except Exception as error:
+          _drop_captures(model)
+          recorder.annotate(error)
+          raise
+      else:
+        registered = _registered_nodes(model)
+        try:
+          result = fn(model, *args, **kwargs)
+        except Exception as error:
+          recorder.annotate(error)
+          raise
+        finally:
+          sown = nnx.pop(model, TractInputStats)
+          _unregister_popped(registered)
+    finally:
+      _stack().pop()
+      recorder.unhook()
+    recorder.check_selection()
+    return result, recorder.collect(sown)
+
+  return wrapped
+
+
+def apply_with_stats(
+  model: nnx.Module,
+  *args,
+  layers: _capture.LayersLike = None,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+  **kwargs,
+) -> Tuple[Any, Dict[Path, TractStats]]:
+  """``model(*args, **kwargs)`` and the TrAct statistics of chosen layers.
+
+  Args:
+    model: the NNX model.
+    *args: positional arguments of ``model.__call__``.
+    layers: ``None`` for the first Conv/Linear layer called, or a list of
+      attribute paths (see :func:`capture_stats`).
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    **kwargs: keyword arguments of ``model.__call__``.
+
+  Returns:
+    ``(output, tract_stats)``, ``tract_stats`` as for ``tx.update``.
+
+  Raises:
+    ValueError: see :func:`capture_stats`.
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> out, stats = apply_with_stats(model, jnp.ones((8, 3)))
+    >>> list(stats)
+    [()]
+  """
+  forward = capture_stats(
+    lambda m, *a, **k: m(*a, **k),
+    layers=layers,
+    precision=precision,
+    max_chunk_bytes=max_chunk_bytes,
+  )
+  return forward(model, *args, **kwargs)
+
+
+def value_and_grad_with_stats(
+  loss_fn: Callable[..., Any],
+  model: nnx.Module,
+  *args,
+  layers: _capture.LayersLike = None,
+  has_aux: bool = False,
+  wrt: Any = nnx.Param,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+  **kwargs,
+) -> Tuple[Any, Any, Dict[Path, TractStats]]:
+  """``nnx.value_and_grad`` of ``loss_fn(model, *args, **kwargs)``, with statistics.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args, **kwargs)`` returning a scalar loss, or
+      ``(loss, aux)`` with ``has_aux=True``.
+    model: the NNX model; gradients are taken with respect to its ``wrt``
+      variables.
+    *args: further positional arguments of ``loss_fn`` (not differentiated).
+    layers: ``None`` for the first Conv/Linear layer called, or a list of
+      attribute paths (see :func:`capture_stats`).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    **kwargs: keyword arguments of ``loss_fn``.
+
+  Returns:
+    ``(value, grads, tract_stats)``: ``value`` is ``loss`` or ``(loss, aux)``
+    as from ``nnx.value_and_grad``; ``grads`` the gradient State; pass
+    ``tract_stats`` to ``nnx.Optimizer.update(model, grads, tract_stats=...)``.
+
+  Raises:
+    ValueError: see :func:`capture_stats`.
+
+  Example:
+    >>> import optax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> tx = optax.chain(tract_optax.tract(0.1), optax.sgd(0.1))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> loss, grads, stats = value_and_grad_with_stats(loss_fn, model, jnp.ones((8, 3)))
+    >>> _ = optimizer.update(model, grads, tract_stats=stats)
+  """
+  forward = capture_stats(
+    loss_fn, layers=layers, precision=precision, max_chunk_bytes=max_chunk_bytes
+  )
+
+  def loss_with_stats(model, *args):  # keywords are closed over: NNX transforms
+    value, tract_stats = forward(model, *args, **kwargs)  # map positions only
+    loss, aux = value if has_aux else (value, None)
+    return loss, (aux, tract_stats)
+
+  grad_fn = nnx.value_and_grad(loss_with_stats, argnums=nnx.DiffState(0, wrt), has_aux=True)
+  (loss, (aux, tract_stats)), grads = grad_fn(model, *args)
+  return ((loss, aux) if has_aux else loss), grads, tract_stats
+
+
+def _copy(node: Any) -> Any:
+  """A copy of an NNX graph node (a Module, an ``nnx.Rngs``) with Variables
+  of its own, created at the current trace level.
+
+  ``nnx.merge`` reuses the Variable objects of the state it is given, so the
+  state is rebuilt first: a pass on the copy never touches the original.
+  """
+  graphdef, state = nnx.split(node)
+  return nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v, state))
+
+
+def _copy_graph_nodes(tree: Any) -> Any:
+  """``tree`` with every NNX graph node in it copied (see :func:`_copy`).
+
+  Arguments such as an ``nnx.Rngs`` passed to the model are mutated by the
+  forward pass; a pass that must leave no trace uses copies of them.
+  """
+  is_node = nnx.graph.is_graph_node
+  return jax.tree_util.tree_map(lambda v: _copy(v) if is_node(v) else v, tree, is_leaf=is_node)
+
+
+def apply_tract(
+  model: nnx.Module,
+  *args,
+  lam: Union[float, jax.Array] = 0.1,
+  layers: _capture.LayersLike = None,
+  axis_name=None,
+  relative_lam: bool = False,
+  local_stats: bool = False,
+  precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
+  max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
+  check_condition: Optional[bool] = None,
+  **kwargs,
+) -> Any:
+  """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
+
+  Returns exactly what ``model(*args, **kwargs)`` returns, and changes the
+  model's state (and that of an ``nnx.Rngs`` passed in) exactly as that call
+  does. Differentiating through it (with
+  ``nnx.grad``, ``nnx.value_and_grad`` or ``jax.grad`` of a split model) gives
+  each selected layer's kernel ``(A^T A / N + lam I)^{-1} G``, with ``G`` the
+  gradient of everything that flows through the layer and ``A`` its inputs in
+  this call; every other gradient is unchanged. So an unchanged
+  ``nnx.Optimizer`` (with any optax chain, no ``tract``) trains with TrAct.
+
+  The statistics come from a first pass on copies of the model and of any
+  ``nnx.Rngs`` argument (RNG counters and batch statistics advance once, as
+  for a plain call); under ``jit`` only what leads to the selected layers'
+  inputs is computed of it.
+
+  Args:
+    model: the NNX model.
+    *args: positional arguments of ``model.__call__``.
+    lam: ridge strength lambda > 0 (a number or a traced scalar).
+    layers: the layers to precondition (see :func:`capture_stats`).
+    axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch.
+    relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
+    local_stats: precondition each device with its own statistic on purpose.
+    precision: matmul precision of the statistics.
+    max_chunk_bytes: patch bytes materialised at once for convolutions.
+    check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    **kwargs: keyword arguments of ``model.__call__``.
+
+  Returns:
+    ``model(*args, **kwargs)``.
+
+  Raises:
+    ValueError, TypeError: as :func:`capture_stats`, and for a bad ``lam`` or
+      misused named axes.
+
+  Example:
+    >>> import optax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    >>> x = jnp.ones((8, 3))
+    >>> loss_fn = lambda m: jnp.mean(apply_tract(m, x, lam=0.1) ** 2)
+    >>> grads = nnx.grad(loss_fn)(model)
+    >>> _ = optimizer.update(model, grads)
+  """
+  gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
+  forward = capture_stats(
+    lambda m, *a, **k: m(*a, **k),
+    layers=layers,
+    precision=precision,
+    max_chunk_bytes=max_chunk_bytes,
+  )
+  # The statistics pass runs on copies: of the model and of graph nodes among
+  # the arguments (an nnx.Rngs), so that the call below draws the same random
+  # numbers and leaves the same state as a plain call.
+  copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
+  _, tract_stats = forward(_copy(model), *copied_args, **copied_kwargs)
+  by_path = dict(_iter_modules(model))
+  originals = []
+  try:
+    for path, stats in tract_stats.items():
+      kernel = by_path[path].kernel
+      value = _get(kernel)
+      originals.append((kernel, value))
+      _set(
+        kernel,
+        gradient_route.tract_kernel(
+          value,
+          stats,
+          lam=lam,
+          axis_name=axis_name,
+          local_stats=local_stats,
+          relative_lam=relative_lam,
+          check_condition=check_condition,
+          name=paths_lib.format_path(paths_lib.normalize_path(path)),
+        ),
+      )
+    return model(*args, **kwargs)
+  finally:
+    for kernel, value in reversed(originals):
+      _set(kernel, value)

@@ -9,6 +9,7 @@ from flax import nnx
 
 import tract_optax
 from tract_optax import nnx as tract_nnx
+from tract_optax._src import nnx as nnx_impl
 from tract_optax._src import stats as stats_lib
 from tests.reference import patch_rows
 
@@ -27,7 +28,7 @@ needs_capture = pytest.mark.skipif(
 @pytest.fixture(params=[pytest.param('capture', marks=needs_capture), 'pop'])
 def route(request, monkeypatch):
   """Runs a test with nnx.capture and with the sow/pop fallback."""
-  monkeypatch.setattr(tract_nnx, 'USE_CAPTURE', request.param == 'capture')
+  monkeypatch.setattr(nnx_impl, 'USE_CAPTURE', request.param == 'capture')
   return request.param
 
 

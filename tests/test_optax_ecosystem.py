@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import tract_optax
+from tract_optax._src import stats as stats_lib
 
 LAM = 0.1
 KERNEL_SIZE = (3, 3)
@@ -441,7 +442,7 @@ def test_precondition_of_a_bfloat16_gradient(form):
   # amplified at most by the condition number of (A^T A / N + lam I), plus
   # the final rounding: ||error|| / ||exact|| <= (kappa + 1) u.
   exact = np.asarray(tract_optax.precondition(grad32, stats, LAM), np.float64)
-  moment = np.asarray(tract_optax.stats.to_moment(stats).moment, np.float64)
+  moment = np.asarray(stats_lib.to_moment(stats).moment, np.float64)
   kappa = np.linalg.cond(moment + LAM * np.eye(moment.shape[0]))
   error = (np.linalg.norm(np.asarray(result16, np.float64) - exact)
            / np.linalg.norm(exact))

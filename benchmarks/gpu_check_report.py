@@ -40,7 +40,7 @@ PARTS = {
     'a': ('tests', 'core, Flax and data-parallel tests'),
     'b': ('overhead', 'train-step time and peak memory, TrAct / plain'),
     'c': ('scaling', 'statistic vs the stem at the ResNet-50 stem'),
-    'd': ('main_job', 'main job, --preset paper (short)'),
+    'd': ('main_job', 'main job, --preset paper tuned protocol (short)'),
 }
 
 #: Fields every part record has (the smoke test asserts them).
@@ -106,13 +106,12 @@ def environment(repo: pathlib.Path) -> Dict[str, Any]:
 
 
 def _data_module():
-  """The experiment application's data module, wherever it lives."""
-  for name in ('tract_experiment.data', 'tract_optax.data'):
-    try:
-      return importlib.import_module(name)
-    except ImportError:
-      continue
-  raise ImportError('no tract_experiment.data (or tract_optax.data) to import')
+  """The experiment application's data module (``experiment/`` on the path)."""
+  try:
+    return importlib.import_module('tract_experiment.data')
+  except ImportError as error:
+    raise ImportError('cannot import tract_experiment.data (put experiment/ on PYTHONPATH or '
+                      f'install it: pip install -e ./experiment): {error}') from None
 
 
 def find_data(requested: Optional[str], repo: pathlib.Path,
@@ -255,7 +254,13 @@ def _scaling_headline(rows: List[Dict[str, Any]]) -> str:
 
 
 def _main_job_results(folder: Optional[str]) -> Dict[str, Any]:
-  """The table, the accuracy per budget and method, and timing from ``results.json``."""
+  """The tuned table, chosen lrs, test accuracy of each choice, timing, from ``results.json``.
+
+  ``accuracy[scale][budget][method]`` holds the chosen ``lr``, the test
+  ``mean``/``std`` of that choice and its ``val_mean``; ``speedups`` the tuned
+  speedup texts. A results.json the trainer left partial (stopped at the time
+  limit) gives ``partial``, ``runs`` and ``runs_planned`` only.
+  """
   results: Dict[str, Any] = {'folder': folder}
   loaded = _read_json(os.path.join(folder, 'results.json')) if folder else None
   if not isinstance(loaded, dict):
@@ -263,15 +268,22 @@ def _main_job_results(folder: Optional[str]) -> Dict[str, Any]:
     return results
   summary = loaded.get('summary') or {}
   accuracy: Dict[str, Any] = {}
+  speedups: Dict[str, Any] = {}
   for scale, scale_summary in (summary.get('scales') or {}).items():
     for budget, row in (scale_summary.get('table') or {}).items():
       for method, stats in row.items():
         accuracy.setdefault(scale, {}).setdefault(str(budget), {})[method] = {
-            key: stats.get(key) for key in ('mean', 'std', 'seeds', 'train_time_s')}
+            key: stats.get(key) for key in ('lr', 'mean', 'std', 'val_mean', 'seeds',
+                                            'train_time_s')}
+    for method, entries in (scale_summary.get('speedups') or {}).items():
+      speedups.setdefault(scale, {})[method] = [entry.get('text') for entry in entries]
   results.update(title=loaded.get('title'), table=loaded.get('table'),
-                 lines=summary.get('lines'), accuracy=accuracy, timing=loaded.get('timing'),
-                 runs=len(loaded.get('runs') or []),
+                 lr_grid=loaded.get('lr_grid'), trials=loaded.get('trials'),
+                 lines=summary.get('lines'), accuracy=accuracy, speedups=speedups,
+                 timing=loaded.get('timing'), partial=bool(loaded.get('partial')),
+                 runs=len(loaded.get('runs') or []), runs_planned=loaded.get('runs_planned'),
                  train_examples=loaded.get('train_examples'),
+                 val_examples=loaded.get('val_examples'),
                  test_examples=loaded.get('test_examples'))
   return results
 
@@ -279,13 +291,17 @@ def _main_job_results(folder: Optional[str]) -> Dict[str, Any]:
 def _main_job_headline(results: Dict[str, Any]) -> str:
   if results.get('error'):
     return results['error']
+  if results.get('partial'):
+    return (f"partial: {results.get('runs', 0)} of {results.get('runs_planned')} runs "
+            'finished, no summary')
   parts = []
   for scale_table in results.get('accuracy', {}).values():
     for budget, row in scale_table.items():
-      methods = ', '.join(f"{method} {_fmt(stats.get('mean'), '.4f')}"
+      methods = ', '.join(f"{method} {_fmt(stats.get('mean'), '.4f')} (lr {stats.get('lr')})"
                           for method, stats in row.items())
       parts.append(f'{budget} ep: {methods}')
-  return f"{results.get('runs', 0)} runs; test accuracy " + '; '.join(parts)
+  return (f"{results.get('runs', 0)} runs; test accuracy at the lr chosen on validation "
+          + '; '.join(parts))
 
 
 def _config(text: Optional[str]) -> Dict[str, Any]:
@@ -306,7 +322,7 @@ def record(args: argparse.Namespace) -> Dict[str, Any]:
     status, reason = 'skipped', args.skip_reason
   elif args.exit_code == 0:
     status, reason = 'ok', None
-  elif args.exit_code in TIMEOUT_CODES:
+  elif args.exit_code in TIMEOUT_CODES and args.limit > 0:
     status, reason = 'timeout', f'stopped at its time limit of {args.limit:g} s'
   else:
     status, reason = 'failed', f'exit code {args.exit_code}'
@@ -369,8 +385,9 @@ def summary_text(out_dir: str, parts: Sequence[str], total_s: Optional[float]) -
     if entry is None:
       rows.append([f'({part}) {PARTS[part][0]}', 'missing', '', '', 'no record written'])
       continue
+    limit = f"{entry['limit_s']:g}" if entry['limit_s'] else 'none'
     rows.append([f"({part}) {entry['name']}", entry['status'], f"{entry['wall_time_s']:.0f}",
-                 f"{entry['limit_s']:g}", entry['headline'].replace('|', '/')])
+                 limit, entry['headline'].replace('|', '/')])
   lines += _table(['part', 'status', 'wall s', 'limit s', 'result'], rows)
 
   overhead = records.get('b')
@@ -400,8 +417,13 @@ def summary_text(out_dir: str, parts: Sequence[str], total_s: Optional[float]) -
          for r in scaling['results']['rows']])
   main_job = records.get('d')
   if main_job and main_job['results'].get('table'):
-    lines += ['', f"## (d) {main_job['results'].get('title') or 'main job'}", '', '```',
-              main_job['results']['table'].rstrip(), '```']
+    lines += ['', f"## (d) {main_job['results'].get('title') or 'main job'}", '']
+    if main_job['results'].get('trials'):
+      lines += [main_job['results']['trials'], '']
+    lines += ['```', main_job['results']['table'].rstrip()]
+    if main_job['results'].get('lr_grid'):
+      lines += ['', main_job['results']['lr_grid'].rstrip()]
+    lines += ['```']
     lines += [line for line in main_job['results'].get('lines') or []]
   problems = [entry for entry in records.values() if entry and entry['status'] != 'ok']
   failures = (records.get('a') or {}).get('results', {}).get('failures', [])
@@ -448,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   add('--mode', required=True, choices=['gpu', 'smoke'], help='full GPU run or smoke')
   add('--exit-code', type=int, default=0, help="the part command's exit status")
   add('--wall', type=float, default=0.0, help='wall time of the part, seconds')
-  add('--limit', type=float, default=0.0, help='time limit of the part, seconds')
+  add('--limit', type=float, default=0.0, help='time limit of the part, seconds (0: none)')
   add('--command', default='', help='the command line run')
   add('--config', default=None, help='more settings, as a JSON object')
   add('--env', default=None, help='environment JSON written by `env`')

@@ -6,6 +6,8 @@ subclasses that may not use their kernel linearly are refused unless marked.
 Linen and NNX alike.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from flax import nnx
 import tract_optax
 from tract_optax import linen as tract_linen
 from tract_optax import nnx as tract_nnx
+from tract_optax._src import stats as stats_lib
 
 
 def _normal(shape, seed=0):
@@ -74,28 +77,38 @@ class TokenFirst(nn.Module):
 
 def test_linen_conditioning_dense_before_the_stem_is_refused_with_candidates():
   image, label = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4)
+  # The label embedding is called first, but the stem reads the image: the
+  # suggestion names the stem (it used to name the first candidate called).
   with pytest.raises(ValueError, match=r"Several Conv/Dense layers take input computed "
-                     r"from data alone: 'label_embed', 'stem'.*e.g. layers=\['label_embed'\]"):
+                     r"from data alone: 'label_embed' \(nn.Dense, input float32\[2,4\]\), "
+                     r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\).*The first of them that "
+                     r"reads the model's largest input \(args\[0\], float32\[2,6,6,3\]\) is "
+                     r"'stem': if it is the image stem, pass layers=\['stem'\]\."):
     _linen(ConditionedCNN(), image, label)
   _, stats = _linen(ConditionedCNN(), image, label, layers=['stem'])
   assert list(stats) == [('stem',)]
 
 
 def test_linen_time_embedding_is_a_second_candidate():
-  with pytest.raises(ValueError, match=r"'stem', 'time'"):
+  with pytest.raises(ValueError, match=r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\), "
+                     r"'time' \(nn.Dense, input float32\[2,8\]\).*pass layers=\['stem'\]"):
     _linen(TimeEmbedding(), _normal((2, 6, 6, 3)), jnp.arange(2.0))
 
 
 def test_linen_parameter_dependent_stem_input_is_refused():
   with pytest.raises(ValueError, match=r"Every Conv/Dense layer called takes an input "
-                     r"that depends on parameters.*'stem' \(input depends on parameters\)"):
+                     r"that depends on parameters, so none is a first layer.*: 'stem' "
+                     r"\(nn.Conv, input float32\[2,6,6,3\]\), 'head' .*To precondition a "
+                     r"layer anyway, name it with layers=\[\.\.\.\]"):
     _linen(LearnedNormalization(), _normal((2, 6, 6, 3)))
 
 
 def test_linen_first_called_layer_reading_parameters_is_refused():
   with pytest.raises(ValueError, match=r"The first Conv/Dense layer called, "
                      r"'token_proj', takes an input that depends on parameters.*"
-                     r"only layer with data-only input is 'stem'.*e.g. layers=\['stem'\]"):
+                     r"only layer with data-only input is 'stem'.*The other 2 Conv/Dense "
+                     r"layers called take parameter-dependent input \('token_proj', 'head'\)"
+                     r".*pass layers=\['stem'\]"):
     _linen(TokenFirst(), _normal((2, 6, 6, 3)), jnp.zeros((2, 5), jnp.int32))
 
 
@@ -185,7 +198,9 @@ def test_nnx_conditioning_linear_is_refused_and_model_untouched():
   before = nnx.state(model)
   image, label = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4)
   with pytest.raises(ValueError, match=r"Several Conv/Linear layers take input "
-                     r"computed from data alone: 'stem', 'label_embed'"):
+                     r"computed from data alone: 'stem' \(nnx.Conv, input float32\[2,6,6,3\]\), "
+                     r"'label_embed' \(nnx.Linear, input float32\[2,4\]\).*"
+                     r"pass layers=\['stem'\]"):
     tract_nnx.apply_with_stats(model, image, label)
   _, stats = tract_nnx.apply_with_stats(model, image, label, layers=['stem'])
   assert list(stats) == [('stem',)]
@@ -242,8 +257,8 @@ def test_conv_settings_give_the_statistic_the_capture_computes(make):
     captured = tract_linen.layer_input_stats(layer, x)
   else:
     captured = tract_nnx.layer_input_stats(layer, x)
-  np.testing.assert_allclose(tract_optax.stats.to_moment(manual).moment,
-                             tract_optax.stats.to_moment(captured).moment,
+  np.testing.assert_allclose(stats_lib.to_moment(manual).moment,
+                             stats_lib.to_moment(captured).moment,
                              rtol=1e-5, atol=1e-6)
 
 
@@ -293,3 +308,263 @@ def test_nnx_marked_subclass_records_the_input_the_flax_layer_receives():
                                       tract_optax.dense_stats(x / 255.0), 0.1)
   np.testing.assert_allclose(grads['kernel'].value, expected, rtol=2e-5, atol=1e-6)
   assert type(layer) is marked
+
+
+# ----------------------------------------------------------------------------
+# The refusal's suggestion: the layer that reads the image (issue 16, item 4c)
+
+
+def _same_patch_rows(images):
+  """float64 rows of every 3x3 'SAME' patch, features in Flax order (kh, kw, c)."""
+  padded = np.pad(np.float64(images), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  batch, height, width, _ = images.shape
+  rows = [padded[:, i:i + 3, j:j + 3, :].reshape(batch, -1)
+          for i in range(height) for j in range(width)]
+  return np.stack(rows, 1).reshape(batch * height * width, -1)
+
+
+def _tract_solve(rows, grad, lam=0.1):
+  rows, grad = np.float64(rows), np.float64(grad)
+  moment = rows.T @ rows / len(rows)
+  return np.linalg.solve(moment + lam * np.eye(len(moment)),
+                         grad.reshape(len(moment), -1)).reshape(grad.shape)
+
+
+def _relative(value, expected):
+  return float(np.max(np.abs(np.float64(value) - expected)) / np.max(np.abs(expected)))
+
+
+def _sinusoid(t):
+  return jnp.concatenate([jnp.sin(t[:, None] * jnp.arange(1.0, 5.0)),
+                          jnp.cos(t[:, None] * jnp.arange(1.0, 5.0))], -1)
+
+
+class TinyUNet(nn.Module):
+  """Diffusion style: the time-step MLP runs first, then the image stem and
+  many blocks conditioned on the time embedding."""
+
+  blocks: int = 6
+
+  @nn.compact
+  def __call__(self, image, t):
+    temb = nn.Dense(8, name='time_0')(_sinusoid(t))
+    temb = nn.Dense(8, name='time_1')(nn.silu(temb))
+    h = nn.Conv(8, (3, 3), name='stem')(image)
+    for i in range(self.blocks):
+      h = h + nn.Conv(8, (3, 3), name=f'block_{i}')(nn.silu(h)) + temb[:, None, None, :]
+    return nn.Conv(3, (3, 3), name='out')(h)
+
+
+def test_linen_unet_refusal_suggests_the_stem_not_the_time_mlp_and_summarises():
+  image, t = _normal((2, 8, 8, 3)), jnp.array([0.1, 0.7])
+  model = TinyUNet()
+  variables = model.init(jax.random.key(0), image, t)
+  with pytest.raises(ValueError) as info:
+    tract_linen.apply_with_stats(model, variables, image, t)
+  message = str(info.value).split('\n')[0]
+  assert message.startswith(
+      "Several Conv/Dense layers take input computed from data alone: 'time_0' (nn.Dense, "
+      "input float32[2,8]), 'stem' (nn.Conv, input float32[2,8,8,3])"), message
+  assert ("The other 8 Conv/Dense layers called take parameter-dependent input "
+          "('time_1', 'block_0', 'block_1', ...).") in message, message
+  assert message.endswith(
+      "The first of them that reads the model's largest input (args[0], float32[2,8,8,3]) "
+      "is 'stem': if it is the image stem, pass layers=['stem']."), message
+  assert 'block_5' not in message and "layers=['time_0']" not in message
+  assert len(message) < 700, len(message)
+  # Following the advice preconditions the stem with the image's statistic.
+  _, stats = tract_linen.apply_with_stats(model, variables, image, t, layers=['stem'])
+  rows = _same_patch_rows(image)
+  np.testing.assert_allclose(stats[('stem',)].moment, rows.T @ rows / len(rows),
+                             rtol=1e-5, atol=1e-6)
+
+
+class NNXTinyUNet(nnx.Module):
+  def __init__(self, rngs):
+    self.time = nnx.Linear(8, 8, rngs=rngs)
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.blocks = nnx.List([nnx.Conv(8, 8, (3, 3), rngs=rngs) for _ in range(4)])
+
+  def __call__(self, t, *, image):
+    temb = self.time(_sinusoid(t))
+    h = self.stem(image)
+    for block in self.blocks:
+      h = h + block(nnx.silu(h)) + temb[:, None, None, :]
+    return h
+
+
+def test_nnx_unet_refusal_suggests_the_layer_reading_the_image_keyword():
+  model = NNXTinyUNet(nnx.Rngs(0))
+  with pytest.raises(ValueError) as info:
+    tract_nnx.apply_tract(model, jnp.array([0.1, 0.7]), image=_normal((2, 8, 8, 3)))
+  message = str(info.value)
+  assert "'time' (nnx.Linear, input float32[2,8]), 'stem' (nnx.Conv, input " in message
+  assert ("The other 4 Conv/Linear layers called take parameter-dependent input "
+          "('blocks/0', 'blocks/1', 'blocks/2', ...)") in message, message
+  assert ("reads the model's largest input (kwargs['image'], float32[2,8,8,3]) is 'stem': "
+          "if it is the image stem, pass layers=['stem'].") in message, message
+
+
+class TwoScaledInputs(nn.Module):
+  """Two data-only Dense layers on 2-D inputs; the image stem reads a scaled image."""
+
+  @nn.compact
+  def __call__(self, image, label, t):
+    scale = self.param('scale', nn.initializers.ones, (3,))
+    h = nn.Conv(4, (3, 3), name='stem')(image * scale).mean((1, 2))
+    return h + nn.Dense(4, name='label_embed')(label) + nn.Dense(4, name='time')(_sinusoid(t))
+
+
+def test_refusal_says_when_no_candidate_reads_the_largest_input():
+  image, label, t = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4), jnp.ones(2)
+  with pytest.raises(ValueError, match=r"Several Conv/Dense layers .*'label_embed' .*'time' .*"
+                     r"None of them reads the model's largest input \(args\[0\], "
+                     r"float32\[2,6,6,3\]\); name the image stem explicitly"):
+    _linen(TwoScaledInputs(), image, label, t)
+
+
+def test_refusal_without_an_array_argument_of_three_dimensions():
+  class TwoVectors(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+      return nn.Dense(2, name='a_embed')(a) + nn.Dense(2, name='b_embed')(b)
+
+  with pytest.raises(ValueError, match=r"'a_embed' .*'b_embed' .*no array argument of 3 or "
+                     r"more dimensions to suggest one by"):
+    _linen(TwoVectors(), _normal((4, 3)), _normal((4, 5), seed=1))
+
+
+# ----------------------------------------------------------------------------
+# Eager models with data-dependent Python branches (item 8)
+
+
+class BranchingModel(nn.Module):
+  """Rescales raw pixels in an eager-only Python branch (plain apply runs it)."""
+
+  @nn.compact
+  def __call__(self, image):
+    if float(jnp.max(image)) > 100:
+      image = image / 255.0
+    return nn.Dense(2, name='head')(nn.Conv(4, (3, 3), name='stem')(image).mean((1, 2)))
+
+
+class NNXBranchingModel(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, image):
+    if float(jnp.max(image)) > 100:
+      image = image / 255.0
+    return self.head(self.stem(image).mean((1, 2)))
+
+
+_ABSTRACT_PROBE = (r"Automatic first-layer selection \(layers=None\) failed: it traces the "
+                   r"forward pass abstractly .*turns an array into a Python value there.*"
+                   r"Name the layer to precondition with layers=\[\.\.\.\] \(e\.g\. "
+                   r"layers=\['stem'\]\): that skips the probe")
+
+
+def test_linen_eager_data_dependent_branch_names_the_abstract_probe_and_layers():
+  image = jnp.abs(_normal((2, 6, 6, 3))) * 100.0 + 50.0  # raw pixels: the branch is taken
+  model = BranchingModel()
+  variables = model.init(jax.random.key(0), image)
+  with pytest.raises(TypeError, match=_ABSTRACT_PROBE) as info:
+    tract_linen.apply_with_stats(model, variables, image)
+  assert isinstance(info.value.__cause__, jax.errors.ConcretizationTypeError)
+
+  def loss(params, **kwargs):
+    out = tract_linen.apply_tract(model, {'params': params}, image, **kwargs)
+    return jnp.sum(out ** 2)
+
+  with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
+    jax.grad(loss)(variables['params'])
+  grads = jax.grad(functools.partial(loss, layers=['stem']))(variables['params'])
+  plain = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, image) ** 2))(
+      variables['params'])
+  expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0), plain['stem']['kernel'])
+  assert _relative(grads['stem']['kernel'], expected) < 1e-4
+
+
+def test_nnx_eager_data_dependent_branch_names_the_abstract_probe_and_layers():
+  image = jnp.abs(_normal((2, 6, 6, 3))) * 100.0 + 50.0
+  model = NNXBranchingModel(nnx.Rngs(0))
+  with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
+    nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image) ** 2))(model)
+  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image, layers=['stem']) ** 2))(
+      model)
+  plain = nnx.grad(lambda m: jnp.sum(m(image) ** 2))(model)
+  expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0),
+                          plain['stem']['kernel'][...])
+  assert _relative(grads['stem']['kernel'][...], expected) < 1e-4
+
+
+# ----------------------------------------------------------------------------
+# Automatic selection through scan (item 16)
+
+
+class ScanCell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    h = jnp.tanh(nn.Dense(4, name='inp')(x) + nn.Dense(4, name='rec')(h))
+    return h, h
+
+
+class ScanRNN(nn.Module):
+  @nn.compact
+  def __call__(self, xs):  # (T, B, F)
+    scan = nn.scan(ScanCell, variable_broadcast='params', split_rngs={'params': False},
+                   variable_axes={tract_linen.COLLECTION: 0}, in_axes=0, out_axes=0)
+    h, _ = scan(name='cell')(jnp.zeros((xs.shape[1], 4)), xs)
+    return nn.Dense(2, name='head')(h)
+
+
+def test_linen_automatic_selection_through_nn_scan():
+  """nn.scan traces its body once more to check loop invariants, and throws
+  that trace away: its calls must not make the verdict unknown."""
+  xs = _normal((5, 3, 6))
+  model = ScanRNN()
+  variables = model.init(jax.random.key(0), xs)
+  _, stats = _linen(model, xs)
+  assert list(stats) == [('cell', 'inp')]
+  rows = np.float64(xs).reshape(-1, 6)  # every step's rows together
+  np.testing.assert_allclose(stats[('cell', 'inp')].moment, rows.T @ rows / len(rows),
+                             rtol=1e-5, atol=1e-6)
+  def loss(params, apply):
+    return jnp.sum(apply({'params': params}) ** 2)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  grads = grad(variables['params'], lambda v: tract_linen.apply_tract(model, v, xs))
+  plain = grad(variables['params'], lambda v: model.apply(v, xs))
+  expected = _tract_solve(rows, plain['cell']['inp']['kernel'])
+  assert _relative(grads['cell']['inp']['kernel'], expected) < 1e-4
+  np.testing.assert_allclose(grads['cell']['rec']['kernel'], plain['cell']['rec']['kernel'],
+                             rtol=1e-5, atol=1e-7)
+
+
+class NNXScanRNN(nnx.Module):
+  def __init__(self, rngs):
+    self.inp = nnx.Linear(6, 4, rngs=rngs)
+    self.rec = nnx.Linear(4, 4, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, xs):
+    axes = nnx.StateAxes({tract_nnx.TractInputStats: 0, ...: nnx.Carry})
+
+    @nnx.scan(in_axes=(axes, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def step(model, h, x):
+      h = jnp.tanh(model.inp(x) + model.rec(h))
+      return h, h
+
+    h, _ = step(self, jnp.zeros((xs.shape[1], 4)), xs)
+    return self.head(h)
+
+
+def test_nnx_automatic_selection_through_nnx_scan():
+  xs = _normal((5, 3, 6))
+  model = NNXScanRNN(nnx.Rngs(0))
+  _, stats = tract_nnx.apply_with_stats(model, xs)
+  assert list(stats) == [('inp',)]
+  rows = np.float64(xs).reshape(-1, 6)
+  np.testing.assert_allclose(stats[('inp',)].moment, rows.T @ rows / len(rows),
+                             rtol=1e-5, atol=1e-6)

@@ -1,9 +1,10 @@
 """``benchmarks/gpu_check.sh --smoke`` runs every part on CPU and writes its records.
 
 The smoke mode is the GPU check's pipeline at tiny sizes: the same parts,
-records, summary and exit status. The run here gets generous time limits (a
-loaded CI machine must not turn it into a timeout); the limits themselves are
-tested with a part that cannot finish in one second.
+records, summary and exit status. It checks the pipeline, not the clock: the
+smoke parts run without a time limit and no test here sets a wall-clock limit
+that a busy machine could trip; the limit mechanism itself is tested with a
+part that cannot finish in one second.
 """
 
 import json
@@ -32,10 +33,12 @@ PART_FILES = {part: f'{part}_{name}.json' for part, (name, _) in gpu_check_repor
 
 
 def run_check(out_dir, *args, **env):
-  """Runs the script with this interpreter; returns the completed process."""
-  environment = dict(os.environ, PYTHON=sys.executable, **env)
+  """Runs the script with this interpreter; returns the completed process (no time limit)."""
+  environment = {key: value for key, value in os.environ.items()
+                 if not key.startswith('GPU_CHECK_LIMIT_')}
+  environment.update(PYTHON=sys.executable, **env)
   return subprocess.run(['bash', str(SCRIPT), *args, str(out_dir)], cwd=ROOT,
-                        env=environment, capture_output=True, text=True, timeout=900)
+                        env=environment, capture_output=True, text=True, check=False)
 
 
 def _record(out_dir, part):
@@ -46,8 +49,7 @@ def test_smoke_run_writes_every_record_and_the_summary(tmp_path):
   # One test for the one smoke run: under pytest-xdist a shared fixture would
   # run it once per worker.
   out_dir = tmp_path / 'out'
-  limits = {f'GPU_CHECK_LIMIT_{part}': '400' for part in 'ABCD'}
-  completed = run_check(out_dir, '--smoke', **limits)
+  completed = run_check(out_dir, '--smoke')
   assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
   _check_summary(out_dir, completed.stdout)
   for part in sorted(PART_FILES):
@@ -65,6 +67,7 @@ def _check_summary(out_dir, stdout):
   summary = (out_dir / 'summary.md').read_text()
   assert summary in stdout
   assert '| part | status | wall s | limit s | result |' in summary
+  assert summary.count('| none |') == 4  # no part of the smoke run has a time limit
   for part, name in (('a', 'tests'), ('b', 'overhead'), ('c', 'scaling'), ('d', 'main_job')):
     assert f'| ({part}) {name} |' in summary
 
@@ -73,7 +76,7 @@ def _check_record_fields(record, part):
   assert set(gpu_check_report.RECORD_FIELDS) <= set(record)
   assert record['part'] == part and record['mode'] == 'smoke'
   assert record['status'] in ('ok', 'skipped'), (part, record['reason'])
-  assert record['limit_s'] == 400 and record['wall_time_s'] >= 0
+  assert record['limit_s'] == 0 and record['wall_time_s'] >= 0  # smoke: no time limit
   environment = record['environment']
   assert environment['platform'] == 'cpu' and environment['device_kind']
   for package in ('jax', 'jaxlib', 'flax', 'optax'):
@@ -103,11 +106,20 @@ def _check_main_job_part(record, out_dir):
     assert 'Fashion-MNIST not found' in record['reason']
     return
   results = record['results']
-  assert results['runs'] == 8  # 2 seeds x budgets 1, 2 x plain, TrAct
+  assert results['runs'] == results['runs_planned'] == 16  # 2 seeds, budgets, lrs, methods
+  assert not results['partial'] and results['val_examples'] == 128
   (table,) = results['accuracy'].values()
   assert set(table) == {'1', '2'}
   assert all(set(row) == {'plain', 'tract'} for row in table.values())
+  assert all(stats['lr'] in (0.03, 0.3) and 0 <= stats['val_mean'] <= 1
+             for row in table.values() for stats in row.values())
+  assert results['trials'].startswith('Trials: each method (plain, TrAct) got the same 8 runs')
+  assert results['lr_grid'].startswith('Learning-rate grid')
+  (speedups,) = results['speedups'].values()
+  assert len(speedups['tract']) == 2
+  assert 'at the lr chosen on validation' in record['headline']
   assert (out_dir / 'main_job' / 'results.json').is_file()
+  assert (out_dir / 'main_job' / 'accuracy_vs_budget.png').is_file()
 
 
 def test_missing_data_is_skipped_and_a_timeout_fails(tmp_path):
@@ -128,7 +140,7 @@ def test_missing_data_is_skipped_and_a_timeout_fails(tmp_path):
 @pytest.mark.parametrize('args', [['--parts', 'b,x'], ['--bogus'], []])
 def test_bad_usage_exits_2(tmp_path, args):
   completed = subprocess.run(['bash', str(SCRIPT), *args] + ([str(tmp_path)] if args else []),
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+                             cwd=ROOT, capture_output=True, text=True, check=False)
   assert completed.returncode == 2
 
 

@@ -6,6 +6,8 @@ first in a chain, fed the captured statistic), which is itself pinned to the
 authors' code elsewhere.
 """
 
+import functools
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -491,7 +493,91 @@ def test_tract_kernel_checks_the_layout():
   stats = tract_optax.conv_stats(_normal((2, 8, 8, 2)), (3, 3))
   with pytest.raises(ValueError, match=r'does not fit the kernel of shape \(6, 2, 3, 3\).*'
                      r'channels_first=True'):
-    tract_optax.tract_kernel(jnp.ones((6, 2, 3, 3)), stats)
+    tract_optax.tract_kernel(jnp.ones((6, 2, 3, 3)), stats, channels_first=False)
+  # Equinox Conv2d(3, 3, 3): weight (3, 3, 3, 3) reads both ways: say it
+  square = tract_optax.conv_stats(_normal((2, 8, 8, 3)), (3, 3))
+  with pytest.raises(ValueError, match=r'in both layouts.*channels_first=True.*'
+                     r'channels_first=False'):
+    tract_optax.tract_kernel(jnp.ones((3, 3, 3, 3)), square)
+
+
+def test_an_eager_grad_through_apply_tract_warns_on_an_ill_conditioned_stem():
+  """Raw 0..255 pixels, a 7x7 stride-2 RGB stem, lam = 1e-3: the default
+  ``check_condition=None`` warns when the backward pass runs eagerly."""
+  model = nn.Sequential([nn.Conv(4, (7, 7), (2, 2), padding=[(3, 3), (3, 3)]),
+                         lambda h: h.mean((1, 2))])
+  pixels = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)), jnp.float32)
+  params = model.init(jax.random.key(0), pixels)['params']
+
+  def loss(p, **kwargs):
+    return jnp.sum(tract_linen.apply_tract(model, {'params': p}, pixels, lam=1e-3,
+                                           **kwargs) ** 2)
+
+  with pytest.warns(tract_optax.ConditioningWarning, match=r'condition number.*raw 0\.\.255'):
+    jax.grad(loss)(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', tract_optax.ConditioningWarning)
+    jax.grad(functools.partial(loss, check_condition=False))(params)
+    jax.jit(jax.grad(loss))(params)  # None: eager only
+    standardised = (pixels - pixels.mean()) / pixels.std()
+    jax.grad(lambda p: jnp.sum(tract_linen.apply_tract(
+        model, {'params': p}, standardised, lam=0.1) ** 2))(params)
+
+
+def _two_view_grads(model, params, views, labels):
+  """Plain gradient of the two-view loss and each view's statistic."""
+  def loss(p):
+    total, all_stats = 0.0, []
+    for view in views:
+      logits, stats = tract_linen.apply_with_stats(model, {'params': p}, view)
+      total += _xent(logits, labels)
+      all_stats.append(stats[('stem',)])
+    return total, all_stats
+  return jax.grad(loss, has_aux=True)(params)
+
+
+def test_two_views_one_call_on_the_concatenation_equals_the_optax_route():
+  """Consistency training: two views of a batch in one loss. One apply_tract
+  call on the concatenated views (or one kernel wrapped with the combined
+  statistic, used by both calls) gives the Optax route's update; one call per
+  view preconditions each view with its own statistic, which differs."""
+  model, x, _, _ = _linen_case('cnn')
+  views = (x, jnp.flip(x, axis=2) * 0.5 + 0.3)
+  labels = _labels(x.shape[0])
+  params = model.init(jax.random.key(0), x)['params']
+
+  plain, stats = _two_view_grads(model, params, views, labels)
+  tx = tract_optax.tract(LAM)
+  optax_route, _ = tx.update(plain, tx.init(params),
+                             tract_stats={'stem': tract_optax.combine_stats(stats)})
+
+  def concatenated(p):
+    logits = tract_linen.apply_tract(model, {'params': p}, jnp.concatenate(views), lam=LAM)
+    return sum(_xent(part, labels) for part in jnp.split(logits, 2))
+
+  def shared_kernel(p):
+    both = tract_optax.conv_stats(jnp.concatenate(views), (3, 3))
+    kernel = tract_optax.tract_kernel(p['stem']['kernel'], both, lam=LAM,
+                                      channels_first=False)
+    p = {**p, 'stem': {**p['stem'], 'kernel': kernel}}
+    return sum(_xent(model.apply({'params': p}, view), labels) for view in views)
+
+  def per_view(p):
+    return sum(_xent(tract_linen.apply_tract(model, {'params': p}, view, lam=LAM), labels)
+               for view in views)
+
+  rows = np.concatenate([reference.patch_rows(v, (3, 3), (1, 1), 'SAME', (1, 1))[0]
+                         for v in views])
+  kernel_grad = np.asarray(plain['stem']['kernel'])
+  expected = reference.tract_solve(rows, kernel_grad.reshape(rows.shape[1], -1), LAM)
+  expected = expected.reshape(kernel_grad.shape)
+  _close(optax_route['stem']['kernel'], expected)
+  for form in (concatenated, shared_kernel):
+    got = jax.jit(jax.grad(form))(params)
+    _close(got['stem']['kernel'], optax_route['stem']['kernel'])
+    _close(got['head']['kernel'], plain['head']['kernel'])
+  separate = jax.jit(jax.grad(per_view))(params)
+  assert reference.rel_err(separate['stem']['kernel'], expected) > 0.05
 
 
 class NNXDropout(nnx.Module):

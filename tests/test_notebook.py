@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -39,12 +40,33 @@ def test_notebook_is_valid_nbformat4():
 def test_notebook_installs_from_its_checkout_and_explains_colab():
   code, markdown = _sources('code'), '\n'.join(_sources('markdown'))
   install = code[0]
-  assert 'except ImportError' in install and '%pip install -q -e "{root}[demo]"' in install
+  assert 'except ImportError' in install
+  assert '%pip install -q -e "{root}[flax]" scikit-learn matplotlib' in install
   assert "'pyproject.toml'" in install  # the checkout it sits in, found from notebooks/ too
   text = '\n'.join(code) + markdown
-  assert 'YOUR_ORG' not in text and 'git+https' not in text
-  for step in ('!git clone', '%cd tract_optax', '%pip install -q -e ".[demo]"'):
+  assert 'YOUR_ORG' not in text and 'git+https' not in text and '[demo]' not in text
+  for step in (
+    '!git clone',
+    '%cd tract_optax',
+    '%pip install -q -e ".[flax]" scikit-learn matplotlib',
+  ):
     assert step in markdown
+
+
+def test_notebook_imports_only_what_its_install_cell_installs():
+  # The library with its flax extra (jax, optax, numpy, flax), scikit-learn, matplotlib and
+  # the standard library; not the experiment application (a separate package).
+  code = '\n'.join(_sources('code'))
+  imported = {
+    name.split('.')[0] for name in re.findall(r'^\s*(?:from|import) +([\w.]+)', code, re.M)
+  }
+  imported |= {
+    name.split()[0].split('.')[0]
+    for line in re.findall(r'^\s*import +([\w., ]+?)(?: +#.*)?$', code, re.M)
+    for name in line.split(',')
+  }
+  third_party = imported - set(sys.stdlib_module_names)
+  assert third_party == {'tract_optax', 'flax', 'jax', 'optax', 'numpy', 'sklearn', 'matplotlib'}
 
 
 def test_notebook_shows_the_gradient_route_and_shards_the_batch():
@@ -64,21 +86,34 @@ def test_notebook_executes_on_eight_devices(monkeypatch):
   # The kernel inherits this environment: XLA simulates 8 CPU devices there.
   monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count={DEVICES}')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
-                                   resources={'metadata': {'path': str(NOTEBOOK.parent)}})
+  client = nbclient.NotebookClient(
+    notebook,
+    timeout=300,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(NOTEBOOK.parent)}},
+  )
   client.execute()
-  outputs = [output for cell in notebook.cells if cell.cell_type == 'code'
-             for output in cell.get('outputs', [])]
+  outputs = [
+    output
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for output in cell.get('outputs', [])
+  ]
   assert not [output for output in outputs if output.output_type == 'error']
-  text = ''.join(output.get('text', '') for output in outputs
-                 if output.output_type == 'stream')
+  text = ''.join(output.get('text', '') for output in outputs if output.output_type == 'stream')
   assert f'{DEVICES} device(s): cpu' in text
-  difference = re.search(r'gradient route vs Optax route: max \|difference\| (\S+) '
-                         r'\(plain gradient differs by (\S+)\)', text)
+  difference = re.search(
+    r'gradient route vs Optax route: max \|difference\| (\S+) '
+    r'\(plain gradient differs by (\S+)\)',
+    text,
+  )
   assert float(difference.group(1)) < 1e-5 < float(difference.group(2))
   for name in ('plain', 'TrAct'):
-    line = re.search(rf'{name} *: final test accuracy (\S+) \+- \S+ over 3 seeds; training '
-                     r'(\S+) s \(compiled before, in (\S+) s\)', text)
+    line = re.search(
+      rf'{name} *: final test accuracy (\S+) \+- \S+ over 3 seeds; training '
+      r'(\S+) s \(compiled before, in (\S+) s\)',
+      text,
+    )
     assert line, text
     assert 0.5 < float(line.group(1)) <= 1.0
   assert any('image/png' in output.get('data', {}) for output in outputs)

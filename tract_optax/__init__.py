@@ -13,6 +13,7 @@ Example:
   >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
 """
 
+from tract_optax._src.axes import AxisDetectionWarning
 from tract_optax._src.capture import conv_settings, mark_linear_kernel
 from tract_optax._src.conv import conv_patches, conv_stats
 from tract_optax._src.gradient_route import tract_kernel
@@ -28,6 +29,7 @@ from tract_optax._src.transform import TractState, stats_due, tract
 from tract_optax._version import __version__ as __version__
 
 __all__ = [
+  'AxisDetectionWarning',
   'ConditioningWarning',
   'TractState',
   'TractStats',
@@ -45,12 +47,12 @@ __all__ = [
   'tract_kernel',
 ]
 
-_FLAX_GLUE = ('linen', 'nnx')  # imported on first use: they import Flax
+_GLUE = ('linen', 'nnx', 'equinox')  # imported on first use: they import Flax / Equinox
 
 
 def __getattr__(name):
-  """``tract_optax.linen`` / ``tract_optax.nnx`` without importing Flax eagerly."""
-  if name in _FLAX_GLUE:
+  """``tract_optax.linen`` / ``.nnx`` / ``.equinox`` without importing their framework."""
+  if name in _GLUE:
     import importlib
 
     return importlib.import_module(f'tract_optax.{name}')

@@ -1,9 +1,20 @@
 """The command line of ``tract-optax-train``: flags, their checks, ``main``.
 
-Every bad input ends in one line on stderr and a non-zero exit status, never a
-traceback: 2 for a bad flag (argparse's convention, checked before anything
-runs), 1 when the run cannot proceed (missing or damaged data, an output folder
-that cannot be written). Part of the experiment application, not of the library.
+Every problem ends in one line on stderr (``tract-optax-train: error: ...``)
+and a documented exit status, never a traceback or a usage block:
+
+- 0: the comparison ran to the end;
+- 2: the command line is wrong: a bad flag or value, checked before anything
+  runs, or a size the data cannot satisfy (``--train-examples`` or
+  ``--val-examples`` beyond the training file, a ``--patch-size`` that does not
+  divide the images), found once the data is read;
+- 1: the run cannot proceed: the data is missing or damaged, ``--out`` cannot
+  be written or already holds results (``--overwrite`` replaces them), or an
+  optional dependency the run needs (matplotlib) is not installed;
+- 130: interrupted (Ctrl-C); the runs that finished are in ``results.json``,
+  marked partial.
+
+Part of the experiment application, not of the library.
 """
 
 from __future__ import annotations
@@ -11,17 +22,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import tract_optax
 from tract_experiment import data as data_lib
 from tract_experiment import models as models_lib
-from tract_experiment.comparison import PLOT_FILE, RESULTS_FILE, RunError, run_comparison
-from tract_experiment.config import (AUGMENTATIONS, AUTO_AUGMENT, DEFAULT_LR, INPUT_SCALES,
-                                           METHOD_LABELS, METHOD_SETS, METHODS, PRESETS, Config)
+from tract_experiment.comparison import (PLOT_FILE, RESULTS_FILE, Interrupted, RunError,
+                                         run_comparison)
+from tract_experiment.config import (AUGMENTATIONS, AUTO_AUGMENT, DEFAULT_LRS, INPUT_SCALES,
+                                     METHOD_LABELS, METHOD_SETS, METHODS, PRESETS, Config)
 
 PROG = 'tract-optax-train'
 
@@ -119,6 +129,30 @@ def _budgets(text: str) -> Tuple[int, ...]:
   return tuple(sorted(values))
 
 
+def _lr_grid(text: str) -> Tuple[float, ...]:
+  """``'0.3,0.03,0.1'`` -> ``(0.03, 0.1, 0.3)``: finite lrs > 0, none repeated, sorted."""
+  values = tuple(_number(item, '--lr') for item in _items(text, '--lr'))
+  for item, value in zip(text.split(','), values):
+    if not value > 0:
+      raise argparse.ArgumentTypeError(f'--lr must be > 0; got {item.strip()}')
+  if len(set(values)) != len(values):
+    raise argparse.ArgumentTypeError(f'--lr lists a learning rate more than once; got {text!r}')
+  return tuple(sorted(values))
+
+
+def _val_examples(text: str) -> Any:
+  """A number of validation examples >= 1, or ``'auto'``."""
+  if text.strip().lower() == 'auto':
+    return 'auto'
+  value = _whole(text, '--val-examples') if text.strip().lstrip('-').isdigit() else None
+  if value is None:
+    raise argparse.ArgumentTypeError(
+        f'--val-examples takes a number of examples >= 1 or "auto"; got {text!r}')
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'--val-examples must be >= 1 (or "auto"); got {value}')
+  return value
+
+
 def _choices_type(flag: str, allowed: Sequence[str],
                   shorthands: Dict[str, Tuple[str, ...]]) -> Callable[[str], Tuple[str, ...]]:
   """A shorthand or comma-separated names from ``allowed``, returned in ``allowed`` order."""
@@ -140,6 +174,13 @@ def _choices_type(flag: str, allowed: Sequence[str],
 # ------------------------------------------------------------- the parser
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, except that a bad flag is one line on stderr (status 2), no usage block."""
+
+  def error(self, message: str):
+    self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
   """Shows defaults, except ``None`` (meaning: taken from the preset)."""
 
@@ -155,28 +196,40 @@ def _preset_text(name: str) -> str:
       return 'all'
     return ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-  return ', '.join(f'{key}={show(value)}' for key, value in PRESETS[name].items())
+  return ', '.join(f'{key}={show(value)}' for key, value in PRESETS[name].items()
+                   if value is not None or key != 'patch_size')
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of ``tract-optax-train``."""
   methods = ', '.join(f'{name} ({label})' for name, label in METHOD_LABELS.items())
-  parser = argparse.ArgumentParser(
+  lr_grids = '; '.join(f'{name}: {",".join(map(str, grid))}'
+                       for name, grid in DEFAULT_LRS.items())
+  parser = _Parser(
       prog=PROG,
       description='Train plain vs TrAct on a small image dataset and compare test '
                   'accuracy against the epoch budget (each budget is a full run '
                   'with its own cosine schedule; plain and TrAct runs of a seed share '
-                  f'initialisation and data order). Writes {RESULTS_FILE} and {PLOT_FILE} '
-                  'into --out. Flags marked [preset] take the value of --preset when '
-                  'left out.',
+                  'initialisation and data order). Each method gets its own learning '
+                  'rate per budget, the one of the --lr grid with the best accuracy on a '
+                  'validation split carved from the training data (never the test set); '
+                  'the table reports the test accuracy of that choice and the speedup '
+                  'read off the tuned curves, and lists the shared-lr comparison at each '
+                  f'lr of the grid apart. Writes {RESULTS_FILE} (after every finished run) '
+                  f'and {PLOT_FILE} into --out. Flags marked [preset] take the value of '
+                  '--preset when left out.',
       epilog='presets: ' + '; '.join(f'{name}: {_preset_text(name)}' for name in PRESETS)
-             + '. Exit status: 0 on success, 2 for a bad flag, 1 when the data is '
-             'missing or damaged or --out cannot be written.',
+             + '. Exit status: 0 on success; 2 for a bad flag or value (also a size the '
+             'data cannot satisfy, such as more --train-examples than it holds); 1 when '
+             'the data is missing or damaged, --out cannot be written or already holds '
+             'results (see --overwrite), or matplotlib is missing (see --no-plot); 130 '
+             'when interrupted (finished runs are kept, marked partial). Every error is '
+             'one line on stderr.',
       formatter_class=_HelpFormatter)
   add = parser.add_argument
   add('--preset', choices=sorted(PRESETS), default='default',
-      help='settings for the flags left out (listed below); default is CPU-sized, '
-           'paper is a ResNet-18 protocol for a GPU')
+      help='settings for the flags left out (listed below); default is CPU-sized '
+           '(about 10 minutes on 2 cores), paper is a ResNet-18 protocol for a GPU')
   add('--dataset', choices=sorted(data_lib.LOADERS), help='dataset [preset]')
   add('--data-dir',
       help='folder with the dataset files, the only place then read (fashion_mnist, '
@@ -184,22 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
            "folder of Debian's package dataset-fashion-mnist, then a download into "
            'the user cache folder')
   add('--model', choices=sorted(models_lib.MODELS), help='model [preset]')
+  add('--patch-size', type=_int_type('--patch-size', 1),
+      help='vit only: side of the square patches of the first layer (it must divide '
+           'the image side: 4, 7 or 14 for 28-pixel images) [preset; else 4]')
   add('--method', type=_choices_type('--method', METHODS, METHOD_SETS), default='both',
       metavar='METHODS', help=f'methods to train, comma-separated: {methods}; "both" is plain,tract, '
            '"all" every method. TrAct runs are paired with the plain run of the same seed')
   add('--input-scale', type=_choices_type('--input-scale', INPUT_SCALES, {}),
       default='standardized', dest='input_scales', metavar='SCALES',
-      help='comma-separated input scales: standardized (per channel, mean 0 and std 1) '
-           'and/or raw (the stored pixel values as float: 0..255 for fashion_mnist and '
-           'cifar10, 0..16 for digits); every method runs at every scale')
+      help='comma-separated input scales: standardized (per channel, mean 0 and std 1), '
+           'raw (the stored pixel values as float: 0..255 for fashion_mnist and cifar10, '
+           '0..16 for digits) and/or unit (raw divided by that peak: 0..1); every method '
+           'runs at every scale')
   add('--lam', type=lambda text: _number(text, '--lam'),
-      help='TrAct ridge strength lambda > 0; with tract_rel relative to the mean '
-           'eigenvalue of the first layer\'s input statistic [preset]')
+      help='TrAct ridge strength lambda > 0 (fixed, not tuned); with tract_rel relative '
+           'to the mean eigenvalue of the first layer\'s input statistic [preset]')
   add('--optimizer', choices=('sgd', 'adam'),
       help='sgd: momentum with coupled weight decay; adam: AdamW [preset]')
-  add('--lr', type=_float_type('--lr', 0.0, inclusive=False),
-      help='peak learning rate > 0 [preset; with another optimizer than the preset\'s: '
-           f'{DEFAULT_LR}]')
+  add('--lr', type=_lr_grid, metavar='LRS',
+      help='peak learning rate, or a comma-separated grid (e.g. 0.03,0.1,0.3) that each '
+           'method is tuned over, per budget, on validation accuracy; one value is a '
+           'shared-lr comparison [preset; with another optimizer than the preset\'s: '
+           f'{lr_grids}]')
+  add('--val-examples', type=_val_examples,
+      help='validation examples carved from the training data (disjoint from '
+           '--train-examples), on which the lr is chosen, or "auto" (a sixth of the '
+           'training data, at most 5000) [preset, for its dataset; else auto]')
   add('--momentum', type=_float_type('--momentum', 0.0, True, 1.0), default=0.9,
       help='SGD momentum')
   add('--nesterov', action=argparse.BooleanOptionalAction, default=False,
@@ -212,13 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
   add('--epochs', type=_budgets,
       help='comma-separated epoch budgets, e.g. 1,2,3; each is a separate run; with two '
            'or more, the speedup is read off plain\'s interpolated curve [preset]')
-  add('--seeds', type=_int_type('--seeds', 1), help='seeds per budget and method [preset]')
+  add('--seeds', type=_int_type('--seeds', 1), help='seeds per budget, lr and method [preset]')
   add('--first-seed', type=_int_type('--first-seed', 0), default=0,
       help='seeds are first_seed, first_seed+1, ...')
   add('--train-examples', type=_examples_type('--train-examples'),
-      help='training examples (a fixed random subset, >= 1) or "all" [preset]')
+      help='training examples (a fixed random subset, >= 1) or "all" left after the '
+           'validation split; more than the data holds is an error [preset, for its '
+           'dataset; else all]')
   add('--test-examples', type=_examples_type('--test-examples'),
-      help='test examples (>= 1) or "all" [preset]')
+      help='test examples (>= 1) or "all" [preset, for its dataset; else all]')
   add('--augment', choices=('auto',) + tuple(AUGMENTATIONS),
       help='training augmentation; auto: crop+flip for fashion_mnist and cifar10, '
            'none for digits [preset]')
@@ -226,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
       help='padding of random crops (default: 2 for fashion_mnist and digits, 4 for cifar10)')
   add('--eval-batch-size', type=_int_type('--eval-batch-size', 1), default=500,
       help='evaluation batch size')
-  add('--out', default='runs/tract_optax', help='output folder (created if needed)')
+  add('--out', default='runs/tract_optax',
+      help='output folder (created when the first run finishes)')
+  add('--overwrite', action='store_true',
+      help='replace the results of an earlier comparison in --out (without it, an --out '
+           'that holds them is refused)')
+  add('--plot', action=argparse.BooleanOptionalAction, default=True,
+      help=f'draw {PLOT_FILE} (needs matplotlib, checked before training)')
   add('--refresh-every', type=_int_type('--refresh-every', 1), default=1,
       help='TrAct runs: refresh the first-layer statistic every k steps and reuse '
            'it in between (opt-in amortisation; 1 = every batch, as in the paper)')
@@ -238,29 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------ checks after parsing
 
 
-def _learning_rate(flag: Optional[float], optimizer: str, preset: Dict[str, Any]) -> float:
+def _learning_rates(flag: Optional[Tuple[float, ...]], optimizer: str,
+                    preset: Dict[str, Any]) -> Tuple[float, ...]:
   if flag is not None:
     return flag
   if optimizer == preset['optimizer']:
-    return preset['lr']
-  return DEFAULT_LR[optimizer]
+    return tuple(preset['lr'])
+  return DEFAULT_LRS[optimizer]
 
 
-def _out_problem(out: str) -> Optional[str]:
-  """Why the folder ``out`` cannot be created or written, or None."""
-  path = Path(out)
-  if path.exists():
-    if not path.is_dir():
-      return f'--out {out} exists and is not a folder'
-    return None if os.access(path, os.W_OK | os.X_OK) else f'--out {out} is not writable'
-  parent = path.absolute().parent
-  while not parent.exists():
-    parent = parent.parent
-  if not parent.is_dir():
-    return f'--out {out} cannot be created: {parent} is a file, not a folder'
-  if not os.access(parent, os.W_OK | os.X_OK):
-    return f'--out {out} cannot be created: {parent} is not writable'
-  return None
+#: Flags whose preset value is for the preset's dataset (another one gets all / auto).
+_SIZE_FLAGS = ('train_examples', 'val_examples', 'test_examples')
 
 
 def _supports_relative_lam() -> bool:
@@ -270,13 +329,15 @@ def _supports_relative_lam() -> bool:
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
   """Parses and checks the command line; fills what it leaves out from the preset.
 
-  A bad flag exits with status 2 and one line naming it (argparse style).
+  A bad flag exits with status 2 and one line naming it. Paths (``--data-dir``,
+  ``--out``) are checked when the comparison starts (status 1).
 
   Example:
     >>> from tract_experiment import cli
-    >>> config = cli.parse_config(['--dataset', 'digits', '--epochs', '2,1'])
-    >>> config.epochs, config.methods, config.model, config.input_scales
-    ((1, 2), ('plain', 'tract'), 'cnn', ('standardized',))
+    >>> config = cli.parse_config(['--dataset', 'digits', '--model', 'cnn',
+    ...                            '--epochs', '2,1', '--lr', '0.3,0.1'])
+    >>> config.epochs, config.methods, config.lrs, config.tuned
+    ((1, 2), ('plain', 'tract'), (0.1, 0.3), True)
   """
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -286,8 +347,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
   def pick(name):
     value = getattr(args, name)
     if value is None:
+      if name in _SIZE_FLAGS and pick('dataset') != preset['dataset']:
+        return None  # the preset's sizes are for its own dataset
       return preset[name]
-    return None if value == 'all' else value
+    return None if value in ('all', 'auto') else value
 
   lam = pick('lam')
   if not lam > 0:
@@ -295,16 +358,13 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
                  f'preset uses {preset["lam"]:g}; the paper\'s default is 0.1)')
   optimizer = pick('optimizer')
   dataset = pick('dataset')
-  if args.data_dir is not None:
-    if dataset not in data_lib.FOLDER_DATASETS:
-      parser.error(f'--data-dir does not apply to {dataset}: scikit-learn ships it')
-    if not os.path.exists(args.data_dir):
-      parser.error(f'--data-dir {args.data_dir} does not exist')
-    if not os.path.isdir(args.data_dir):
-      parser.error(f'--data-dir {args.data_dir} is not a folder')
-  problem = _out_problem(args.out)
-  if problem:
-    parser.error(problem)
+  model = pick('model')
+  if args.data_dir is not None and dataset not in data_lib.FOLDER_DATASETS:
+    parser.error(f'--data-dir does not apply to {dataset}: scikit-learn ships it')
+  if args.patch_size is not None and model != 'vit':
+    parser.error(f'--patch-size applies to --model vit only; got --model {model}')
+  patch_size = (args.patch_size or preset['patch_size'] or models_lib.VIT_PATCH_SIZE
+                if model == 'vit' else None)
   if 'tract_rel' in args.method and not _supports_relative_lam():
     parser.error('--method tract_rel needs tract_optax.tract(..., relative_lam=True), '
                  'which this version of tract_optax does not have')
@@ -315,8 +375,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
   if args.crop_pad is not None:
     crop_pad = args.crop_pad if augment in ('auto', 'crop', 'crop_flip') else 0
   return Config(
-      dataset=dataset, data_dir=args.data_dir, model=pick('model'), methods=args.method,
-      lam=lam, optimizer=optimizer, lr=_learning_rate(args.lr, optimizer, preset),
+      dataset=dataset, data_dir=args.data_dir, model=model, methods=args.method,
+      lam=lam, optimizer=optimizer, lrs=_learning_rates(args.lr, optimizer, preset),
       momentum=args.momentum, nesterov=args.nesterov,
       weight_decay=pick('weight_decay'), warmup_epochs=pick('warmup_epochs'),
       batch_size=pick('batch_size'), epochs=tuple(pick('epochs')), seeds=pick('seeds'),
@@ -324,7 +384,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
       test_examples=pick('test_examples'), augment=augment, crop_pad=crop_pad,
       flip=flip, eval_batch_size=args.eval_batch_size, out=args.out,
       preset=preset_name, progress=args.progress, refresh_every=args.refresh_every,
-      input_scales=args.input_scales)
+      input_scales=args.input_scales, val_examples=pick('val_examples'),
+      patch_size=patch_size, plot=args.plot, overwrite=args.overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -334,12 +395,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv: command-line arguments (default: ``sys.argv[1:]``).
 
   Raises:
-    SystemExit: status 2 for a bad flag, 1 when the run cannot proceed; the
-      reason is one line on stderr.
+    SystemExit: status 2 for a bad flag or value, 1 when the run cannot
+      proceed, 130 when interrupted; the reason is one line on stderr.
   """
   config = parse_config(argv)
   try:
     run_comparison(config)
+  except Interrupted as error:
+    print(f'{PROG}: interrupted: {error}', file=sys.stderr)
+    raise SystemExit(130) from None
   except RunError as error:
     print(f'{PROG}: error: {error}', file=sys.stderr)
-    raise SystemExit(1) from None
+    raise SystemExit(error.status) from None

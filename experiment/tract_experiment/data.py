@@ -178,6 +178,9 @@ class Dataset:
       pixel format's peak for ``'unit'``.
     input_scale: one of :data:`INPUT_SCALES`.
     source: the files the dataset was read from (``None`` when built in memory).
+    val_images: ``(V, H, W, C)`` validation images carved from the training
+      file by :meth:`split` (empty before), scaled like the training images.
+    val_labels: ``(V,)`` int32.
   """
 
   name: str
@@ -190,6 +193,8 @@ class Dataset:
   std: np.ndarray
   input_scale: str = 'standardized'
   source: Optional[DataSource] = None
+  val_images: Optional[np.ndarray] = None
+  val_labels: Optional[np.ndarray] = None
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
@@ -220,6 +225,68 @@ class Dataset:
                    _take(rng, self.train_images, self.train_labels, train_examples))),
         **dict(zip(('test_images', 'test_labels'),
                    _take(rng, self.test_images, self.test_labels, test_examples))))
+
+
+  def split(self, train_examples: Optional[int], val_examples: int,
+            test_examples: Optional[int] = None, seed: int = 0) -> 'Dataset':
+    """Carves a validation split out of the training data; subsets the rest.
+
+    The training file is shuffled once with ``seed``: its first
+    ``val_examples`` examples become the validation split, the next
+    ``train_examples`` (``None``: all the rest) the training set, so the two
+    never overlap and the test split is never touched (only subset when
+    ``test_examples`` is given). Standardisation is kept as loaded.
+
+    Args:
+      train_examples: training examples to keep (``None``: every one left).
+      val_examples: validation examples (>= 1).
+      test_examples: test examples to keep (``None``: all).
+      seed: seed of the shuffle; the same seed gives the same split.
+
+    Returns:
+      A new :class:`Dataset` with ``val_images`` and ``val_labels`` set.
+
+    Raises:
+      SplitError: fewer training examples than ``val_examples`` plus
+        ``train_examples``, or more ``test_examples`` than the test split has.
+
+    Example:
+      >>> data = tract_experiment.data.digits().split(1000, 200)
+      >>> len(data.train_labels), len(data.val_labels), len(data.test_labels)
+      (1000, 200, 359)
+    """
+    available = len(self.train_labels)
+    if val_examples < 1:
+      raise SplitError(f'--val-examples must be >= 1; got {val_examples}.')
+    if val_examples >= available:
+      raise SplitError(
+          f'--val-examples {val_examples} leaves no training example: {self.name} has '
+          f'{available} training examples; use at most {available - 1}.')
+    left = available - val_examples
+    if train_examples is not None and train_examples > left:
+      raise SplitError(
+          f'--train-examples {train_examples} is more than the {left} training examples '
+          f'{self.name} has left after the {val_examples}-example validation split '
+          f'({available} in all); use at most {left}, or "all".')
+    if test_examples is not None and test_examples > len(self.test_labels):
+      raise SplitError(
+          f'--test-examples {test_examples} is more than the {len(self.test_labels)} test '
+          f'examples {self.name} has; use at most {len(self.test_labels)}, or "all".')
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(available)
+    val_index = np.sort(order[:val_examples])
+    stop = None if train_examples is None else val_examples + train_examples
+    train_index = np.sort(order[val_examples:stop])
+    test_images, test_labels = _take(rng, self.test_images, self.test_labels, test_examples)
+    return dataclasses.replace(
+        self, train_images=self.train_images[train_index],
+        train_labels=self.train_labels[train_index],
+        val_images=self.train_images[val_index], val_labels=self.train_labels[val_index],
+        test_images=test_images, test_labels=test_labels)
+
+
+class SplitError(ValueError):
+  """The sizes asked for do not fit the data (the message names the flag to change)."""
 
 
 def _take(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,

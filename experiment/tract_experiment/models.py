@@ -16,6 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+#: Default side of the ViT's square patches (``--patch-size``).
+VIT_PATCH_SIZE = 4
+
 #: BatchNorm momentum of the running averages; PyTorch's default (0.1 there).
 #: Flax's 0.99 leaves short runs (a few hundred steps) with biased averages.
 BN_MOMENTUM = 0.9
@@ -122,7 +125,7 @@ class ViT(nn.Module):
   dim: int = 64
   depth: int = 4
   num_heads: int = 4
-  patch_size: int = 4
+  patch_size: int = VIT_PATCH_SIZE
   mlp_ratio: int = 2
 
   @nn.compact
@@ -160,7 +163,7 @@ def resnet18(num_classes: int, **kwargs: Any) -> ResNet:
 
 
 def vit(num_classes: int, **kwargs: Any) -> ViT:
-  """Small ViT: 4x4 patches, dim 64, 4 blocks of 4 heads, class token."""
+  """Small ViT: 4x4 patches (``patch_size=...`` to change), dim 64, 4 blocks of 4 heads."""
   return ViT(num_classes=num_classes, **kwargs)
 
 

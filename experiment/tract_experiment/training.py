@@ -36,12 +36,13 @@ def base_optimizer(config: Config) -> optax.GradientTransformation:
 
   The last element is ``inject_hyperparams(scale_by_learning_rate)``, so the
   learning rate is a value in the optimizer state (see
-  :func:`set_learning_rate`) and one compiled step serves every budget.
+  :func:`set_learning_rate`) and one compiled step serves every budget and
+  every peak learning rate of the grid.
   SGD adds the weight decay to the gradient before momentum (as
   ``torch.optim.SGD`` does); Adam decouples it (AdamW).
   """
   learning_rate = optax.inject_hyperparams(optax.scale_by_learning_rate)(
-      learning_rate=config.lr)
+      learning_rate=config.lrs[0])
   decay = optax.add_decayed_weights(config.weight_decay, mask=_kernel_mask)
   if config.optimizer == 'sgd':
     return optax.chain(decay, optax.trace(config.momentum, nesterov=config.nesterov),
@@ -57,7 +58,8 @@ def tract_options(config: Config, method: str) -> Dict[str, Any]:
 
   Example:
     >>> from tract_experiment import cli, training
-    >>> config = cli.parse_config(['--dataset', 'digits', '--refresh-every', '4'])
+    >>> config = cli.parse_config(['--dataset', 'digits', '--model', 'cnn',
+    ...                            '--refresh-every', '4'])
     >>> training.tract_options(config, 'tract_rel')
     {'relative_lam': True, 'layers': [('stem',)], 'refresh_every': 4}
   """
@@ -133,9 +135,11 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_train_step(model: nn.Module, method: str, peak_lr: float,
-                    refresh_every: int = 1) -> Callable:
-  """A ``step(state, images, labels, total_steps, warmup_steps, step_index=0)``.
+def make_train_step(model: nn.Module, method: str, refresh_every: int = 1) -> Callable:
+  """A ``step(state, images, labels, total_steps, warmup_steps, peak_lr, step_index=0)``.
+
+  ``total_steps``, ``warmup_steps`` and ``peak_lr`` (of the cosine schedule)
+  are arrays, so one compiled step serves every budget and learning rate.
 
   The plain and the TrAct step run the same code except that the TrAct step
   captures the first layer's input statistic with
@@ -151,7 +155,7 @@ def make_train_step(model: nn.Module, method: str, peak_lr: float,
   """
   use_tract = method != BASELINE
 
-  def step(state, images, labels, total_steps, warmup_steps, capture=True):
+  def step(state, images, labels, total_steps, warmup_steps, peak_lr, capture=True):
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
       if use_tract and not capture:
@@ -178,9 +182,10 @@ def make_train_step(model: nn.Module, method: str, peak_lr: float,
 
   jitted = jax.jit(step, donate_argnums=(0,), static_argnames=('capture',))
 
-  def run_step(state, images, labels, total_steps, warmup_steps, step_index=0):
+  def run_step(state, images, labels, total_steps, warmup_steps, peak_lr, step_index=0):
     capture = not use_tract or refresh_every == 1 or step_index % refresh_every == 0
-    return jitted(state, images, labels, total_steps, warmup_steps, capture=capture)
+    return jitted(state, images, labels, total_steps, warmup_steps, peak_lr,
+                  capture=capture)
 
   return run_step
 
@@ -222,15 +227,21 @@ def evaluate(eval_step: Callable, state: TrainState, images: np.ndarray,
 
 @dataclasses.dataclass
 class Run:
-  """Result of one training run (one input scale, method, seed and budget)."""
+  """Result of one training run (one input scale, budget, seed, lr and method).
+
+  Validation and test accuracy are measured once, after the last epoch: the
+  validation accuracy chooses the learning rate, the test accuracy is reported.
+  """
 
   method: str
   seed: int
   budget: int
-  test_accuracy_per_epoch: List[float]
-  test_loss_per_epoch: List[float]
+  lr: float
+  val_accuracy: float
+  test_accuracy: float
+  val_loss: float
+  test_loss: float
   train_loss_per_epoch: List[float]
-  final_accuracy: float
   train_time_s: float
   eval_time_s: float
   wall_time_s: float
@@ -270,27 +281,29 @@ class _Progress:
 
 
 def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
-              budget: int, model: nn.Module, tx: optax.GradientTransformation,
+              budget: int, lr: float, model: nn.Module, tx: optax.GradientTransformation,
               train_step: Callable, eval_step: Callable,
               log: Callable[[str], None]) -> Run:
-  """Trains one model for ``budget`` epochs, evaluating after every epoch.
+  """Trains one model for ``budget`` epochs at peak learning rate ``lr``.
 
   The data order and augmentation depend on ``(seed, epoch)`` only, never on
-  the method, so plain and TrAct runs of a seed see the same batches. ``tx``
-  is the method's optimizer, built once: the jitted step treats it as static,
-  so a new optimizer object per run would recompile the step.
+  the method or the lr, so plain and TrAct runs of a seed see the same
+  batches. ``tx`` is the method's optimizer, built once: the jitted step
+  treats it as static, so a new optimizer object per run would recompile the
+  step. The validation and test splits are evaluated after the last epoch.
   """
   state = create_state(model, tx, dataset.image_shape, seed)
-  name = f'{METHOD_LABELS[method]:13s} seed {seed} budget {budget} ep'
+  name = f'{METHOD_LABELS[method]:13s} seed {seed} budget {budget} ep lr {lr:g}'
   if dataset.input_scale != 'standardized':
     name += f' ({dataset.input_scale} input)'
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
   total_steps = budget * steps_per_epoch
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   total_array, warmup_array = jnp.asarray(total_steps), jnp.asarray(warmup_steps)
+  lr_array = jnp.asarray(lr, jnp.float32)
   progress = _Progress(config.progress, total_steps, name, log)
-  accuracies, test_losses, train_losses = [], [], []
-  train_time = eval_time = 0.0
+  train_losses = []
+  train_time = 0.0
   start_run = time.perf_counter()
   step_index = 0
   for epoch in range(budget):
@@ -303,31 +316,31 @@ def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
       if config.crop_pad or config.flip:
         images = data_lib.random_crop_flip(images, augment_rng, pad=config.crop_pad,
                                            flip=config.flip)
-      state, metrics = train_step(state, images, labels, total_array, warmup_array,
+      state, metrics = train_step(state, images, labels, total_array, warmup_array, lr_array,
                                   step_index=step_index)
       step_index += 1
       losses.append(metrics['loss'])
       progress.update()
     train_loss = float(np.mean(jax.device_get(losses)))
     train_time += time.perf_counter() - start
-    start = time.perf_counter()
-    accuracy, test_loss = evaluate(eval_step, state, dataset.test_images,
-                                   dataset.test_labels, config.eval_batch_size)
-    eval_time += time.perf_counter() - start
-    accuracies.append(accuracy)
-    test_losses.append(test_loss)
     train_losses.append(train_loss)
     elapsed = time.perf_counter() - start_run
     progress.epoch_done(epoch=epoch + 1, train_loss=f'{train_loss:.3f}',
-                        test_acc=f'{accuracy:.4f}', seconds=f'{elapsed:.1f}')
+                        seconds=f'{elapsed:.1f}')
     if not math.isfinite(train_loss):
-      log(f'  {name}: the training loss is {train_loss} at epoch {epoch + 1}; lower --lr.')
+      log(f'  {name}: the training loss is {train_loss} at epoch {epoch + 1}; this lr is '
+          'too large for this method (the choice on validation passes over it).')
   progress.close()
-  per_epoch = ', '.join(f'{a:.4f}' for a in accuracies)
-  log(f'  {name}: test accuracy {accuracies[-1]:.4f} (per epoch {per_epoch}), '
+  start = time.perf_counter()
+  val_accuracy, val_loss = evaluate(eval_step, state, dataset.val_images, dataset.val_labels,
+                                    config.eval_batch_size)
+  test_accuracy, test_loss = evaluate(eval_step, state, dataset.test_images,
+                                      dataset.test_labels, config.eval_batch_size)
+  eval_time = time.perf_counter() - start
+  log(f'  {name}: val accuracy {val_accuracy:.4f}, test accuracy {test_accuracy:.4f}, '
       f'train {train_time:.1f} s')
-  return Run(method=method, seed=seed, budget=budget, test_accuracy_per_epoch=accuracies,
-             test_loss_per_epoch=test_losses, train_loss_per_epoch=train_losses,
-             final_accuracy=accuracies[-1], train_time_s=train_time, eval_time_s=eval_time,
-             wall_time_s=time.perf_counter() - start_run, steps=total_steps,
-             input_scale=dataset.input_scale)
+  return Run(method=method, seed=seed, budget=budget, lr=lr, val_accuracy=val_accuracy,
+             test_accuracy=test_accuracy, val_loss=val_loss, test_loss=test_loss,
+             train_loss_per_epoch=train_losses, train_time_s=train_time,
+             eval_time_s=eval_time, wall_time_s=time.perf_counter() - start_run,
+             steps=total_steps, input_scale=dataset.input_scale)

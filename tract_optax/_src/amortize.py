@@ -10,13 +10,15 @@ the statistic on steps where :func:`~tract_optax.stats_due` is false. The
 paper's (and our default) behaviour is the exact per-batch statistic.
 
 This module holds the cache arithmetic; the state and the schedule of
-refreshes live in :mod:`tract_optax.transform`.
+refreshes live in :mod:`tract_optax.transform`. The kept moment is ``n x n``
+whatever the batch, so layers with more than :data:`MAX_AMORTIZED_FEATURES`
+input features are refused (the per-batch statistic serves them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,35 @@ from tract_optax._src import paths as paths_lib
 from tract_optax._src.stats import TractStats, to_moment
 
 Cache = Dict[str, TractStats]
+
+#: Largest input size ``n`` of a layer whose ``n x n`` moment the amortised
+#: mode keeps: 8192 features, a 256 MiB float32 moment in the optimizer state
+#: (an update needs a few times that for the solve). A Dense layer on
+#: flattened 128x128x3 images (n = 49,152) would keep 9 GiB; such layers use
+#: the per-batch statistic, whose Woodbury form needs only the batch's rows.
+MAX_AMORTIZED_FEATURES = 8192
+
+
+def _gib(num_bytes: float) -> str:
+  return f'{num_bytes / 2**30:.3g} GiB' if num_bytes >= 2**30 else f'{num_bytes / 2**20:.3g} MiB'
+
+
+def _check_size(path: paths_lib.ModulePath, n: int, dtype) -> None:
+  if n <= MAX_AMORTIZED_FEATURES:
+    return
+  itemsize = jnp.dtype(dtype).itemsize
+  rows = 128
+  raise ValueError(
+    'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps an n x n '
+    f'moment per layer in the optimizer state; {paths_lib.format_path(path)!r} has '
+    f'n = {n} input features, so its moment alone would take '
+    f'{_gib(n * n * itemsize)} ({jnp.dtype(dtype).name}), and each update a few times '
+    f'that. The amortised mode is limited to n <= {MAX_AMORTIZED_FEATURES} '
+    f'({_gib(MAX_AMORTIZED_FEATURES**2 * itemsize)}). Use the per-batch statistic '
+    '(the default: leave refresh_every and stats_decay out): with fewer rows N than '
+    'n it keeps the N x n rows and solves an N x N system (Woodbury form), e.g. '
+    f'{_gib(rows * n * itemsize)} of rows for N = {rows}.'
+  )
 
 
 def cache_key(path: paths_lib.ModulePath) -> str:
@@ -35,7 +66,9 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   """Zero moments (count 0: never refreshed) sized from each layer's kernel.
 
   Raises:
-    KeyError: if a layer has no ``kernel`` in ``params``.
+    ModulePathError: (a ``KeyError``) if a layer has no ``kernel`` in ``params``.
+    ValueError: if a layer's input size ``n`` exceeds
+      :data:`MAX_AMORTIZED_FEATURES` (its moment would not fit sensibly).
   """
   kernels = paths_lib.kernel_leaf_index(params)
   leaves = jax.tree_util.tree_leaves(params)
@@ -44,6 +77,7 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
     kernel = leaves[paths_lib.require_kernel(kernels, path, 'tract(layers=...)', 'params')]
     n = math.prod(kernel.shape[:-1])
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    _check_size(path, n, dtype)
     cache[cache_key(path)] = TractStats(
       moment=jnp.zeros((n, n), dtype), rows=None, count=jnp.zeros([], dtype)
     )
@@ -81,17 +115,18 @@ def refresh_cache(
         'the per-batch statistic (the default) for a grouped or depthwise '
         'first layer.'
       )
-    moment = to_moment(stats).moment.astype(kept.moment.dtype)
-    if moment.shape != kept.moment.shape:
+    kept_moment = cast(jax.Array, kept.moment)  # the cache holds moments only
+    moment = cast(jax.Array, to_moment(stats).moment).astype(kept_moment.dtype)
+    if moment.shape != kept_moment.shape:
       raise ValueError(
         f'The statistic of {path!r} has shape {moment.shape}, but the '
-        f'amortised cache holds {kept.moment.shape} (from the kernel).'
+        f'amortised cache holds {kept_moment.shape} (from the kernel).'
       )
     count = jnp.asarray(stats.count, kept.count.dtype)
     first = kept.count == 0
-    blended = jnp.where(first, moment, decay * kept.moment + (1 - decay) * moment)
+    blended = jnp.where(first, moment, decay * kept_moment + (1 - decay) * moment)
     new_cache[key] = TractStats(
-      moment=jnp.where(due, blended, kept.moment),
+      moment=jnp.where(due, blended, kept_moment),
       rows=None,
       count=jnp.where(due, count, kept.count),
     )

@@ -85,7 +85,8 @@ def _default_setting(base: type, name: str):
   if fields is not None and name in fields:
     return fields[name].default
   try:
-    parameter = inspect.signature(base.__init__).parameters.get(name)
+    constructor: Any = vars(base).get('__init__', object.__init__)  # the class's own
+    parameter = inspect.signature(constructor).parameters.get(name)
   except (TypeError, ValueError):
     return inspect.Parameter.empty
   return inspect.Parameter.empty if parameter is None else parameter.default
@@ -148,6 +149,66 @@ def check_linear_kernel(path: Path, type_name: str, layer: Any, bases: Tuple[typ
     '@tract_optax.mark_linear_kernel; otherwise select another layer with '
     'layers=[...].'
   )
+
+
+def transformed_kernel(path: Path, type_name: str, wrapper: str) -> ValueError:
+  """The error for a layer whose kernel a wrapper transforms before the layer uses it.
+
+  Flax's reparameterisation wrappers (``SpectralNorm``, ``WeightNorm``,
+  Linen's ``map_variables``: weight standardisation, masks) hand the layer a
+  function of the stored kernel, so the layer's output is not linear in the
+  kernel that is trained, and TrAct's closed form would give a wrong step.
+
+  Args:
+    path: the layer's module path.
+    type_name: the layer's class, e.g. ``'nn.Dense'``.
+    wrapper: what wraps it, e.g. ``"nn.SpectralNorm 'stem'"``.
+
+  Returns:
+    The ``ValueError`` to raise.
+  """
+  return ValueError(
+    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
+    f'a {type_name} wrapped by {wrapper}, which transforms the stored kernel '
+    'before the layer uses it (a reparameterisation such as spectral or weight '
+    'normalisation, weight standardisation or a mask), so the layer output is '
+    "not linear in the stored kernel and TrAct's closed-form update would be "
+    'wrong. Apply TrAct to a plain layer (without the wrapper), or select '
+    'another layer with layers=[...].'
+  )
+
+
+def multiplied_input(x: Any, layer: Any) -> Any:
+  """The input as ``layer`` multiplies it: cast to the layer's ``dtype`` if set.
+
+  Flax layers promote their input, kernel and bias to ``dtype`` before the
+  product, so a layer with ``dtype=float16``/``bfloat16`` rounds a float32
+  input, and its kernel gradient comes from the rounded input: the statistic
+  must be of that input too (computed in float32 all the same). With
+  ``dtype=None`` the common type of input and parameters never rounds the
+  input, so it is used as it is.
+
+  Args:
+    x: the layer's input.
+    layer: a Flax Conv/Dense (Linen or NNX).
+
+  Returns:
+    ``x`` as the layer's product sees it.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> x = jnp.asarray([1.0 + 2.0 ** -12])
+    >>> float(multiplied_input(x, nn.Dense(2, dtype=jnp.bfloat16))[0])
+    1.0
+  """
+  dtype = getattr(layer, 'dtype', None)
+  if dtype is None:
+    return x
+  x = jnp.asarray(x)
+  real = jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+  if not real or not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    return x  # complex inputs are refused by the statistic with their own message
+  return x.astype(dtype)
 
 
 def conv_settings(conv: Any) -> Dict[str, Any]:
@@ -217,12 +278,7 @@ def normalize_layers(layers: LayersLike) -> Optional[List[Tuple[str, ...]]]:
     return None
   if isinstance(layers, str):
     return [paths_lib.normalize_path(layers)]
-  if isinstance(layers, tuple) and layers and all(isinstance(part, (str, int)) for part in layers):
-    raise TypeError(
-      f'layers={layers!r} is ambiguous: one nested path or several paths? '
-      f'Pass a list: [{layers!r}] for the layer at that path, or '
-      f'{list(layers)!r} for several top-level layers.'
-    )
+  paths_lib.reject_ambiguous_paths(layers)  # the rule tract(layers=...) follows too
   layers = list(layers)
   if not layers:
     raise ValueError(
@@ -344,7 +400,10 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
 
   A layer called inside a lifted ``scan`` or ``vmap`` sows one statistic per
   iteration; they come out stacked (``count`` then has leading axes). For a
-  kernel shared by all iterations the statistic is that of all their rows.
+  kernel shared by all iterations the statistic is that of all their rows:
+  the same as :func:`~tract_optax.combine_stats` of the iterations, computed
+  with one array operation whatever the number of iterations (a scan over
+  thousands of steps adds nothing to trace or compile time).
 
   Example:
     >>> rows = jnp.arange(12.0).reshape(3, 2, 2)  # 3 iterations of 2 rows
@@ -356,11 +415,30 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
   lead = stats.count.ndim
   if lead == 0:
     return stats
-  flat = jax.tree_util.tree_map(lambda leaf: leaf.reshape((-1,) + leaf.shape[lead:]), stats)
-  pieces = [
-    jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], flat) for i in range(flat.count.shape[0])
+  # Each iteration's statistic must be well formed; checked on shapes alone.
+  shapes: List[Any] = [
+    None if leaf is None else jax.ShapeDtypeStruct(jnp.shape(leaf)[lead:], leaf.dtype)
+    for leaf in stats
   ]
-  return stats_lib.combine_stats(pieces, precision=precision)
+  TractStats(*shapes).validate('the statistic of a layer inside scan/vmap')
+  counts = stats.count.reshape(-1)
+  total = jnp.sum(counts)
+  if stats.rows is not None:
+    # (iterations, [groups,] N, n) -> ([groups,] iterations * N, n): all rows.
+    rows = stats.rows.reshape((-1,) + stats.rows.shape[lead:])
+    if rows.ndim == 4:
+      rows = jnp.moveaxis(rows, 0, 1)
+    rows = rows.reshape(rows.shape[:-3] + (-1, rows.shape[-1]))
+    if stats_lib.woodbury_form(rows.shape[-2], rows.shape[-1]):
+      return TractStats(moment=None, rows=rows, count=total)
+    return stats_lib.stats_from_rows(rows, precision=precision)
+  # Moments weighted by their row counts; an iteration of no rows adds nothing.
+  moment = stats.moment
+  assert moment is not None  # validated: exactly one of rows and moment
+  moments = moment.reshape((-1,) + moment.shape[lead:])
+  weights = counts.astype(moments.dtype).reshape((-1,) + (1,) * (moments.ndim - 1))
+  weighted = jnp.sum(moments * weights, axis=0)
+  return TractStats(moment=stats_lib.safe_divide(weighted, total), rows=None, count=total)
 
 
 def per_iteration_kernel(path: Path, outer_shape, inner_shape) -> ValueError:

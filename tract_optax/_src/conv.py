@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Optional, Sequence, SupportsIndex, Tuple, TypeGuard, Union
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ _NAMED_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID', 'CAUSAL') + tuple(_MODE_PADDIN
 # ----------------------------------------------------------------------------
 
 
-def _is_integer(value) -> bool:
+def _is_integer(value) -> TypeGuard[SupportsIndex]:
   """Whether ``value`` is an integer (Python or numpy), booleans excluded."""
   if isinstance(value, (bool, np.bool_)):
     return False
@@ -81,12 +81,13 @@ def _is_integer(value) -> bool:
   )
 
 
-def _is_sequence(value) -> bool:
+def _is_sequence(value) -> TypeGuard[Iterable[Any]]:
   return not isinstance(value, (str, bytes)) and hasattr(value, '__iter__')
 
 
 def _kernel_size_tuple(kernel_size: IntOrSeq) -> Tuple[int, ...]:
   """``kernel_size`` as a tuple of positive ints; its length sets 1/2/3-D."""
+  sizes: Tuple[int, ...]
   if _is_integer(kernel_size):
     sizes = (operator.index(kernel_size),)
   elif _is_sequence(kernel_size):
@@ -288,14 +289,16 @@ def _resolve(
   dilation = _spatial_ints(dilation, num_spatial, 'dilation', '1 = no dilation')
   padding = _canonical_padding(padding, num_spatial)
   groups = _group_count(feature_group_count)
-  batch, *in_spatial, channels = _batched_shape(tuple(shape), kernel_size)
+  batch, *spatial_sizes, channels = _batched_shape(tuple(shape), kernel_size)
   window_dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=False))
 
   mode, mode_pads = None, ((0, 0),) * num_spatial
   if padding in _MODE_PADDINGS:  # as flax.linen.Conv: pad by mode, then VALID
     mode = _MODE_PADDINGS[padding]
     mode_pads = tuple(((w - 1) // 2, w // 2) for w in window_dilated)
-    in_spatial = [size + lo + hi for size, (lo, hi) in zip(in_spatial, mode_pads, strict=False)]
+    spatial_sizes = [
+      size + lo + hi for size, (lo, hi) in zip(spatial_sizes, mode_pads, strict=False)
+    ]
     padding = 'VALID'
   elif padding == 'CAUSAL':
     if num_spatial != 1:
@@ -305,7 +308,7 @@ def _resolve(
       )
     padding = ((window_dilated[0] - 1, 0),)
 
-  in_spatial = tuple(in_spatial)
+  in_spatial = tuple(spatial_sizes)
   if isinstance(padding, str):
     pads = tuple(
       (int(lo), int(hi))
@@ -626,6 +629,43 @@ def _gram_by_bands(
   return total
 
 
+def _gram_by_image_chunks_any_batch(
+  padded: jax.Array,
+  geometry: ConvGeometry,
+  route: str,
+  precision: stats_lib.PrecisionLike,
+  per_chunk: int,
+) -> jax.Array:
+  """:func:`_gram_by_image_chunks` for a batch of symbolic size ``b``.
+
+  One program must serve every ``b``, including ``b < per_chunk``: the
+  ``b // per_chunk`` whole chunks (possibly none) are summed in a
+  ``fori_loop`` (a ``lax.scan`` must know that it runs at least once), and the
+  last ``b mod per_chunk`` images form one smaller chunk. No zero image is
+  added to the work. The loop slices chunks out of a copy of the input with
+  ``per_chunk - 1`` zero images appended (never read), since a slice of
+  ``per_chunk`` images must fit in the array for every ``b``.
+  """
+  batch = geometry.batch
+  whole_chunks = batch // per_chunk
+  covered = whole_chunks * per_chunk
+  reachable = padded
+  if per_chunk > 1:
+    reachable = jnp.pad(padded, [(0, per_chunk - 1)] + [(0, 0)] * (padded.ndim - 1))
+  chunk_geometry = dataclasses.replace(geometry, batch=per_chunk)
+
+  def add_chunk(index, total):
+    images = jax.lax.dynamic_slice_in_dim(reachable, index * per_chunk, per_chunk, axis=0)
+    return total + _gram_of_all(images, chunk_geometry, route, precision)
+
+  n = geometry.num_features
+  init = jnp.zeros((geometry.groups, n, n), stats_lib.stats_dtype(padded.dtype))
+  total = jax.lax.fori_loop(0, jnp.asarray(whole_chunks, jnp.int32), add_chunk, init)
+  rest = jax.lax.slice_in_dim(padded, covered, batch, axis=0)
+  rest_geometry = dataclasses.replace(geometry, batch=batch - covered)
+  return total + _gram_of_all(rest, rest_geometry, route, precision)
+
+
 def _chunked_gram(
   padded: jax.Array,
   geometry: ConvGeometry,
@@ -637,14 +677,22 @@ def _chunked_gram(
 
   At most ``max_chunk_bytes`` of patches exist at once: chunks of whole
   images while one image fits, else bands of output rows of one image (at
-  least one output row, whatever the budget).
+  least one output row, whatever the budget). The choice rests on the static
+  size of one example's patches, so a symbolic batch size (``jax.export``)
+  chunks as a concrete one does; only where the shapes cannot tell whether
+  the whole batch fits does the number of chunks wait for the run.
   """
   row_bytes = geometry.groups * geometry.num_features * padded.dtype.itemsize
   example_bytes = geometry.rows_per_example * row_bytes
-  if max_chunk_bytes is None or geometry.batch * example_bytes <= max_chunk_bytes:
+  if max_chunk_bytes is None:
+    return _gram_of_all(padded, geometry, route, precision)
+  fits = stats_lib.settled(lambda: geometry.batch * example_bytes <= max_chunk_bytes)
+  if fits:
     return _gram_of_all(padded, geometry, route, precision)
   if example_bytes <= max_chunk_bytes:
     per_chunk = max_chunk_bytes // example_bytes
+    if jax.export.is_symbolic_dim(geometry.batch):
+      return _gram_by_image_chunks_any_batch(padded, geometry, route, precision, per_chunk)
     return _gram_by_image_chunks(padded, geometry, route, precision, per_chunk)
   output_row_bytes = math.prod(geometry.out_spatial[1:]) * row_bytes
   max_band_rows = max(1, max_chunk_bytes // output_row_bytes)
@@ -693,8 +741,10 @@ def _stats(
   precision,
   max_chunk_bytes,
   route: Optional[str],
+  form: Optional[str] = None,
 ) -> stats_lib.TractStats:
   """:func:`conv_stats` by ``route`` (one of :data:`ROUTES`; None: the best)."""
+  form = stats_lib.check_form(form, 'conv_stats')
   max_chunk_bytes = _validated_budget(max_chunk_bytes)
   x, geometry = _prepare(x, kernel_size, strides, padding, dilation, feature_group_count)
   route = route or patch_route(geometry)
@@ -702,7 +752,8 @@ def _stats(
   count = jnp.asarray(geometry.num_rows, dtype)
   with jax.named_scope('tract_conv_stats'):
     padded = _pad_to_extent(x, geometry)
-    if geometry.num_rows < geometry.num_features:  # also an empty batch: N = 0
+    # N < n (an empty batch too: N = 0), or the rule for a symbolic batch size
+    if stats_lib.woodbury_form(geometry.num_rows, geometry.num_features, form):
       rows = _flax_rows(padded, geometry, route).astype(dtype)
       rows = rows[0] if geometry.groups == 1 else rows
       return stats_lib.TractStats(moment=None, rows=rows, count=count)
@@ -710,7 +761,10 @@ def _stats(
     if route == 'identity_conv':  # permute the n x n result, not the patches
       order = _channel_major_to_flax(geometry)
       total = total[:, order][:, :, order]
-    moment = total / geometry.num_rows
+    if stats_lib.settled(lambda: geometry.num_rows > 0):
+      moment = total / geometry.num_rows
+    else:  # form='moment' of an empty batch: zeros, not NaN
+      moment = stats_lib.safe_divide(total, count)
     moment = moment[0] if geometry.groups == 1 else moment
     return stats_lib.TractStats(moment=moment, rows=None, count=count)
 
@@ -770,6 +824,7 @@ def conv_stats(
   feature_group_count: int = 1,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = DEFAULT_MAX_CHUNK_BYTES,
+  form: Optional[str] = None,
 ) -> stats_lib.TractStats:
   """Statistic of the inputs of a 1-D, 2-D or 3-D convolution.
 
@@ -780,6 +835,13 @@ def conv_stats(
   first spatial axis (at least one output row each). When ``N < n`` (decided
   from static shapes; an empty batch too) the patch rows are kept instead
   (Woodbury form). Arguments and defaults are those of ``flax.linen.Conv``.
+
+  A symbolic batch size (``jax.export`` with ``jax.export.symbolic_shape``)
+  works: the chunking rests on the static size of one image's patches
+  (chunks of ``max_chunk_bytes // bytes per image`` images, their number
+  counted at run time, so a small batch is one chunk), and where the shapes
+  cannot tell ``N < n`` for every batch size, the moment is kept when
+  ``n <= 4096``, the rows otherwise. ``form`` chooses outright.
 
   Args:
     x: channels-last inputs ``(batch..., *spatial, channels)``; one batch axis,
@@ -795,14 +857,16 @@ def conv_stats(
       ``n x n`` moment per group, ``n = prod(kernel_size) * channels / groups``.
     precision: matmul precision of the moment ('default', 'high', 'highest').
     max_chunk_bytes: patch bytes materialised at once; ``None`` for one chunk.
+    form: 'moment', 'rows' (Woodbury form), or None (the default) to choose
+      from the shapes as above.
 
   Returns:
     The layer's :class:`~tract_optax.TractStats`, ``N = batch * output positions``.
 
   Raises:
     ValueError: wrong input rank, an argument out of range or with the wrong
-      number of entries, channels not divisible by the groups, or an empty
-      output.
+      number of entries, channels not divisible by the groups, an empty
+      output, or a ``form`` that is not understood.
     TypeError: complex inputs, or an argument of the wrong type (floats,
       booleans).
 
@@ -811,6 +875,11 @@ def conv_stats(
     >>> s = tract_optax.conv_stats(jnp.ones((2, 8, 8, 3)), (3, 3))  # 'SAME'
     >>> s.moment.shape, float(s.count)
     ((27, 27), 128.0)
+    >>> b, = jax.export.symbolic_shape('b')  # any batch size, one program
+    >>> exported = jax.export.export(jax.jit(lambda v: tract_optax.conv_stats(v, (3, 3))))(
+    ...     jax.ShapeDtypeStruct((b, 8, 8, 3), jnp.float32))
+    >>> float(exported.call(jnp.ones((5, 8, 8, 3))).count)
+    320.0
   """
   return _stats(
     x,
@@ -822,4 +891,5 @@ def conv_stats(
     precision,
     max_chunk_bytes,
     route=None,
+    form=form,
   )

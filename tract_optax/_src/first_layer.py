@@ -6,12 +6,26 @@ image stem or refuse. It traces the forward pass once more, abstractly
 parameters, and marks the input of every Conv/Dense call with an identity
 whose JVP rule reports whether a tangent reaches it: a symbolic zero means
 the input is computed from data alone. This works through nested ``jit``,
-``scan``, ``remat`` and ``vmap``, whose JVP rules run the marker's rule on
-their bodies.
+``scan`` (``nn.scan``, ``nnx.scan``, ``lax.scan``), ``remat``, ``vmap`` and
+``shard_map``, whose JVP rules run the marker's rule on their bodies. A call
+whose rule never runs says nothing: a trace whose result is thrown away (the
+extra trace ``nn.scan`` makes to check its loop invariants) or a call hidden
+from ``jvp`` (inside a ``jax.custom_vjp`` function). A layer is therefore
+judged by the calls the rule did see, and is unknown only when it saw none.
 
 The verdict: the layer is selected when exactly one Conv/Dense takes
-data-only input and it is the first one called; otherwise an error lists the
-candidates so the user can name the stem with ``layers=[...]``.
+data-only input and it is the first one called. Otherwise the call refuses;
+the message lists the data-only candidates with their input types, counts
+the others (naming a few), and suggests the candidate that reads the model's
+largest input argument of at least 3 dimensions (an image batch, or a batch
+of token or patch sequences), found by a second abstract trace with ``jvp``
+in that argument alone; a time-step MLP or a label embedding, though
+data-only, reads another argument and is never suggested.
+
+The probe runs abstractly even when the model is called eagerly, so a model
+that turns an array into a Python value (``if float(jnp.max(x)) > 1: ...``)
+fails there; the error says so and names ``layers=[...]``, which skips the
+probe.
 """
 
 from __future__ import annotations
@@ -19,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Dict, List, Sequence, Tuple
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,17 +47,91 @@ Path = Tuple[Any, ...]
 
 DATA, PARAMS, UNKNOWN = 'data only', 'parameters', 'unknown'
 
+#: Data-only candidates listed one by one in a refusal; the rest are counted.
+MAX_LISTED_CANDIDATES = 8
+#: Other layers named (after their count) in a refusal.
+MAX_NAMED_OTHERS = 3
+
+#: Errors of a model that needs concrete values where the probe has tracers.
+_CONCRETIZATION_ERRORS = tuple(
+  getattr(jax.errors, name)
+  for name in (
+    'ConcretizationTypeError',
+    'TracerBoolConversionError',
+    'TracerIntegerConversionError',
+    'TracerArrayConversionError',
+  )
+  if hasattr(jax.errors, name)
+)
+
 _PROBES: Dict[int, DependencyProbe] = {}
 _probe_ids = itertools.count()
 
 
 @dataclasses.dataclass
 class LayerCall:
-  """One Conv/Dense call seen by the probe."""
+  """One Conv/Dense call seen by the probe.
+
+  Attributes:
+    path: the layer's module path.
+    type_name: its class, for messages (``nn.Conv``, ``nnx.Linear``).
+    input_type: the input's dtype and shape, e.g. ``float32[4,32,32,3]``
+      (per iteration inside ``scan``/``vmap``).
+    reached: whether a tangent of the differentiated values reaches the
+      input; ``None`` while the marker's JVP rule has not run for this call.
+  """
 
   path: Path
   type_name: str
-  input_depends_on: str = UNKNOWN
+  input_type: str = ''
+  reached: Optional[bool] = None
+
+  @property
+  def input_depends_on(self) -> str:
+    """:data:`PARAMS`, :data:`DATA` or :data:`UNKNOWN` (for the main trace)."""
+    if self.reached is None:
+      return UNKNOWN
+    return PARAMS if self.reached else DATA
+
+
+def _type_text(x) -> str:
+  shape = ','.join(str(d) for d in jnp.shape(x))
+  return f'{jnp.result_type(x).name}[{shape}]'
+
+
+def _varying_axes(x) -> frozenset:
+  """The ``shard_map`` axes ``x`` varies over, if any.
+
+  Its type names them ``vma`` in older jax and ``mat.varying`` in jax 0.10.
+  """
+  typeof = getattr(jax, 'typeof', None)
+  if typeof is None:
+    return frozenset()
+  aval = typeof(x)
+  varying = getattr(aval, 'vma', None)
+  if varying is None:
+    varying = getattr(getattr(aval, 'mat', None), 'varying', None)
+  return frozenset(varying or ())
+
+
+def _zero_tangent(x):
+  """A zero tangent of exactly ``x``'s type, ``shard_map``'s varying axes included.
+
+  Under ``shard_map`` with its default checking (``check_vma=True``), a
+  custom JVP rule must return a tangent that varies over the same mesh axes
+  as the primal; a plain ``jnp.zeros`` varies over none and is refused.
+  ``jnp.zeros_like`` keeps them in recent jax; otherwise they are added with
+  ``lax.pcast(..., to='varying')`` (jax 0.10) or ``lax.pvary`` (older jax).
+  """
+  tangent = jnp.zeros_like(x)
+  missing = tuple(sorted(_varying_axes(x) - _varying_axes(tangent)))
+  if not missing:
+    return tangent
+  pcast = getattr(jax.lax, 'pcast', None)
+  if pcast is not None:
+    return pcast(tangent, missing, to='varying')
+  pvary = getattr(jax.lax, 'pvary', None)  # the older name
+  return tangent if pvary is None else pvary(tangent, missing)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -56,21 +145,48 @@ def _marker_jvp(probe_id, index, primals, tangents):
   x_tangent, _ = tangents
   probe = _PROBES.get(probe_id)
   data_only = isinstance(x_tangent, SymbolicZero)
-  if probe is not None:
-    probe.calls[index].input_depends_on = DATA if data_only else PARAMS
+  if probe is not None and index < len(probe.calls):
+    probe.calls[index].reached = not data_only
   if data_only:
-    x_tangent = jnp.zeros(jnp.shape(x), jnp.result_type(x))
+    x_tangent = _zero_tangent(x)
   return x, x_tangent
 
 
 _marker.defjvp(_marker_jvp, symbolic_zeros=True)
 
 
+def _container(value) -> bool:
+  return type(value) in (tuple, list, dict)
+
+
+def _largest_input(inputs) -> Optional[Tuple[int, str]]:
+  """Index (among ``inputs``' leaves) and description of the largest inexact
+  array of at least 3 dimensions, or None.
+
+  ``inputs`` is ``(args, kwargs)``; only plain tuples, lists and dicts are
+  looked into (a module or ``nnx.Rngs`` argument is left whole).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(inputs, is_leaf=lambda v: not _container(v))[0]
+  best = None
+  for index, (key_path, leaf) in enumerate(leaves):
+    if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype') or jnp.ndim(leaf) < 3:
+      continue
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    size = math.prod(jnp.shape(leaf))
+    if best is None or size > best[0]:
+      head = 'args' if key_path and getattr(key_path[0], 'idx', None) == 0 else 'kwargs'
+      name = head + jax.tree_util.keystr(tuple(key_path[1:]))
+      best = (size, index, f'{name}, {_type_text(leaf)}')
+  return None if best is None else best[1:]
+
+
 class DependencyProbe:
   """Records, for each Conv/Dense call, whether its input depends on params.
 
-  Use as a context manager around one abstract trace; call :meth:`mark` on
-  each layer input and use what it returns in place of the input.
+  The glue calls :meth:`mark` on each layer input and uses what it returns
+  in place of the input, inside ``run``, which :meth:`select` (or
+  :meth:`trace`) traces abstractly.
   """
 
   def __init__(self):
@@ -88,55 +204,172 @@ class DependencyProbe:
 
   def mark(self, x, path: Path, type_name: str):
     index = len(self.calls)
-    self.calls.append(LayerCall(path, type_name))
+    self.calls.append(LayerCall(path, type_name, _type_text(x)))
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       # Integer inputs carry no tangent: they are data (or indices) by nature.
-      self.calls[index].input_depends_on = DATA
+      self.calls[index].reached = False
       return x
     return _marker(x, self.token, self._id, index)
 
-  def trace(self, run, params) -> None:
-    """Traces ``run(params, token)`` abstractly under ``jvp`` in ``params``.
-
-    Only inexact leaves of ``params`` are differentiated (others are closed
-    over); the token, which every marker takes, always has a tangent, so a
-    marker whose rule never ran is reported as unknown, never as data-only.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    inexact = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
-    differentiated = [leaf for leaf, flag in zip(leaves, inexact, strict=False) if flag]
-
-    def rebuild(values):
-      values = iter(values)
-      return jax.tree_util.tree_unflatten(
-        treedef,
-        [next(values) if flag else leaf for leaf, flag in zip(leaves, inexact, strict=False)],
-      )
+  def _trace_jvp(self, forward, primals) -> List[LayerCall]:
+    """Runs ``forward(primals, token)`` abstractly under ``jvp`` in ``primals``
+    (a list of inexact arrays) and the token; returns the calls it marked."""
 
     def with_token(values, token):
       self.token = token
-      run(rebuild(values), token)
+      forward(values, token)
       return jnp.zeros([], jnp.float32)
 
     def jvp_of_forward(values, token):
       tangents = [jnp.zeros_like(v) for v in values]
       return jax.jvp(with_token, (values, token), (tangents, jnp.ones_like(token)))
 
-    with self:
-      jax.eval_shape(jvp_of_forward, differentiated, jnp.zeros([], jnp.float32))
-    self.token = None
+    self.calls = []
+    try:
+      with self:
+        jax.eval_shape(jvp_of_forward, primals, jnp.zeros([], jnp.float32))
+    finally:
+      self.token = None
+    return self.calls
+
+  def trace(self, run, params, inputs: Any = None) -> List[LayerCall]:
+    """Traces ``run(params, inputs, token)`` abstractly under ``jvp`` in ``params``.
+
+    Only inexact leaves of ``params`` are differentiated (others are closed
+    over); the token, which every marker takes, always has a tangent, so a
+    marker whose rule never ran is reported as unknown, never as data-only.
+
+    Args:
+      run: the forward pass, calling :meth:`mark` on every layer input.
+      params: the parameters.
+      inputs: the model's inputs, ``(args, kwargs)``, handed to ``run``.
+
+    Returns:
+      The calls marked, in call order (also kept as ``self.calls``).
+
+    Raises:
+      TypeError: the model turns a traced array into a Python value (a
+        data-dependent Python branch), which the abstract probe cannot run.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    inexact = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+    differentiated = [leaf for leaf, flag in zip(leaves, inexact, strict=True) if flag]
+
+    def forward(values, token):
+      values = iter(values)
+      rebuilt = jax.tree_util.tree_unflatten(
+        treedef,
+        [next(values) if flag else leaf for leaf, flag in zip(leaves, inexact, strict=True)],
+      )
+      run(rebuilt, inputs, token)
+
+    try:
+      return self._trace_jvp(forward, differentiated)
+    except _CONCRETIZATION_ERRORS as error:
+      raise _abstract_probe_error(self.calls) from error
+
+  def input_readers(self, run, params, inputs) -> Optional[Tuple[str, List[Path]]]:
+    """The model's largest input and the layers whose input depends on it.
+
+    Traces ``run`` again, abstractly, with ``jvp`` in the largest inexact
+    array of at least 3 dimensions among ``inputs`` (``(args, kwargs)``).
+
+    Returns:
+      ``(description, paths)``: the argument (e.g. ``'args[0],
+      float32[4,32,32,3]'``) and the paths of the layers it reaches, in call
+      order; None when there is no such argument or the trace fails.
+    """
+    found = _largest_input(inputs)
+    if found is None:
+      return None
+    index, description = found
+    leaves, treedef = jax.tree_util.tree_flatten(inputs, is_leaf=lambda v: not _container(v))
+
+    def forward(values, token):
+      replaced = list(leaves)
+      replaced[index] = values[0]
+      run(params, jax.tree_util.tree_unflatten(treedef, replaced), token)
+
+    try:
+      calls = self._trace_jvp(forward, [leaves[index]])
+    except Exception:  # only a suggestion: never hide the refusal behind it
+      return None
+    readers: List[Path] = []
+    for call in calls:
+      if call.reached and call.path not in readers:
+        readers.append(call.path)
+    return description, readers
+
+  def select(self, run, params, inputs, kind: str = 'Conv/Dense') -> Path:
+    """The first layer, by :func:`choose`'s rule, of ``run(params, inputs, token)``.
+
+    Args:
+      run: the forward pass, calling :meth:`mark` on every layer input.
+      params: the parameters.
+      inputs: ``(args, kwargs)`` of the model call, handed to ``run``.
+      kind: how the layers are called in messages (Linen vs NNX names).
+
+    Returns:
+      The chosen layer's path.
+
+    Raises:
+      ValueError: as :func:`choose`.
+      TypeError: as :meth:`trace`.
+    """
+    calls = self.trace(run, params, inputs)
+    return choose(calls, kind, lambda: self.input_readers(run, params, inputs))
+
+
+def _abstract_probe_error(calls: Sequence[LayerCall]) -> TypeError:
+  seen = list(dict.fromkeys(call.path for call in calls))
+  before = f' Layers called before it failed: {_capture.format_paths(seen)}.' if seen else ''
+  return TypeError(
+    'Automatic first-layer selection (layers=None) failed: it traces the '
+    'forward pass abstractly (jax.eval_shape under jax.jvp, no computation) to '
+    'find the layer whose input depends on no parameter, and the model turns an '
+    'array into a Python value there (float(), int(), bool(), a Python `if` on '
+    'an array, np.asarray), which an eager call allows but the probe cannot run. '
+    'Name the layer to precondition with layers=[...] (e.g. '
+    "layers=['stem']): that skips the probe. (Under jax.jit the model itself "
+    'cannot do this either: use jnp.where or jax.lax.cond.)' + before
+  )
 
 
 def _text(path: Path) -> str:
   return _capture.format_paths([path])
 
 
-def choose(calls: Sequence[LayerCall], kind: str = 'Conv/Dense') -> Path:
+def _verdicts(calls: Sequence[LayerCall]) -> Dict[Path, str]:
+  """Each layer's verdict, in first-call order: parameters if any call's input
+  depends on them, data only if every call seen by the rule is data-only,
+  unknown if the rule saw none of its calls."""
+  seen: Dict[Path, List[str]] = {}
+  for call in calls:
+    seen.setdefault(call.path, []).append(call.input_depends_on)
+  status = {}
+  for path, verdicts in seen.items():
+    if PARAMS in verdicts:
+      status[path] = PARAMS
+    elif DATA in verdicts:
+      status[path] = DATA
+    else:
+      status[path] = UNKNOWN
+  return status
+
+
+def choose(
+  calls: Sequence[LayerCall],
+  kind: str = 'Conv/Dense',
+  input_readers: Optional[Callable[[], Optional[Tuple[str, List[Path]]]]] = None,
+) -> Path:
   """The first layer among the probed calls, or an error that lists candidates.
 
   Args:
     calls: the probe's Conv/Dense calls, in call order.
     kind: how the layers are called in messages (Linen vs NNX names).
+    input_readers: called only to word a refusal: the model's largest input
+      argument and the layers reading it (see
+      :meth:`DependencyProbe.input_readers`), or None.
 
   Returns:
     The path of the one layer whose every call takes data-only input, when it
@@ -146,49 +379,101 @@ def choose(calls: Sequence[LayerCall], kind: str = 'Conv/Dense') -> Path:
     ValueError: no layer called; no layer (or several) with data-only input;
       the first layer called takes a parameter-dependent input; or the probe
       could not tell (ask for ``layers=[...]``).
+
+  Example:
+    >>> stem = LayerCall(('stem',), 'nn.Conv', 'float32[2,8,8,3]', reached=False)
+    >>> head = LayerCall(('head',), 'nn.Dense', 'float32[2,8]', reached=True)
+    >>> choose([stem, head])
+    ('stem',)
   """
-  status: Dict[Path, str] = {}
-  for call in calls:
-    previous = status.get(call.path)
-    current = call.input_depends_on
-    if previous is None or previous == DATA:
-      status[call.path] = current
-    elif previous == UNKNOWN and current == PARAMS:
-      status[call.path] = PARAMS
+  status = _verdicts(calls)
   if not status:
     raise ValueError(
       f'No {kind} layer was called in the forward pass, so there is no first layer to precondition.'
     )
-  listing = ', '.join(f'{_text(p)} (input depends on {s})' for p, s in status.items())
+  types: Dict[Path, str] = {}
+  for call in calls:
+    types.setdefault(call.path, f'{call.type_name}, input {call.input_type}')
   candidates = [p for p, s in status.items() if s == DATA]
-  first = next(iter(status))
-  example = paths_lib.format_path(paths_lib.normalize_path(candidates[0] if candidates else first))
-  fix = (
-    f'Name the image stem explicitly with layers=[<its module path>], e.g. layers=[{example!r}].'
-  )
   unknown = [p for p, s in status.items() if s == UNKNOWN]
+  first = next(iter(status))
+  if len(candidates) == 1 and not unknown and candidates[0] == first:
+    return first
+
+  def described(paths: Sequence[Path]) -> str:
+    listed = [f'{_text(p)} ({types[p]})' for p in paths[:MAX_LISTED_CANDIDATES]]
+    if len(paths) > MAX_LISTED_CANDIDATES:
+      listed.append(f'and {len(paths) - MAX_LISTED_CANDIDATES} more')
+    return ', '.join(listed)
+
+  def others(excluded: Sequence[Path]) -> str:
+    rest = [p for p in status if p not in excluded]
+    if not rest:
+      return ''
+    named = ', '.join(_text(p) for p in rest[:MAX_NAMED_OTHERS])
+    more = ', ...' if len(rest) > MAX_NAMED_OTHERS else ''
+    depends = {
+      PARAMS: 'parameter-dependent input',
+      UNKNOWN: 'input of unknown dependence',
+      DATA: 'data-only input',
+    }
+    kinds = sorted({status[p] for p in rest}, key=[PARAMS, UNKNOWN, DATA].index)
+    what = ' or '.join(depends[k] for k in kinds)
+    if len(rest) == 1:
+      return f' The other {kind} layer called, {named}, takes {what}.'
+    return f' The other {len(rest)} {kind} layers called take {what} ({named}{more}).'
+
+  def suggestion(pool: Sequence[Path]) -> str:
+    found = input_readers() if input_readers is not None else None
+    if found is None:
+      return (
+        ' Name the image stem explicitly with layers=[<its module path>] (the '
+        'model has no array argument of 3 or more dimensions to suggest one by).'
+      )
+    description, readers = found
+    reading = [p for p in readers if p in pool]
+    if not reading:
+      return (
+        f" None of them reads the model's largest input ({description}); name "
+        'the image stem explicitly with layers=[<its module path>].'
+      )
+    name = paths_lib.format_path(paths_lib.normalize_path(reading[0]))
+    return (
+      f" The first of them that reads the model's largest input ({description}) "
+      f'is {name!r}: if it is the image stem, pass layers=[{name!r}].'
+    )
+
   if unknown:
     raise ValueError(
-      f'Cannot tell whether the input of {", ".join(_text(p) for p in unknown)} '
-      f'depends on parameters (the layers called: {listing}). ' + fix
+      f'Cannot tell whether the input of {described(unknown)} depends on '
+      'parameters: the probe never saw it differentiated (e.g. it runs inside '
+      'a jax.custom_vjp function).'
+      + (f' Layers with data-only input: {described(candidates)}.' if candidates else '')
+      + others(unknown + candidates)
+      + suggestion(unknown + candidates)
     )
   if not candidates:
     raise ValueError(
       f'Every {kind} layer called takes an input that depends on parameters, '
-      f'so none is a first layer (the layers called: {listing}). ' + fix
+      'so none is a first layer (e.g. a learned scale or normalisation runs '
+      f'before the stem): {described(list(status)[:MAX_LISTED_CANDIDATES])}.'
+      + others(list(status)[:MAX_LISTED_CANDIDATES])
+      + ' To precondition a layer anyway, name it with layers=[...].'
+      + suggestion(list(status))
     )
   if len(candidates) > 1:
     raise ValueError(
       f'Several {kind} layers take input computed from data alone: '
-      f'{", ".join(_text(p) for p in candidates)} (e.g. an image stem and a '
-      f'label or time embedding); TrAct cannot tell which is the image stem '
-      f'(the layers called: {listing}). ' + fix
+      f'{described(candidates)} (e.g. an image stem and a label or time '
+      'embedding); TrAct cannot tell which is the image stem.'
+      + others(candidates)
+      + suggestion(candidates)
     )
-  if candidates[0] != first:
-    raise ValueError(
-      f'The first {kind} layer called, {_text(first)}, takes an input that '
-      f'depends on parameters, so it is no first layer; the only layer with '
-      f'data-only input is {_text(candidates[0])} (the layers called: '
-      f'{listing}). ' + fix
-    )
-  return first
+  name = paths_lib.format_path(paths_lib.normalize_path(candidates[0]))
+  raise ValueError(
+    f'The first {kind} layer called, {_text(first)}, takes an input that '
+    f'depends on parameters, so it is no first layer; the only layer with '
+    f'data-only input is {described(candidates)}.'
+    + others(candidates)
+    + f' If {name!r} is the image stem, pass layers=[{name!r}].'
+  )

@@ -16,14 +16,43 @@ with ``tract`` outside ``MultiSteps``; a ``pmean`` of gradients gives the
 whole batch's update when the statistic is all-reduced (``axis_name``).
 Weight decay written into the loss never passes through it (as in the
 authors' code). The Flax glue (:func:`tract_optax.linen.apply_tract`,
-:func:`tract_optax.nnx.apply_tract`) does the substitution for you.
+:func:`tract_optax.nnx.apply_tract`) and the Equinox helpers
+(:mod:`tract_optax.equinox`) do the substitution for you.
+
+One statistic per batch. TrAct's statistic is that of every row the layer
+saw in the step. Two things split the rows silently unless refused:
+
+- ``jax.vmap`` over examples (per-example gradients, Equinox's
+  ``jax.vmap(model)(x)`` with the kernel swapped inside the vmap): each lane
+  would be preconditioned with its own example's statistic. A batching rule
+  sees the batched statistic and refuses it; an unbatched statistic with
+  batched kernels (an ensemble of models on shared data) is exact. Compute
+  the statistic of the whole batch outside the vmap (or name the vmap's axis
+  and pass ``axis_name``), or opt in with ``per_lane_stats=True`` where each
+  lane really is an independent model on its own data.
+- Several calls in one loss (two views of a batch): each call's kernel is
+  preconditioned with that call's statistic, and the gradients of the calls
+  are summed: ``sum_v P_v G_v``, where the Optax route (its capture combines
+  the calls' statistics) gives ``P (sum_v G_v)``. The two routes agree when
+  the layer is called once per step; for several views, call the layer once
+  on the concatenated views (then split its output), or wrap the kernel once
+  with the combined statistic (:func:`tract_optax.combine_stats`) and use
+  that one wrapped kernel in every call.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
+with respect to the wrapped kernel is not defined: the custom VJP only
+replaces the reverse-mode gradient. Differentiate the plain model (the stored
+kernel, no ``tract_kernel``) for Jacobian-vector products and second-order
+quantities. Forward-over-reverse (``jax.jvp`` of ``jax.grad``,
+``jax.hessian``) through a wrapped kernel runs, but gives TrAct's
+preconditioner applied to the Hessian, ``P H v``, not ``H v``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Hashable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +65,9 @@ from tract_optax._src.stats import TractStats, all_reduce_stats
 
 
 class _Settings(NamedTuple):
-  axis_name: Optional[Hashable]
   relative_lam: bool
   channels_first: bool
-  check_condition: bool
+  check_condition: Optional[bool]  # None: eager calls only (see precondition)
   name: Optional[str]
 
 
@@ -67,10 +95,7 @@ def _forward(settings, kernel, stats, lam):
 
 
 def _backward(settings, residuals, cotangent):
-  local_stats, lam = residuals
-  stats = local_stats
-  if settings.axis_name is not None:
-    stats = all_reduce_stats(local_stats, settings.axis_name)
+  stats, lam = residuals  # already all-reduced in the forward pass
   grad = _to_flax_layout(cotangent) if settings.channels_first else cotangent
   solved = precondition(
     grad,
@@ -84,31 +109,170 @@ def _backward(settings, residuals, cotangent):
     solved = _from_flax_layout(solved)
   transform.remember_preconditioned(solved)
   # the statistic and lambda get no gradient
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, (local_stats, lam))
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (stats, lam))
   return (solved,) + zeros
 
 
 _tract_identity.defvjp(_forward, _backward)
 
 
-def check_fits(kernel_shape, stats: TractStats, channels_first: bool = False) -> None:
-  """Raises ``ValueError`` unless ``stats`` fits a kernel of ``kernel_shape``."""
-  if len(kernel_shape) < 2:
-    raise ValueError(f'A kernel must be at least 2-D; got shape {kernel_shape}.')
+_FLAX_LAYOUT = '(*window, in / groups, out)'
+_CHANNELS_FIRST_LAYOUT = '(out, in / groups, *window)'
+
+
+def _fits(kernel_shape: Tuple[int, ...], stats: TractStats, channels_first: bool) -> bool:
   if channels_first:
     n, m = math.prod(kernel_shape[1:]), kernel_shape[0]
   else:
     n, m = math.prod(kernel_shape[:-1]), kernel_shape[-1]
-  if stats.num_features != n or m % stats.groups:
-    layout = '(out, in / groups, *window)' if channels_first else '(*window, in / groups, out)'
+  return stats.num_features == n and m % stats.groups == 0
+
+
+def resolve_layout(
+  kernel_shape, stats: TractStats, channels_first: Optional[bool], owner: str = 'tract_kernel'
+) -> bool:
+  """Whether the kernel is channels-first, checked against the statistic.
+
+  With ``channels_first=None`` the layout is read off the shapes: the one of
+  Flax's ``(*window, in / groups, out)`` and PyTorch / Equinox's
+  ``(out, in / groups, *window)`` whose ``n`` matches the statistic. When
+  both match (a square Dense kernel, a conv kernel with as many output
+  channels as its first window size) the shapes cannot tell, and the caller
+  must say it.
+
+  Args:
+    kernel_shape: the kernel's shape.
+    stats: the layer's input statistic.
+    channels_first: the caller's word on the layout, or None to infer it.
+    owner: the API to name in messages.
+
+  Returns:
+    True for PyTorch / Equinox layout, False for Flax layout.
+
+  Raises:
+    ValueError: the kernel is not at least 2-D, the statistic fits no layout
+      (or not the one given), or the layout is ambiguous and not given.
+  """
+  kernel_shape = tuple(kernel_shape)
+  if len(kernel_shape) < 2:
+    raise ValueError(f'{owner}: a kernel must be at least 2-D; got shape {kernel_shape}.')
+  if channels_first is not None:
+    channels_first = bool(channels_first)
+    if _fits(kernel_shape, stats, channels_first):
+      return channels_first
+    layout = _CHANNELS_FIRST_LAYOUT if channels_first else _FLAX_LAYOUT
+    n = math.prod(kernel_shape[1:] if channels_first else kernel_shape[:-1])
+    other = _fits(kernel_shape, stats, not channels_first)
     raise ValueError(
-      f'The statistic (n = {stats.num_features} features, {stats.groups} '
+      f'{owner}: the statistic (n = {stats.num_features} features, {stats.groups} '
       f'group(s)) does not fit the kernel of shape {kernel_shape} in layout '
-      f"{layout}, which needs n = {n}. Was it computed from this layer's "
-      'input with its kernel size, padding and feature groups'
-      + ('' if channels_first else ', or is the kernel channels-first (pass channels_first=True)')
-      + '?'
+      f'{layout}, which needs n = {n}. '
+      + (
+        f'It fits the other layout: pass channels_first={not channels_first}.'
+        if other
+        else "Was it computed from this layer's input with its kernel size, "
+        'padding and feature groups?'
+      )
     )
+  flax, first = _fits(kernel_shape, stats, False), _fits(kernel_shape, stats, True)
+  if flax and first:
+    raise ValueError(
+      f'{owner}: the kernel of shape {kernel_shape} fits the statistic (n = '
+      f'{stats.num_features}) in both layouts, so its shape cannot tell which '
+      'axis holds the output features; read the wrong way, the TrAct gradient '
+      'is silently wrong. Say it: channels_first=True for PyTorch / Equinox '
+      f'kernels {_CHANNELS_FIRST_LAYOUT} (Equinox Linear weight (out, in)), '
+      f'channels_first=False for Flax kernels {_FLAX_LAYOUT} (Dense kernel '
+      '(in, out)). For Equinox layers, tract_optax.equinox.apply_tract reads '
+      'the layout off the layer.'
+    )
+  if flax or first:
+    return first
+  raise ValueError(
+    f'{owner}: the statistic (n = {stats.num_features} features, {stats.groups} '
+    f'group(s)) fits the kernel of shape {kernel_shape} in neither layout: Flax '
+    f'{_FLAX_LAYOUT} needs n = {math.prod(kernel_shape[:-1])}, PyTorch / Equinox '
+    f'{_CHANNELS_FIRST_LAYOUT} needs n = {math.prod(kernel_shape[1:])}. Was it '
+    "computed from this layer's input with its kernel size, padding and "
+    'feature groups?'
+  )
+
+
+def check_fits(kernel_shape, stats: TractStats, channels_first: Optional[bool] = False) -> bool:
+  """Raises ``ValueError`` unless ``stats`` fits the kernel; see :func:`resolve_layout`."""
+  return resolve_layout(kernel_shape, stats, channels_first)
+
+
+def _batched_statistic_message(name: Optional[str]) -> str:
+  where = f' for {name!r}' if name else ''
+  return (
+    f'tract_kernel{where} runs inside jax.vmap with a statistic that differs '
+    'from lane to lane (computed inside the vmap, e.g. per-example gradients '
+    "with vmap(grad(loss)) or Equinox's jax.vmap(model)(x)): each lane would "
+    "be preconditioned with its own example's statistic, not the whole "
+    "batch's, and the summed gradient is not TrAct's. Compute the statistic "
+    'of the whole batch outside the vmap and wrap the kernel there (for '
+    'Equinox layers: tract_optax.equinox.apply_tract(layer, x) on the batch, '
+    'or tract_optax.equinox.tract_layer before jax.vmap(model)); or name the '
+    "vmap axis, vmap(..., axis_name='batch'), and pass "
+    "axis_name='batch' to all-reduce the statistic over the lanes; or, when "
+    'each lane is an independent model trained on its own data, pass '
+    'per_lane_stats=True.'
+  )
+
+
+@functools.cache
+def _lane_guard(name: Optional[str]):
+  """Identity on ``stats`` whose batching rule refuses a batched statistic.
+
+  ``jax.vmap`` over a function that wraps a kernel would otherwise give every
+  lane its own statistic silently. The rule sees which inputs are batched: a
+  batched statistic is refused; an unbatched one (batched kernels: an
+  ensemble on shared data) passes. ``kernel`` only tells the rule its shape.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def guard(kernel, stats):
+    del kernel
+    return stats
+
+  @guard.def_vmap
+  def rule(axis_size, in_batched, kernel, stats):
+    del axis_size, kernel
+    if any(jax.tree_util.tree_leaves(in_batched[1])):
+      raise ValueError(_batched_statistic_message(name))
+    return stats, in_batched[1]
+
+  return guard
+
+
+_FORWARD_MODE_MESSAGE = (
+  'tract_kernel{where}: forward-mode differentiation (jax.jvp, jax.jacfwd, '
+  'jax.linearize) with respect to a TrAct-wrapped kernel is not defined: '
+  "TrAct replaces only the reverse-mode gradient of the first layer's kernel "
+  '(a custom VJP). For Jacobian-vector products, Hessians and other '
+  'second-order quantities differentiate the plain model, with the stored '
+  'kernel and without tract_kernel / apply_tract. (Forward-over-reverse, '
+  "jax.jvp of jax.grad, runs through it but gives P H v, TrAct's "
+  'preconditioner applied to the Hessian, not H v.)'
+)
+
+
+def _forward_mode_error(name: Optional[str]) -> TypeError:
+  return TypeError(_FORWARD_MODE_MESSAGE.format(where=f' ({name!r})' if name else ''))
+
+
+def _is_forward_mode(kernel) -> bool:
+  """Whether ``kernel`` carries a forward-mode (JVP) tangent.
+
+  With JAX's direct linearisation (the default since JAX 0.5) reverse mode
+  never traces a JVP tracer, so a JVP tracer here means ``jax.jvp`` /
+  ``jax.jacfwd`` on the kernel. Where JAX does not say, nothing is assumed:
+  JAX's own error is then translated in :func:`tract_kernel`.
+  """
+  tracer_type = getattr(getattr(jax.interpreters, 'ad', None), 'JVPTracer', None)
+  direct = getattr(jax.config, 'jax_use_direct_linearize', None)  # None: moved
+  return direct is True and tracer_type is not None and isinstance(kernel, tracer_type)
 
 
 def check_settings(
@@ -138,30 +302,44 @@ def tract_kernel(
   axis_name: axes_lib.AxisName = None,
   local_stats: bool = False,
   relative_lam: bool = False,
-  channels_first: bool = False,
+  channels_first: Optional[bool] = None,
   check_condition: Optional[bool] = None,
+  per_lane_stats: bool = False,
   name: Optional[str] = None,
 ) -> jax.Array:
   """The kernel, unchanged, whose gradient is the TrAct gradient.
 
+  Wrap the kernel once per step, with the statistic of every row the layer
+  sees in the step, outside any ``jax.vmap`` over examples (see the module
+  notes: per-example ``vmap`` and several calls in one loss).
+
   Args:
     kernel: the layer's stored kernel: Flax layout ``(*window, c_in / groups,
-      c_out)`` / ``(n_in, n_out)``, or with ``channels_first=True`` PyTorch /
-      Equinox layout ``(c_out, c_in / groups, *window)`` / ``(n_out, n_in)``.
+      c_out)`` / ``(n_in, n_out)``, or PyTorch / Equinox layout ``(c_out,
+      c_in / groups, *window)`` / ``(n_out, n_in)``.
     stats: the statistic of this layer's input in this forward pass
       (:func:`~tract_optax.dense_stats`, :func:`~tract_optax.conv_stats`;
       gradients do not flow into it).
     lam: the ridge strength lambda > 0: a number or a scalar array (e.g. a
       schedule's value the caller computed).
-    axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch:
-      the statistic is all-reduced in the backward pass. Not needed under
-      ``jit`` with a sharded batch.
+    axis_name: the axis (or axes) of ``pmap`` / ``shard_map`` / ``vmap`` that
+      split the batch: the statistic is all-reduced over them (in the forward
+      pass, where the axes are bound). Not needed under ``jit`` with a
+      sharded batch.
     local_stats: inside ``pmap``/``shard_map``, use each device's own
       statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
-    channels_first: the kernel is in PyTorch / Equinox layout.
-    check_condition: warn when the solve is ill-conditioned (None: eager
-      only; True: inside ``jit`` too; False: never).
+    channels_first: the kernel's layout: True for PyTorch / Equinox, False
+      for Flax; None (default) reads it off the shapes, and refuses a kernel
+      that fits the statistic both ways (a square Dense kernel; a conv kernel
+      whose output channels equal its first window size).
+    check_condition: warn (a :class:`~tract_optax.ConditioningWarning`) when
+      the solve is ill-conditioned. None (default): when the backward pass
+      runs eagerly (``jax.grad`` outside ``jit``); True: inside ``jit`` too;
+      False: never.
+    per_lane_stats: under ``jax.vmap``, accept a statistic that differs
+      from lane to lane: only for independent models, each trained on its
+      own data (each lane then gets its own TrAct gradient).
     name: the layer's name for messages.
 
   Returns:
@@ -170,10 +348,11 @@ def tract_kernel(
 
   Raises:
     ValueError: ``lam`` is not a finite number > 0, the statistic does not fit
-      the kernel, or named axes are misused (see :func:`tract_optax.tract`).
-    TypeError: ``lam`` is a schedule, or ``stats`` is no TractStats.
-    RuntimeError: this JAX version cannot tell whether named axes are bound
-      and neither ``axis_name`` nor ``local_stats`` was given.
+      the kernel, the layout is ambiguous and not given, named axes are
+      misused (see :func:`tract_optax.tract`), or (when traced under
+      ``jax.vmap``) the statistic is batched without ``per_lane_stats``.
+    TypeError: ``lam`` is a schedule, ``stats`` is no TractStats, or the
+      kernel is differentiated in forward mode (``jax.jvp``, ``jax.jacfwd``).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -185,17 +364,33 @@ def tract_kernel(
     >>> stats = tract_optax.dense_stats(x)
     >>> bool(jnp.allclose(g, tract_optax.precondition(plain, stats, 0.1), atol=1e-5))
     True
+
+  References:
+    Petersen, Borgelt, Ermon: "TrAct: Making First-layer Pre-Activations
+    Trainable", NeurIPS 2024, arXiv:2410.23970,
+    <https://arxiv.org/abs/2410.23970>.
   """
   reduce_over = check_settings(lam, axis_name, local_stats, 'tract_kernel')
   if not isinstance(stats, TractStats):
     raise TypeError(f'stats must be a tract_optax.TractStats, got {type(stats)}.')
   stats.validate('tract_kernel')
-  check_fits(jnp.shape(kernel), stats, channels_first)
+  channels_first = resolve_layout(jnp.shape(kernel), stats, channels_first)
+  if _is_forward_mode(kernel):
+    raise _forward_mode_error(name)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
+  if reduce_over is not None:
+    # In the forward pass, where the named axes are bound (a vmap's axis is
+    # not bound any more when its backward pass is traced).
+    stats = all_reduce_stats(stats, reduce_over)
+  if not per_lane_stats:
+    stats = _lane_guard(name)(jax.lax.stop_gradient(kernel), stats)
   dtype = jnp.promote_types(
     jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]), jnp.float32
   )
-  settings = _Settings(
-    reduce_over, bool(relative_lam), bool(channels_first), bool(check_condition), name
-  )
-  return _tract_identity(settings, kernel, stats, jnp.asarray(lam, dtype))
+  settings = _Settings(bool(relative_lam), channels_first, check_condition, name)
+  try:
+    return _tract_identity(settings, kernel, stats, jnp.asarray(lam, dtype))
+  except TypeError as error:  # JAX's generic message for jvp of a custom_vjp
+    if 'forward-mode' in str(error):
+      raise _forward_mode_error(name) from error
+    raise

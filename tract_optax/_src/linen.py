@@ -48,11 +48,12 @@ from tract_optax._src import conv as conv_lib
 from tract_optax._src import first_layer, gradient_route
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
+from tract_optax._src import transform as transform_lib
 from tract_optax._src.stats import TractStats
 
-#: Variable collection the statistics are sown into during ``apply``; add it to
-#: ``variable_axes`` of any ``nn.scan`` / ``nn.vmap`` around a selected layer.
 COLLECTION = 'tract_stats'
+"""Variable collection the statistics are sown into during ``apply``; add it to
+``variable_axes`` of any ``nn.scan`` / ``nn.vmap`` around a selected layer."""
 
 _SOW_NAME = 'tract_input_stats'
 
@@ -63,6 +64,33 @@ SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 #: Layers with a kernel that are recognised (for auto-selection and errors) but
 #: rejected: their kernel is not a single ``(n, m)`` map of input rows.
 _KERNEL_LAYERS = SUPPORTED_LAYERS + (nn.ConvLocal, nn.ConvTranspose, nn.Einsum)
+#: Flax wrappers that hand the layer they hold a transformed kernel (through a
+#: lifted ``map_variables``); named in the refusal when they are active.
+_KERNEL_WRAPPERS = (nn.SpectralNorm, nn.WeightNorm)
+
+
+def _mapped_scope(module: nn.Module) -> Optional[str]:
+  """The debug path of ``module``'s scope if a ``map_variables`` lies on it.
+
+  Lifted transforms record themselves in the scope's ``debug_path`` (e.g.
+  ``('map_variables(dense)',)``); ``map_variables`` is the one that hands the
+  layer a function of its stored variables (``nn.SpectralNorm``,
+  ``nn.WeightNorm``, weight standardisation, masks all go through it).
+  """
+  scope = module.scope
+  debug_path = tuple(getattr(scope, 'debug_path', ()) or ())
+  if any(str(entry).startswith('map_variables(') for entry in debug_path):
+    return '/'.join(str(entry) for entry in debug_path)
+  return None
+
+
+def _check_not_mapped(module: nn.Module, path: ModulePath, type_name: str) -> None:
+  """Raises if a ``map_variables`` (a reparameterisation wrapper) holds ``module``."""
+  if module.scope is None:
+    return
+  mapped = _mapped_scope(module)
+  if mapped is not None:
+    raise _capture.transformed_kernel(path, type_name, f'nn.map_variables (scope {mapped!r})')
 
 
 def layer_input_stats(
@@ -86,9 +114,14 @@ def layer_input_stats(
   Raises:
     ValueError: for layers or settings TrAct does not support (``nn.ConvLocal``,
       ``nn.ConvTranspose``, ``nn.Einsum``, ``input_dilation``, ``mask``,
-      DenseGeneral with several output axes or ``batch_dims``), and for
+      DenseGeneral with several output axes or ``batch_dims``), for
       subclasses that may not use the stored kernel linearly (see
-      :func:`tract_optax.mark_linear_kernel`).
+      :func:`tract_optax.mark_linear_kernel`), and for a bound layer inside
+      ``nn.map_variables`` (``nn.SpectralNorm``, ``nn.WeightNorm``, weight
+      standardisation, masks), which hands it a transformed kernel.
+
+  A layer with ``dtype=float16``/``bfloat16`` multiplies its input rounded
+  to that type; the statistic is that of the rounded input (in float32).
 
   Example:
     >>> import flax.linen as nn
@@ -98,9 +131,17 @@ def layer_input_stats(
     ((27, 27), 32.0)
   """
   path = tuple(module.path) if module.scope is not None else ()
+  _check_not_mapped(module, path, f'nn.{type(module).__name__}')
+  return _layer_stats(module, x, precision=precision, max_chunk_bytes=max_chunk_bytes)
+
+
+def _layer_stats(module: nn.Module, x, *, precision, max_chunk_bytes) -> TractStats:
+  """:func:`layer_input_stats` once the caller has checked for wrappers."""
+  path = tuple(module.path) if module.scope is not None else ()
   type_name = f'nn.{type(module).__name__}'
   if isinstance(module, SUPPORTED_LAYERS):
     _capture.check_linear_kernel(path, type_name, module, SUPPORTED_LAYERS)
+    x = _capture.multiplied_input(x, module)  # what the product sees (dtype=...)
   if isinstance(module, nn.Conv):
     return _capture.conv_layer_stats(
       path, type_name, x, module, precision=precision, max_chunk_bytes=max_chunk_bytes
@@ -140,10 +181,12 @@ def _lookup(tree, path: ModulePath):
 class _Recorder:
   """Python-side bookkeeping of one ``apply_with_stats`` call (static only)."""
 
-  def __init__(self, selected: List[ModulePath], precision, max_chunk_bytes):
+  def __init__(self, selected: List[ModulePath], precision, max_chunk_bytes, params=None):
     self.selected = selected
     self.precision = precision
     self.max_chunk_bytes = max_chunk_bytes
+    self.params = {} if params is None else params  # the kernels as given to apply
+    self.wrappers: List[str] = []  # active nn.SpectralNorm / nn.WeightNorm calls
     self.called: List[ModulePath] = []  # kernel layers called, in order
     self.recorded: List[ModulePath] = []  # layers with sown statistics
     self.kernel_shapes: Dict[ModulePath, Tuple[int, ...]] = {}
@@ -154,10 +197,17 @@ class _Recorder:
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*args, **kwargs)
     path = tuple(module.path)
+    if isinstance(module, _KERNEL_WRAPPERS):
+      self.wrappers.append(f'nn.{type(module).__name__} {paths_lib.format_path(path)!r}')
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        self.wrappers.pop()
     if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
       self.called.append(path)
     if path not in self.selected:
       return next_fun(*args, **kwargs)
+    self._check_not_wrapped(module, path)  # before the call: a wrapper's own
     for frame in self.active:  # a subclass calling super().__call__: the
       if frame[0] == path:  # innermost call is the one the kernel sees
         frame[1] = True
@@ -171,6 +221,30 @@ class _Recorder:
       self._record(module, path, args, kwargs)
     return output
 
+  def _kernel_as_given(self, module, path) -> bool:
+    """Whether the layer sees the very kernel array given to ``apply``.
+
+    A ``map_variables`` that only moves metadata (``nn.add_metadata_axis``,
+    partitioning helpers) passes the kernel array through untouched. (One
+    with ``init=True`` runs the layer twice when other collections are
+    mutable, the second time without its kernel: refused here, with the
+    reason, instead of Flax's ``ScopeCollectionNotFound``.)
+    """
+    if not module.has_variable('params', paths_lib.KERNEL_NAME):
+      return False
+    given = _lookup(self.params, path + (paths_lib.KERNEL_NAME,))
+    seen = module.get_variable('params', paths_lib.KERNEL_NAME)
+    return given is not None and meta.unbox(given) is meta.unbox(seen)
+
+  def _check_not_wrapped(self, module, path) -> None:
+    mapped = _mapped_scope(module)
+    if mapped is None or self._kernel_as_given(module, path):
+      return
+    wrapper = f'nn.map_variables (scope {mapped!r})'
+    if self.wrappers:
+      wrapper = f'{self.wrappers[-1]} (through {wrapper})'
+    raise _capture.transformed_kernel(path, f'nn.{type(module).__name__}', wrapper)
+
   def _record(self, module, path, args, kwargs):
     inputs = _capture.call_input(path, args, kwargs)
     if not module.scope.is_mutable_collection(COLLECTION):
@@ -181,7 +255,7 @@ class _Recorder:
         f"transform. Add it to the transform's variable_axes, e.g. "
         f'variable_axes={{{COLLECTION!r}: 0, ...}}.'
       )
-    stats = layer_input_stats(
+    stats = _layer_stats(
       module, inputs, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
     )
     module.sow(COLLECTION, _SOW_NAME, stats)
@@ -234,13 +308,30 @@ def as_module(module_or_apply_fn: ModuleOrApply, owner: str) -> nn.Module:
   while isinstance(target, functools.partial) and not target.args and not target.keywords:
     target = target.func
   owner_object = getattr(target, '__self__', None)
-  if isinstance(owner_object, nn.Module) and getattr(target, '__name__', '') == 'apply':
+  method_name = getattr(target, '__name__', '')
+  if isinstance(owner_object, nn.Module) and method_name == 'apply':
     return owner_object
-  raise TypeError(
+  needed = (
     f'{owner} needs the Linen module or its bound apply method (what '
-    'TrainState.apply_fn holds when created with apply_fn=model.apply); got '
-    f'{module_or_apply_fn!r}.'
+    'TrainState.apply_fn holds when created with apply_fn=model.apply)'
   )
+  if isinstance(owner_object, nn.Module):
+    raise TypeError(
+      f'{needed}; got its method {method_name}. Pass the module itself '
+      f'({type(owner_object).__name__}(...)) or its .apply, with the variables as '
+      'the next argument.'
+    )
+  holder = owner_object if owner_object is not None else target
+  inner = getattr(holder, 'module', None)
+  if isinstance(inner, nn.Module):
+    raise TypeError(
+      f'{needed}; got {type(holder).__name__}'
+      f'{"." + method_name if owner_object is not None else ""}, a wrapper that '
+      f'holds the Linen module {type(inner).__name__} as .module (as Hugging Face '
+      'Flax models do). Pass model.module and its parameters, e.g. '
+      f"{owner}(model.module, {{'params': params}}, inputs)."
+    )
+  raise TypeError(f'{needed}; got {module_or_apply_fn!r}.')
 
 
 def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
@@ -273,14 +364,14 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
     finally:
       active.pop()
 
-  def run(probed_params, _):
+  def run(probed_params, inputs, _):
     probed = dict(variables)
     probed['params'] = probed_params
+    probed_args, probed_kwargs = inputs
     with nn.intercept_methods(interceptor):
-      module.apply(probed, *args, **apply_kwargs)
+      module.apply(probed, *probed_args, **probed_kwargs)
 
-  probe.trace(run, params)
-  return first_layer.choose(probe.calls, 'Conv/Dense')
+  return probe.select(run, params, (args, apply_kwargs), 'Conv/Dense')
 
 
 def apply_with_stats(
@@ -325,8 +416,11 @@ def apply_with_stats(
       first layer can be told apart (none or several Conv/Dense layers take
       data-only input, or the first called takes a parameter-dependent one);
       the layer is of an unsupported kind or a subclass that may not use its
-      kernel linearly; or it sits in an ``nn.scan`` / ``nn.vmap`` that does
-      not lift ``COLLECTION`` or has one kernel per iteration.
+      kernel linearly; a wrapper transforms its kernel before it uses it
+      (``nn.SpectralNorm``, ``nn.WeightNorm``, an ``nn.map_variables`` that
+      changes the kernel: weight standardisation, masks); or it sits in an
+      ``nn.scan`` / ``nn.vmap`` that does not lift ``COLLECTION`` or has one
+      kernel per iteration.
     TypeError: ``layers`` is an ambiguous tuple of names, or ``module`` is
       neither a Linen module nor its bound ``apply``.
 
@@ -343,7 +437,8 @@ def apply_with_stats(
   selected = _capture.normalize_layers(layers)
   if selected is None:
     selected = [_probe_first_layer(module, variables, args, apply_kwargs)]
-  recorder = _Recorder(selected, precision, max_chunk_bytes)
+  params = variables.get('params', {}) if hasattr(variables, 'get') else {}
+  recorder = _Recorder(selected, precision, max_chunk_bytes, params=params)
   user_mutable = apply_kwargs.pop('mutable', False)
   mutable = scope_lib.union_filters(user_mutable, COLLECTION)
   with nn.intercept_methods(recorder):
@@ -359,6 +454,7 @@ def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.A
   """``tree`` with the kernel at ``path + ('kernel',)`` replaced (copies along the way)."""
   if not path:
     kernel = tree[paths_lib.KERNEL_NAME]
+    new: Any
     if isinstance(kernel, meta.AxisMetadata):
       new = kernel.replace_boxed(replace(kernel.unbox()))
     else:
@@ -469,6 +565,7 @@ def apply_tract(
       axis_name=axis_name,
       local_stats=local_stats,
       relative_lam=relative_lam,
+      channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
       check_condition=check_condition,
       name=paths_lib.format_path(path),
     )
@@ -516,10 +613,22 @@ class TractTrainState(train_state.TrainState):
 
     Returns:
       The new state, ``step`` incremented by one.
+
+    Raises:
+      ValueError: if ``tract_stats`` is given but ``tx`` holds no ``tract``
+        (the step would silently be a plain one), or a known optimizer
+        (Adam, momentum, ...) runs before ``tract`` in the chain.
     """
     overwrite = OVERWRITE_WITH_GRADIENT in grads
     grads_with_opt = grads['params'] if overwrite else grads
     params_with_opt = self.params['params'] if overwrite else self.params
+    # statistics for a tx without tract, or tract after Adam: refused
+    transform_lib.check_opt_state(
+      self.opt_state,
+      tract_stats=tract_stats,
+      owner='TractTrainState.apply_gradients',
+      init=lambda: self.tx.init(params_with_opt),
+    )
     extra = {} if tract_stats is None else {'tract_stats': tract_stats}
     updates, new_opt_state = self.tx.update(
       grads_with_opt, self.opt_state, params_with_opt, **extra

@@ -59,6 +59,11 @@ SUPPORTED_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 #: Layers with a kernel that are recognised (for auto-selection and errors) but
 #: rejected: their kernel is not a single ``(n, m)`` map of input rows.
 _KERNEL_LAYERS = SUPPORTED_LAYERS + (nnx.ConvTranspose, nnx.Einsum)
+#: Flax wrappers that rewrite the kernel of the layer they hold (their
+#: ``layer_instance``) before each call (those this Flax has).
+_KERNEL_WRAPPERS = tuple(
+  getattr(nnx, name) for name in ('WeightNorm', 'SpectralNorm') if hasattr(nnx, name)
+)
 
 
 _TRANSFORM_HINT = (
@@ -94,6 +99,23 @@ def _iter_modules(model):
   return model.iter_modules()
 
 
+def _raw(variable):
+  """The array a Variable holds, as stored (identity changes when it is set)."""
+  if hasattr(variable, 'get_raw_value'):
+    return variable.get_raw_value()
+  return getattr(variable, 'raw_value', None)
+
+
+def _wrapper_of(by_path: Dict[Path, Any], path: Path) -> Optional[str]:
+  """The innermost Flax reparameterisation wrapper holding the module at ``path``."""
+  for end in range(len(path) - 1, -1, -1):
+    holder = by_path.get(tuple(path[:end]))
+    if isinstance(holder, _KERNEL_WRAPPERS):
+      where = paths_lib.format_path(paths_lib.normalize_path(path[:end])) or '(the model)'
+      return f'nnx.{type(holder).__name__} {where!r}'
+  return None
+
+
 def layer_input_stats(
   layer: nnx.Module,
   x: jax.Array,
@@ -121,6 +143,9 @@ def layer_input_stats(
       subclasses that may not use the stored kernel linearly (see
       :func:`tract_optax.mark_linear_kernel`).
 
+  A layer with ``dtype=float16``/``bfloat16`` multiplies its input rounded
+  to that type; the statistic is that of the rounded input (in float32).
+
   Example:
     >>> from flax import nnx
     >>> make = lambda: nnx.Conv(3, 8, (3, 3), strides=2, rngs=nnx.Rngs(0))
@@ -132,6 +157,7 @@ def layer_input_stats(
   type_name = f'nnx.{type(layer).__name__}'
   if isinstance(layer, SUPPORTED_LAYERS):
     _capture.check_linear_kernel(path, type_name, layer, SUPPORTED_LAYERS)
+    x = _capture.multiplied_input(x, layer)  # what the product sees (dtype=...)
   if isinstance(layer, nnx.Conv):
     return _capture.conv_layer_stats(
       path, type_name, x, layer, precision=precision, max_chunk_bytes=max_chunk_bytes
@@ -287,16 +313,17 @@ def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
 
   Runs ``fn`` on a copy of the model, abstractly: the model is untouched.
   """
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # two filters give exactly three parts; nnx.split's type is variadic
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
   probe = first_layer.DependencyProbe()
 
-  def run(probed_params, _):
+  def run(probed_params, inputs, _):
     # Variables of its own, created at this trace level, so the copy may be
     # mutated (BatchNorm statistics, RNG counts) inside the probe.
     own_rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
     copy = nnx.merge(graphdef, probed_params, own_rest)
-    own_args, own_kwargs = _copy_graph_nodes((args, kwargs))  # e.g. an nnx.Rngs
+    own_args, own_kwargs = _copy_graph_nodes(inputs)  # e.g. an nnx.Rngs
     recorder = _ProbeRecorder(copy, probe)
     recorder.hook()
     _stack().append(recorder)
@@ -306,8 +333,7 @@ def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
       _stack().pop()
       recorder.unhook()
 
-  probe.trace(run, params)
-  return first_layer.choose(probe.calls, 'Conv/Linear')
+  return probe.select(run, params, (args, kwargs), 'Conv/Linear')
 
 
 def _stack() -> list:
@@ -325,8 +351,16 @@ class _Recorder(_Hooks):
     modules = _kernel_layers(model)
     resolved = _resolve(model, selected)
     self.selected: List[Path] = [path for path, _ in resolved]
+    by_path = dict(_iter_modules(model))
+    for path, module in resolved:  # refused before the pass: the model is untouched
+      wrapper = _wrapper_of(by_path, path)
+      if wrapper is not None:
+        raise _capture.transformed_kernel(path, f'nnx.{type(module).__name__}', wrapper)
     modules.update(resolved)
     super().__init__(modules)
+    # the stored kernels before the pass: one set anew before a layer's call
+    # was computed by a module holding it (a reparameterisation)
+    self.stored = {path: _raw(getattr(module, 'kernel', None)) for path, module in resolved}
     self.called: List[Path] = []
     self.recorded: List[Path] = []
     self.kernel_shapes: Dict[Path, Tuple[int, ...]] = {}
@@ -338,11 +372,22 @@ class _Recorder(_Hooks):
       self._record(module, path, args, kwargs)
     return args, kwargs
 
+  def _check_kernel_unchanged(self, module, path) -> None:
+    if module is not self.modules.get(path) or self.stored.get(path) is None:
+      return  # inside an NNX transform the layer is a copy with values of its own
+    if _raw(getattr(module, 'kernel', None)) is not self.stored[path]:
+      raise _capture.transformed_kernel(
+        path,
+        f'nnx.{type(module).__name__}',
+        'a module that wrote a new kernel into it during the forward pass',
+      )
+
   def _record(self, module, path, args, kwargs) -> None:
     inputs = _capture.call_input(path, args, kwargs)
-    stats = layer_input_stats(
+    stats = layer_input_stats(  # refuses unmarked subclasses first: the sharper reason
       module, inputs, path=path, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
     )
+    self._check_kernel_unchanged(module, path)
     _store(module, stats)
     kernel = getattr(module, 'kernel', None)
     if kernel is not None:
@@ -441,7 +486,10 @@ def capture_stats(
       was never called; without ``layers``, no first layer can be told apart
       (none or several Conv/Linear layers take data-only input, or the first
       called takes a parameter-dependent one); the layer is of an unsupported
-      kind or a subclass that may not use its kernel linearly; it has one
+      kind or a subclass that may not use its kernel linearly; a wrapper
+      rewrites its kernel before it uses it (``nnx.WeightNorm``,
+      ``nnx.SpectralNorm`` holding it, or any module that writes a new kernel
+      into it during the pass, checked outside NNX transforms); it has one
       kernel per ``scan``/``vmap`` iteration; or its statistic did not leave
       an NNX transform (see the module docstring).
     TypeError: ``layers`` is an ambiguous tuple of names, or (when called) a
@@ -703,6 +751,7 @@ def apply_tract(
           axis_name=axis_name,
           local_stats=local_stats,
           relative_lam=relative_lam,
+          channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
           check_condition=check_condition,
           name=paths_lib.format_path(paths_lib.normalize_path(path)),
         ),

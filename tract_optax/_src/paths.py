@@ -10,7 +10,7 @@ passed; :func:`find_kernel` tries both and refuses to guess if both exist.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 
@@ -18,6 +18,71 @@ ModulePath = Tuple[str, ...]
 PathLike = Union[str, Tuple[Any, ...]]
 
 KERNEL_NAME = 'kernel'
+
+
+class ModulePathError(KeyError):
+  """A module path names no layer (or kernel) where it is looked up.
+
+  A ``KeyError`` (code that catches one keeps working) whose message prints
+  as the sentence it is, not as a quoted key.
+
+  Example:
+    >>> print(ModulePathError('No layer at path stem.'))
+    No layer at path stem.
+  """
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else ''
+
+
+def reject_ambiguous_paths(layers: Any, argument: str = 'layers') -> None:
+  """Raises ``TypeError`` for a tuple of names: one nested path, or several?
+
+  ``('backbone', 'stem')`` could be the layer ``backbone/stem`` or the two
+  top-level layers ``backbone`` and ``stem``; the caller must say which, with a
+  list. Shared by ``tract(layers=...)`` and the Flax glue.
+
+  Example:
+    >>> reject_ambiguous_paths(['stem', ('backbone', 'stem')])  # a list: fine
+    >>> reject_ambiguous_paths(('backbone', 'stem'))
+    Traceback (most recent call last):
+    ...
+    TypeError: layers=('backbone', 'stem') is ambiguous: one nested path or several paths? Pass a list: [('backbone', 'stem')] for the layer at that path, or ['backbone', 'stem'] for several top-level layers.
+  """
+  if isinstance(layers, tuple) and layers and all(isinstance(part, (str, int)) for part in layers):
+    raise TypeError(
+      f'{argument}={layers!r} is ambiguous: one nested path or several paths? '
+      f'Pass a list: [{layers!r}] for the layer at that path, or '
+      f'{list(layers)!r} for several top-level layers.'
+    )
+
+
+def normalize_paths(
+  layers: Union[str, Sequence[PathLike]], argument: str = 'layers'
+) -> List[ModulePath]:
+  """A string or a list of paths as module paths (a tuple of names refused).
+
+  Raises:
+    TypeError: for a tuple of names (see :func:`reject_ambiguous_paths`) or a
+      malformed path.
+
+  Example:
+    >>> normalize_paths(['stem', ('backbone', 'layers', 0)])
+    [('stem',), ('backbone', 'layers', '0')]
+    >>> normalize_paths('backbone/stem')
+    [('backbone', 'stem')]
+  """
+  if isinstance(layers, str):
+    return [normalize_path(layers)]
+  reject_ambiguous_paths(layers, argument)
+  try:
+    items = list(layers)
+  except TypeError:
+    raise TypeError(
+      f'{argument} must be a list of module paths (tuples of names or "a/b" '
+      f'strings); got {layers!r}.'
+    ) from None
+  return [normalize_path(path) for path in items]
 
 
 def normalize_path(path: PathLike) -> ModulePath:
@@ -111,7 +176,7 @@ def find_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath) -> Option
 def require_kernel(
   kernel_index: Dict[ModulePath, int], path: ModulePath, source: str, tree: str, hint: str = ''
 ) -> int:
-  """:func:`find_kernel`, raising a ``KeyError`` that lists the kernels.
+  """:func:`find_kernel`, raising a :class:`ModulePathError` that lists the kernels.
 
   Args:
     kernel_index: from :func:`kernel_leaf_index`.
@@ -119,10 +184,13 @@ def require_kernel(
     source: who names it, e.g. ``'tract_stats'``.
     tree: what was searched, e.g. ``'the updates'``.
     hint: a sentence to append.
+
+  Raises:
+    ModulePathError: (a ``KeyError``) if no kernel is under ``path``.
   """
   position = find_kernel(kernel_index, path)
   if position is None:
-    raise KeyError(
+    raise ModulePathError(
       f'{source} names the module path {path!r} ({format_path(path)!r}), but '
       f"{tree} have no 'kernel' under it. " + kernel_paths_text(kernel_index) + hint
     )

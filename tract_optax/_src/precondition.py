@@ -5,24 +5,36 @@ to ``(n, m)``. In Woodbury form (``N < n``) the equivalent
 ``(G - A^T (N lam I_N + A A^T)^{-1} A G) / lam`` solves an ``N x N`` system.
 Both use a Cholesky factorisation; no inverse is ever formed.
 
-Two guards keep a bad ridge or a hopeless solve from passing silently:
+Three guards keep a bad ridge or a hopeless solve from passing silently:
 
-- a ridge that is not a finite number > 0 at run time (a traced or injected
-  ``lam`` that reached 0 or went negative) makes the kernel's TrAct gradient
-  NaN, which ``optax.apply_if_finite`` skips and any NaN check sees;
+- a ``lam`` whose value is known (a Python number or a concrete array) must
+  be a normal float32 number > 0, or ``ValueError``; a traced ``lam`` (inside
+  ``jit``: an injected or scheduled value) that is not (0, negative, NaN,
+  subnormal) makes the kernel's TrAct gradient NaN, which
+  ``optax.apply_if_finite`` skips and any NaN check sees;
 - when the solved system is too ill-conditioned for its float type
   (``eps * condition > 1e-3``, e.g. raw 0..255 pixels with an absolute
-  ``lam``) a :class:`ConditioningWarning` names the cure: at once for concrete
-  (eager) values, and inside ``jit`` when ``check_condition=True``. In the
-  Woodbury form the condition reported is that of the ``n x n`` system, which
-  the result's cancellation inherits.
+  ``lam``) a :class:`ConditioningWarning` names the cure. In the Woodbury form
+  the condition reported is that of the ``n x n`` system, which the result's
+  cancellation inherits;
+- when the Cholesky factorisation fails (the rounded system is not positive
+  definite: float32 rounding of a statistic whose largest eigenvalue dwarfs
+  the ridge, or NaN/inf in the statistic) the TrAct gradient is NaN and a
+  :class:`ConditioningWarning` says so with the numbers (largest eigenvalue,
+  ridge, eps x their ratio, non-finite entries); a traced ridge that is not
+  valid is reported the same way.
+
+The last two checks run at once for concrete (eager) values, and inside
+``jit``, ``pmap`` and ``shard_map`` when ``check_condition=True`` (through
+``jax.debug.callback``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -77,50 +89,141 @@ def condition_estimate(
       form's ``N lam``: then the estimate is that of the ``n x n`` system,
       whose accuracy the Woodbury result shares through its cancellation).
   """
-  size = system.shape[-1]
-  if size == 0:
+  if system.shape[-1] == 0:
     return jnp.ones([], system.dtype)
-  start = 1.0 + jnp.arange(size, dtype=system.dtype) / size
+  if smallest is None:
+    smallest = _smallest_eigenvalue(system, factor)
+  return largest_eigenvalue(system) / smallest
 
-  def normalized(v):
-    return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(v.dtype).tiny)
 
-  def power(_, v):
-    return normalized(jnp.matmul(system, v, precision=_HIGHEST))
+def _smallest_eigenvalue(system: jax.Array, factor: jax.Array) -> jax.Array:
+  """Inverse-iteration estimate, with the lower Cholesky ``factor`` of ``system``."""
 
   def inverse(_, v):
-    return normalized(jsl.cho_solve((factor, True), v))
+    return _normalized(jsl.cho_solve((factor, True), v))
 
-  top = jax.lax.fori_loop(0, _POWER_ITERATIONS, power, normalized(start))
-  largest = top @ jnp.matmul(system, top, precision=_HIGHEST)
-  if smallest is None:
-    bottom = jax.lax.fori_loop(0, _POWER_ITERATIONS, inverse, normalized(start))
-    smallest = bottom @ jnp.matmul(system, bottom, precision=_HIGHEST)
-  return largest / smallest
+  bottom = jax.lax.fori_loop(0, _POWER_ITERATIONS, inverse, _start(system.shape[-1], system.dtype))
+  return bottom @ jnp.matmul(system, bottom, precision=_HIGHEST)
+
+
+def _normalized(v: jax.Array) -> jax.Array:
+  return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(v.dtype).tiny)
+
+
+def _start(size: int, dtype) -> jax.Array:
+  return _normalized(1.0 + jnp.arange(size, dtype=dtype) / size)
+
+
+def largest_eigenvalue(system: jax.Array) -> jax.Array:
+  """Power-iteration estimate of the largest eigenvalue of a symmetric ``system``.
+
+  Needs no factorisation, so it is available when the Cholesky one failed.
+
+  Example:
+    >>> round(float(largest_eigenvalue(jnp.diag(jnp.asarray([1.0, 4.0, 2.0])))), 3)
+    4.0
+  """
+  size = system.shape[-1]
+  if size == 0:
+    return jnp.zeros([], system.dtype)
+
+  def power(_, v):
+    return _normalized(jnp.matmul(system, v, precision=_HIGHEST))
+
+  top = jax.lax.fori_loop(0, _POWER_ITERATIONS, power, _start(size, system.dtype))
+  return top @ jnp.matmul(system, top, precision=_HIGHEST)
 
 
 def _is_concrete(*values) -> bool:
   return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
 
 
-def _warn_condition(condition, dtype_name: str, eps: float, relative: bool, name: str) -> None:
-  condition = float(np.max(np.asarray(condition)))
-  if not math.isfinite(condition) or eps * condition <= CONDITION_TOLERANCE:
-    return
-  where = f' of {name!r}' if name else ''
-  cure = (
+class _Context(NamedTuple):
+  """What the report says besides the numbers (static)."""
+
+  dtype_name: str
+  eps: float
+  relative: bool
+  name: str
+
+
+def _cure(relative: bool) -> str:
+  return (
     'standardise the inputs (mean 0, std 1) or pass relative_lam=True'
     if not relative
     else 'standardise the inputs (mean 0, std 1) or raise lam'
   )
+
+
+def _report(context: _Context, condition, largest, ridges, valid, factored, nonfinite) -> None:
+  """Warns about the worst feature group's solve, if it was bad (host side).
+
+  Args:
+    context: dtype, eps, ridge kind and layer name.
+    condition: per group, the estimated condition number (NaN where the
+      factorisation failed).
+    largest: per group, the largest eigenvalue of ``A^T A / N + ridge I``.
+    ridges: per group, the ridge (lambda, relative or not).
+    valid: per group, whether the ridge was a valid number.
+    factored: per group, whether the Cholesky factor is finite.
+    nonfinite: per group, how many entries of the statistic are NaN or inf.
+  """
+  condition, largest, ridges = (np.asarray(v, np.float64) for v in (condition, largest, ridges))
+  valid, factored, nonfinite = (np.asarray(v) for v in (valid, factored, nonfinite))
+  of = f' of {context.name!r}' if context.name else ''
+  groups = f' (in {int(np.sum(~valid))} of {valid.size} feature groups)' if valid.size > 1 else ''
+  if not np.all(valid):
+    bad = float(ridges[~valid][0])
+    warnings.warn(
+      f'TrAct: the ridge of the kernel{of} is {bad!r} at run time{groups}, not a '
+      f'finite normal {context.dtype_name} number > 0 (an injected, traced or '
+      'scheduled lam that reached 0 or went negative, or a relative ridge that '
+      'under- or overflowed), so its TrAct gradient is NaN; optax.apply_if_finite '
+      'after tract skips such steps. Keep lambda > 0.',
+      ConditioningWarning,
+      stacklevel=2,
+    )
+    return
+  if np.any(nonfinite):
+    count = int(np.sum(nonfinite))
+    warnings.warn(
+      f'TrAct: the statistic of the kernel{of} holds {count} non-finite '
+      f"entr{'y' if count == 1 else 'ies'} (NaN or inf in the layer's input), so "
+      'its Cholesky factorisation failed and its TrAct gradient is NaN. Check '
+      'the input pipeline; optax.apply_if_finite after tract skips such steps.',
+      ConditioningWarning,
+      stacklevel=2,
+    )
+    return
+  if not np.all(factored):
+    failed = np.flatnonzero(~factored)
+    group = int(failed[np.argmax(largest[failed] / ridges[failed])])
+    top, ridge = float(largest[group]), float(ridges[group])
+    groups = f' (in {failed.size} of {factored.size} feature groups)' if factored.size > 1 else ''
+    warnings.warn(
+      f'TrAct: the Cholesky factorisation of the system solved for the '
+      f'kernel{of} failed in {context.dtype_name}{groups}, so its TrAct gradient '
+      f'is NaN. The system A^T A / N + ridge I has largest eigenvalue ~{top:.3g} '
+      f'against a ridge of {ridge:.3g}: {context.dtype_name} rounding of the '
+      f'statistic (eps {context.eps:.1g} x {top:.3g} = {context.eps * top:.2g}) '
+      'reaches the ridge, so the rounded system is not positive definite. The '
+      'usual cause is unscaled inputs (e.g. raw 0..255 pixels) with an absolute '
+      f'lambda or a tiny lambda; {_cure(context.relative)}.',
+      ConditioningWarning,
+      stacklevel=2,
+    )
+    return
+  worst = float(np.max(condition)) if condition.size else 1.0
+  if not math.isfinite(worst) or context.eps * worst <= CONDITION_TOLERANCE:
+    return
   warnings.warn(
-    f'TrAct: the system solved for the kernel{where} has condition number '
-    f'~{condition:.2g}, too large for {dtype_name} (eps {eps:.1g}): the '
+    f'TrAct: the system solved for the kernel{of} has condition number '
+    f'~{worst:.2g}, too large for {context.dtype_name} (eps {context.eps:.1g}): the '
     f'relative error of its TrAct gradient can reach eps x condition = '
-    f'{eps * condition:.1g}. The usual cause is unscaled inputs (e.g. raw '
-    f'0..255 pixels) with an absolute lambda; {cure}.',
+    f'{context.eps * worst:.1g}. The usual cause is unscaled inputs (e.g. raw '
+    f'0..255 pixels) with an absolute lambda; {_cure(context.relative)}.',
     ConditioningWarning,
-    stacklevel=3,
+    stacklevel=2,
   )
 
 
@@ -145,20 +248,28 @@ def precondition(
       group) instead of ``lam``, which makes the update invariant to the
       input's scale.
     check_condition: whether to warn (a :class:`ConditioningWarning`) when
-      the system is too ill-conditioned for its float type. None (default):
-      for concrete (eager) values only; True: inside ``jit`` too (via
-      ``jax.debug.callback``); False: never (no estimate is computed).
+      the system is too ill-conditioned for its float type, its Cholesky
+      factorisation failed (the result is NaN), or a traced ridge is not
+      valid. None (default): for concrete (eager) values only; True: inside
+      ``jit``, ``pmap`` and ``shard_map`` too (via ``jax.debug.callback``);
+      False: never (no estimate is computed).
     name: the layer's name for messages.
 
   Returns:
     ``(A^T A / N + lam I)^{-1} G`` reshaped to ``grad_kernel``'s shape and dtype;
     the solve runs in float32, or float64 for float64 statistics. All NaN if
-    the ridge is not a finite number > 0 at run time.
+    a traced ridge is not a finite normal number > 0 at run time, or the
+    factorisation fails.
 
   Raises:
     ValueError: if the statistic's ``n`` or groups do not fit the kernel, or
-      ``lam`` is not a scalar.
-    TypeError: if ``stats`` is not a well-formed TractStats.
+      ``lam`` is not a scalar, or a concrete ``lam`` is not a finite normal
+      float32 number > 0.
+    TypeError: if ``stats`` is not a well-formed TractStats, or
+      ``grad_kernel`` is not floating-point.
+
+  Warns:
+    ConditioningWarning: see ``check_condition``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -173,13 +284,23 @@ def precondition(
   shape = grad_kernel.shape
   if len(shape) < 2:
     raise ValueError(f'grad_kernel must be at least 2-D (n_in, n_out); got {shape}.')
+  grad_dtype = jnp.result_type(grad_kernel)
+  if not jnp.issubdtype(grad_dtype, jnp.floating):
+    raise TypeError(
+      f'grad_kernel must be a floating-point gradient; got dtype {grad_dtype} '
+      '(its TrAct gradient would be truncated to integers, mostly zeros). Pass '
+      "the kernel's gradient from jax.grad, or cast it: grad.astype(jnp.float32)."
+    )
   if jnp.ndim(lam) != 0:
     raise ValueError(
       f'lam must be a scalar (the ridge strength lambda); got shape {jnp.shape(lam)}.'
     )
+  if _is_concrete(lam):  # known now: refuse at once; a traced one is guarded below
+    ridge_lib.validate_lam(lam)
   n, m = math.prod(shape[:-1]), shape[-1]
   groups = stats.groups
-  data = stats.moment if stats.moment is not None else stats.rows
+  # validated above: exactly one of moment and rows is set
+  data = cast(jax.Array, stats.moment if stats.moment is not None else stats.rows)
   if stats.num_features != n:
     raise ValueError(
       f'The statistic (shape {data.shape}, n = {stats.num_features}) does not '
@@ -204,7 +325,7 @@ def precondition(
       moment = stats.moment.astype(dtype).reshape(groups, n, n)
       solved, system, factor = jax.vmap(_solve_moment)(moment, grad, safe_ridges)
     else:
-      rows = stats.rows.astype(dtype).reshape(groups, -1, n)
+      rows = cast(jax.Array, stats.rows).astype(dtype).reshape(groups, -1, n)
       count = jnp.asarray(stats.count, dtype)
       solved, system, factor = jax.vmap(_solve_woodbury, (0, None, 0, 0))(
         rows, count, grad, safe_ridges
@@ -212,19 +333,29 @@ def precondition(
     solved = jnp.where(valid[:, None, None], solved, jnp.nan)
     eager = check_condition is None and _is_concrete(stats, lam, grad_kernel)
     if check_condition or eager:
+      largest = jax.vmap(largest_eigenvalue)(system)
       if stats.moment is not None:
-        condition = jax.vmap(condition_estimate)(system, factor)
+        condition = largest / jax.vmap(_smallest_eigenvalue)(system, factor)
+        unit = jnp.ones([], dtype)
+      else:  # the n x n system's condition, whose accuracy the result shares
+        count = jnp.asarray(stats.count, dtype)
+        condition = largest / (count * safe_ridges)
+        unit = jnp.where(count > 0, count, jnp.ones_like(count))  # N (lam I + M) -> n x n
+      if system.shape[-1] == 0:
+        condition = jnp.ones_like(condition)
+      values = (
+        condition,
+        largest / unit,
+        ridges,
+        valid,
+        jnp.all(jnp.isfinite(factor), axis=(-2, -1)),
+        jnp.sum(~jnp.isfinite(data.reshape(groups, -1)), axis=-1),
+      )
+      context = _Context(
+        jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or ''
+      )
+      if _is_concrete(values):
+        _report(context, *values)
       else:
-        floor = jnp.asarray(stats.count, dtype) * safe_ridges
-        condition = jax.vmap(condition_estimate)(system, factor, floor)
-
-      def report(c):
-        return _warn_condition(
-          c, jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or ''
-        )
-
-      if _is_concrete(condition):
-        report(condition)
-      else:
-        jax.debug.callback(report, condition)
+        jax.debug.callback(functools.partial(_report, context), *values)
   return jnp.moveaxis(solved, 0, 1).reshape(shape).astype(grad_kernel.dtype)

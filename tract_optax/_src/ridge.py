@@ -28,6 +28,22 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 #: schedule ends (they hold their final value after the last step).
 PROBE_STEPS = (0,) + tuple(2**k for k in range(31)) + (2**31 - 1,)
 
+#: The range of lambda: normal float32 numbers (the solve runs in float32
+#: unless the statistic is float64). Below it lambda is 0 or subnormal in
+#: float32 (flushed to 0 on CPUs and GPUs), above it infinite.
+SMALLEST_LAM = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
+LARGEST_LAM = float(np.finfo(np.float32).max)  # 3.4028235e+38
+
+
+def _range_message(name: str, value: float) -> str:
+  state = 'infinite' if value > LARGEST_LAM else '0 or subnormal (flushed to 0)'
+  return (
+    f'{name} = {value!r} is {state} in float32, where the solve runs, so the '
+    f'TrAct gradient would be NaN: use a value between {SMALLEST_LAM:.3g} and '
+    f'{LARGEST_LAM:.3g} (the paper uses 0.1; its scale assumes standardised '
+    'inputs).'
+  )
+
 
 def _message(name: str, value: Any) -> str:
   return (
@@ -48,8 +64,9 @@ def validate_lam(lam: Any, name: str = 'lam') -> None:
     name: the argument's name, for the message.
 
   Raises:
-    ValueError: if ``lam`` is not a scalar > 0, or a schedule reaches a value
-      that is not.
+    ValueError: if ``lam`` is not a scalar > 0 that float32 represents as a
+      normal number (:data:`SMALLEST_LAM` to :data:`LARGEST_LAM`), or a
+      schedule reaches a value that is not.
 
   Example:
     >>> validate_lam(0.1)
@@ -80,6 +97,8 @@ def validate_lam(lam: Any, name: str = 'lam') -> None:
   value = float(array)
   if not math.isfinite(value) or value <= 0:
     raise ValueError(_message(name, lam))
+  if not SMALLEST_LAM <= value <= LARGEST_LAM:
+    raise ValueError(_range_message(name, value))
 
 
 def _probe_schedule(schedule: Callable, name: str) -> None:
@@ -101,6 +120,8 @@ def _probe_schedule(schedule: Callable, name: str) -> None:
         'stay > 0 (at 0 the solve divides by zero). Give the decay a floor, '
         'e.g. optax.cosine_decay_schedule(0.1, steps, alpha=0.1).'
       )
+    if not SMALLEST_LAM <= number <= LARGEST_LAM:
+      raise ValueError(f'The {name} schedule at step {step}: ' + _range_message(name, number))
 
 
 def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:
@@ -128,5 +149,10 @@ def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:
 
 
 def valid_ridge(value: jax.Array) -> jax.Array:
-  """Whether each ridge is a finite number > 0 (traced values: checked here)."""
-  return jnp.isfinite(value) & (value > 0)
+  """Whether each ridge is a finite, normal number > 0 (traced values: checked here).
+
+  Example:
+    >>> valid_ridge(jnp.asarray([0.1, 0.0, -1.0, 1e-40, jnp.inf])).tolist()
+    [True, False, False, False, False]
+  """
+  return jnp.isfinite(value) & (value >= jnp.finfo(value.dtype).tiny)

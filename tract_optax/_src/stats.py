@@ -9,11 +9,19 @@ uses the Woodbury identity (an ``N x N`` system).
 This module defines the statistic type, :class:`TractStats`, and the operations
 every producer of statistics shares: building one from a row matrix, combining
 the statistics of several calls, and averaging across devices.
+
+The form is chosen from static shapes (:func:`woodbury_form`). Under
+``jax.export`` with a symbolic batch size the row count ``N`` is a symbolic
+expression (``b``, ``64*b``): where ``N < n`` is settled for every batch size
+(``64*b < 27`` is false, as ``b >= 1``), that decides; where it is not, the
+moment form is taken when ``n <= SYMBOLIC_MOMENT_MAX_FEATURES`` (4096: a 64 MiB
+float32 moment), the rows otherwise. ``form='moment'`` / ``form='rows'`` pick
+the form outright. Both forms give the same TrAct update (up to rounding).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +37,32 @@ PrecisionLike = Union[None, str, jax.lax.Precision]
 #: relative on an H200). The solve always runs at full precision.
 DEFAULT_PRECISION: Optional[jax.lax.Precision] = None
 
+#: The two forms of a statistic: the ``n x n`` moment, or the rows themselves
+#: (Woodbury form). ``form=None`` picks one by :func:`woodbury_form`'s rule.
+FORMS = ('moment', 'rows')
+
+#: With a symbolic row count (``jax.export`` with a symbolic batch size) whose
+#: comparison with ``n`` is not settled by the shapes, a statistic of at most
+#: this many features keeps the moment (at most 64 MiB in float32, the same as
+#: :func:`~tract_optax.conv_stats`' default chunk budget); a wider one keeps
+#: the rows, whose Woodbury system is ``N x N``.
+SYMBOLIC_MOMENT_MAX_FEATURES = 4096
+
+# Raised for a comparison that symbolic shapes leave open (jax.errors has it in
+# current releases; jax.core in older ones).
+_INCONCLUSIVE = (
+  getattr(jax.errors, 'InconclusiveDimensionOperation', None)
+  or jax.core.InconclusiveDimensionOperation
+)
+
 
 class TractStats(NamedTuple):
   """Input statistic of one layer, as TrAct consumes it.
 
   Exactly one of ``moment`` and ``rows`` is set; the form is decided from static
-  shapes when the statistic is computed.
+  shapes when the statistic is computed (:func:`woodbury_form`: with a
+  symbolic batch size, from ``n`` alone where the shapes leave ``N < n``
+  open), or chosen with the producers' ``form`` argument.
 
   Attributes:
     moment: ``(n, n)`` second moment ``A^T A / N`` of the input rows, or
@@ -52,18 +80,28 @@ class TractStats(NamedTuple):
 
   moment: Optional[jax.Array]
   rows: Optional[jax.Array]
-  count: jax.Array
+  # The field shadows tuple.count (a method); it is part of the public API.
+  count: jax.Array  # type: ignore[assignment]
+
+  def _array(self) -> jax.Array:
+    """The moment, or else the rows."""
+    data = self.moment if self.moment is not None else self.rows
+    if data is None:
+      raise TypeError(
+        'This TractStats holds neither a moment nor rows. Build it with '
+        'dense_stats, conv_stats or stats_from_rows.'
+      )
+    return data
 
   @property
   def num_features(self) -> int:
     """``n``, the number of input features per row (per group)."""
-    data = self.moment if self.moment is not None else self.rows
-    return data.shape[-1]
+    return self._array().shape[-1]
 
   @property
   def groups(self) -> int:
     """Number of feature groups (1 for Dense and ungrouped conv layers)."""
-    data = self.moment if self.moment is not None else self.rows
+    data = self._array()
     return data.shape[0] if data.ndim == 3 else 1
 
   @property
@@ -106,7 +144,7 @@ class TractStats(NamedTuple):
           f'{where}: TractStats.moment must be (n, n) or (groups, n, n) with '
           f'n >= 1; got shape {shape}.'
         )
-    else:
+    elif self.rows is not None:
       shape = jnp.shape(self.rows)
       if len(shape) not in (2, 3) or shape[-1] == 0:
         raise ValueError(
@@ -118,6 +156,76 @@ class TractStats(NamedTuple):
 
 def _shape_text(value) -> str:
   return 'None' if value is None else f'array of shape {jnp.shape(value)}'
+
+
+def settled(comparison) -> Optional[bool]:
+  """The truth of a comparison of shapes, or None where symbolic shapes leave it open.
+
+  Args:
+    comparison: a function of no arguments that compares dimension sizes,
+      e.g. ``lambda: num_rows < num_features``.
+
+  Returns:
+    ``True`` or ``False`` when the shapes settle it (always, for concrete
+    shapes), ``None`` when it depends on the value of a symbolic dimension
+    (``jax.export`` with a symbolic batch size).
+
+  Example:
+    >>> settled(lambda: 3 < 4)
+    True
+  """
+  try:
+    return bool(comparison())
+  except _INCONCLUSIVE:
+    return None
+
+
+def check_form(form: Optional[str], where: str) -> Optional[str]:
+  """``form`` if it is None or one of :data:`FORMS`; a ValueError naming it otherwise."""
+  if form is None or (isinstance(form, str) and form in FORMS):
+    return form
+  raise ValueError(
+    f"{where}: form={form!r} is not understood; use 'moment' (the n x n "
+    "moment A^T A / N), 'rows' (the rows, Woodbury form) or None (chosen "
+    'from the shapes).'
+  )
+
+
+def woodbury_form(num_rows, num_features: int, form: Optional[str] = None) -> bool:
+  """Whether a statistic of ``num_rows`` rows of ``num_features`` keeps the rows.
+
+  The rule every statistic follows:
+
+  * ``form='rows'`` or ``form='moment'``: that form, whatever the shapes.
+  * ``form=None``: the rows (Woodbury form) when ``N < n``, the moment
+    otherwise. Where ``N`` is symbolic (``jax.export`` with a symbolic batch
+    size) and the shapes do not settle ``N < n`` for every batch size, the
+    moment when ``n <= SYMBOLIC_MOMENT_MAX_FEATURES`` (4096), the rows
+    otherwise: one program serves every batch size, so the form cannot follow
+    the batch.
+
+  Args:
+    num_rows: ``N``, an int or a symbolic dimension.
+    num_features: ``n``.
+    form: None, 'moment' or 'rows'.
+
+  Returns:
+    True for the rows (Woodbury form), False for the moment.
+
+  Raises:
+    ValueError: if ``form`` is not None, 'moment' or 'rows'.
+
+  Example:
+    >>> woodbury_form(8, 27), woodbury_form(64, 27), woodbury_form(64, 27, 'rows')
+    (True, False, True)
+  """
+  form = check_form(form, 'woodbury_form')
+  if form is not None:
+    return form == 'rows'
+  fewer_rows = settled(lambda: num_rows < num_features)
+  if fewer_rows is None:
+    return num_features > SYMBOLIC_MOMENT_MAX_FEATURES
+  return fewer_rows
 
 
 def as_real_input(x, where: str) -> jax.Array:
@@ -182,7 +290,7 @@ def mean_eigenvalue(stats: TractStats) -> jax.Array:
   if stats.moment is not None:
     moment = stats.moment.reshape((-1, n, n))
     return jnp.trace(moment, axis1=-2, axis2=-1) / n
-  rows = stats.rows.reshape((stats.groups, -1, n))
+  rows = stats._array().reshape((stats.groups, -1, n))  # the rows: no moment
   squares = jnp.sum(jnp.square(rows), axis=(-2, -1))
   return safe_divide(squares, stats.count) / n
 
@@ -240,29 +348,49 @@ def gram(rows: jax.Array, precision: PrecisionLike = DEFAULT_PRECISION) -> jax.A
 
 
 def stats_from_rows(
-  rows: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION, force_moment: bool = False
+  rows: jax.Array,
+  *,
+  precision: PrecisionLike = DEFAULT_PRECISION,
+  force_moment: bool = False,
+  form: Optional[str] = None,
 ) -> TractStats:
   """Statistic of an explicit ``(N, n)`` row matrix (``(groups, N, n)`` grouped).
 
-  Keeps the rows (Woodbury form) when ``N < n``, the moment otherwise.
+  Keeps the rows (Woodbury form) when ``N < n``, the moment otherwise. With a
+  symbolic ``N`` (``jax.export`` with a symbolic batch size) that the shapes
+  do not settle against ``n``: the moment when ``n <= 4096``, the rows
+  otherwise (:data:`SYMBOLIC_MOMENT_MAX_FEATURES`); ``form`` overrides it.
 
   Args:
     rows: input rows, one per position at which the layer's kernel is applied.
     precision: matmul precision of the moment.
-    force_moment: keep the moment even when ``N < n``.
+    force_moment: keep the moment even when ``N < n`` (the same as
+      ``form='moment'``).
+    form: 'moment' or 'rows' to choose the form outright; None (the
+      default) chooses it from the shapes as above.
 
   Returns:
     The :class:`TractStats` of ``rows``.
 
   Raises:
-    ValueError: if ``rows`` is not 2-D (or 3-D, grouped) or has no features.
+    ValueError: if ``rows`` is not 2-D (or 3-D, grouped) or has no features,
+      or ``form`` is not understood or contradicts ``force_moment``.
     TypeError: for complex rows.
 
   Example:
     >>> import jax.numpy as jnp
     >>> stats_from_rows(jnp.ones((2, 5))).is_woodbury
     True
+    >>> stats_from_rows(jnp.ones((2, 5)), form='moment').moment.shape
+    (5, 5)
   """
+  form = check_form(form, 'stats_from_rows')
+  if force_moment:
+    if form == 'rows':
+      raise ValueError(
+        "stats_from_rows: force_moment=True contradicts form='rows'; pass one of them."
+      )
+    form = 'moment'
   rows = as_real_input(rows, 'stats_from_rows')
   if rows.ndim not in (2, 3) or rows.shape[-1] == 0:
     raise ValueError(
@@ -273,18 +401,23 @@ def stats_from_rows(
   num_rows, num_features = rows.shape[-2], rows.shape[-1]
   dtype = stats_dtype(rows.dtype)
   count = jnp.asarray(num_rows, dtype)
-  if num_rows < num_features and not force_moment:
+  if woodbury_form(num_rows, num_features, form):
     return TractStats(moment=None, rows=rows.astype(dtype), count=count)
   return TractStats(moment=safe_divide(gram(rows, precision), count), rows=None, count=count)
+
+
+def moment_array(stats: TractStats, precision: PrecisionLike = DEFAULT_PRECISION) -> jax.Array:
+  """The moment ``A^T A / N`` of a statistic in either form (from the rows if it keeps them)."""
+  if stats.rows is not None and stats.moment is None:
+    return safe_divide(gram(stats.rows, precision), stats.count)
+  return stats._array()
 
 
 def to_moment(stats: TractStats, precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
   """Converts a statistic to the moment form (a no-op if it is in that form)."""
   if stats.moment is not None:
     return stats
-  return TractStats(
-    moment=safe_divide(gram(stats.rows, precision), stats.count), rows=None, count=stats.count
-  )
+  return TractStats(moment=moment_array(stats, precision), rows=None, count=stats.count)
 
 
 def combine_stats(
@@ -301,7 +434,8 @@ def combine_stats(
 
   Returns:
     The combined :class:`TractStats`; rows are concatenated while the total
-    stays below ``n``, otherwise moments are averaged weighted by row count.
+    stays below ``n`` (by :func:`woodbury_form`'s rule where the row counts
+    are symbolic), otherwise moments are averaged weighted by row count.
     A statistic of zero rows contributes nothing.
 
   Raises:
@@ -324,15 +458,16 @@ def combine_stats(
     raise ValueError(
       f'Cannot combine statistics of different layers: (groups, n) differ: {sorted(shapes)}.'
     )
-  total = sum(s.count for s in stats)
+  total = sum((s.count for s in stats[1:]), stats[0].count)
   if all(s.is_woodbury for s in stats):
-    rows = jnp.concatenate([s.rows for s in stats], axis=-2)
-    if rows.shape[-2] < rows.shape[-1]:
+    rows = jnp.concatenate([s.rows for s in stats if s.rows is not None], axis=-2)
+    if woodbury_form(rows.shape[-2], rows.shape[-1]):
       return TractStats(moment=None, rows=rows, count=total)
     return stats_from_rows(rows, precision=precision)
-  moments = [to_moment(s, precision) for s in stats]
-  weighted = sum(s.moment * s.count for s in moments)
-  return TractStats(moment=safe_divide(weighted, total), rows=None, count=total)
+  weighted = [moment_array(s, precision) * s.count for s in stats]
+  return TractStats(
+    moment=safe_divide(sum(weighted[1:], weighted[0]), total), rows=None, count=total
+  )
 
 
 def _axis_size(axis_name) -> int:
@@ -355,7 +490,7 @@ def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
   local = rows.shape[-2]
   row_axis = rows.ndim - 2
   padded = jnp.zeros(rows.shape[:-2] + (size * local, rows.shape[-1]), rows.dtype)
-  start = [0] * rows.ndim
+  start: List[Any] = [0] * rows.ndim
   start[row_axis] = jax.lax.axis_index(axis_name) * local
   padded = jax.lax.dynamic_update_slice(padded, rows, start)
   return jax.lax.psum(padded, axis_name)
@@ -382,16 +517,18 @@ def all_reduce_stats(
     moment first, so no device ever factors a (devices x local rows)^2 system.
   """
   total = jax.lax.psum(stats.count, axis_name)
-  if stats.is_woodbury:
+  if stats.rows is not None:
     global_rows = _axis_size(axis_name) * stats.rows.shape[-2]
-    if global_rows < stats.num_features:
+    if woodbury_form(global_rows, stats.num_features):
       return TractStats(moment=None, rows=_gather_rows(stats.rows, axis_name), count=total)
-    stats = to_moment(stats, precision)
-  moment = safe_divide(jax.lax.psum(stats.moment * stats.count, axis_name), total)
+  weighted = moment_array(stats, precision) * stats.count
+  moment = safe_divide(jax.lax.psum(weighted, axis_name), total)
   return TractStats(moment=moment, rows=None, count=total)
 
 
-def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -> TractStats:
+def dense_stats(
+  x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION, form: Optional[str] = None
+) -> TractStats:
   """Statistic of the inputs of a Dense layer.
 
   Every row of ``x`` is one input: all leading axes are flattened, so a ViT's
@@ -399,15 +536,24 @@ def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -
   one matmul with float32 (or wider) accumulation; half-precision inputs are
   not upcast first.
 
+  The form follows the shapes: the rows (Woodbury form) when ``N < n``, the
+  moment otherwise. Under ``jax.export`` with a symbolic batch size, where the
+  shapes cannot tell ``N < n`` for every batch size, one form must serve them
+  all: the moment when ``n <= 4096``, the rows for wider inputs (e.g. a Dense
+  stem on raw pixels). Pass ``form`` to choose outright.
+
   Args:
     x: ``(..., n)`` layer inputs, at least 1-D.
     precision: matmul precision ('default', 'high', 'highest').
+    form: 'moment', 'rows' (Woodbury form), or None (the default) to choose
+      from the shapes as above.
 
   Returns:
     The :class:`TractStats` of the ``N x n`` input rows.
 
   Raises:
-    ValueError: if ``x`` is a scalar or has no features.
+    ValueError: if ``x`` is a scalar or has no features, or ``form`` is not
+      understood.
     TypeError: for complex inputs (integer inputs are read as float32).
 
   Example:
@@ -415,11 +561,17 @@ def dense_stats(x: jax.Array, *, precision: PrecisionLike = DEFAULT_PRECISION) -
     >>> s = tract_optax.dense_stats(jnp.ones((4, 16, 8)))  # batch x tokens x n
     >>> s.moment.shape, float(s.count)
     ((8, 8), 64.0)
+    >>> b, = jax.export.symbolic_shape('b')  # any batch size, one program
+    >>> exported = jax.export.export(jax.jit(tract_optax.dense_stats))(
+    ...     jax.ShapeDtypeStruct((b, 8), jnp.float32))
+    >>> exported.call(jnp.ones((3, 8))).moment.shape  # 3 < 8, still the moment
+    (8, 8)
   """
+  form = check_form(form, 'dense_stats')
   x = as_real_input(x, 'dense_stats')
   if x.ndim < 1 or x.shape[-1] == 0:
     raise ValueError(
       f'dense_stats needs inputs of shape (..., n) with n >= 1 features; got shape {x.shape}.'
     )
   with jax.named_scope('tract_dense_stats'):
-    return stats_from_rows(x.reshape(-1, x.shape[-1]), precision=precision)
+    return stats_from_rows(x.reshape(-1, x.shape[-1]), precision=precision, form=form)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +41,20 @@ _MISSING_STATS = (
   'statistic by module path. ' + ROUTES_TEXT
 )
 
+_EMPTY_STATS = (
+  'tract(...).update received an empty tract_stats ({}): it names no layer, so '
+  'nothing would be preconditioned and the step would silently be a plain one. '
+  'Pass the statistic of the first layer ({path: TractStats}; did the capture '
+  'record the layer you meant?); or, to reuse a kept statistic on steps that skip '
+  "computing it, build tract with its layers: tract(..., layers=[('stem',)], "
+  'refresh_every=k); or drop tract from the chain to train without TrAct.'
+)
+
 _safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
 
 # Kernel gradients tract has just preconditioned (weak references): a second
 # tract in the same chain would receive one of them and precondition it twice.
-_RECENT_OUTPUTS = collections.deque(maxlen=64)
+_RECENT_OUTPUTS: collections.deque = collections.deque(maxlen=64)
 
 
 class TractState(NamedTuple):
@@ -60,7 +69,7 @@ class TractState(NamedTuple):
       empty in the default per-batch mode.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; public field
   refresh_every: jax.Array
   refreshes: jax.Array
   last_refresh: jax.Array
@@ -79,7 +88,8 @@ def _normalize_stats(
       'tract_stats must be a mapping {module path: TractStats}; got '
       f'{type(tract_stats).__name__}. ' + _MISSING_STATS
     )
-  normalized, spelled = {}, {}
+  normalized: Dict[paths_lib.ModulePath, TractStats] = {}
+  spelled: Dict[paths_lib.ModulePath, object] = {}
   for path, stats in tract_stats.items():
     module = paths_lib.normalize_path(path)
     if module in normalized:
@@ -104,7 +114,9 @@ _INJECT_HINT = (
 )
 
 
-def _validate_amortization(layers, refresh_every, stats_decay):
+def _validate_amortization(
+  layers, refresh_every, stats_decay
+) -> Tuple[Optional[Tuple[paths_lib.ModulePath, ...]], bool]:
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
     raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.' + _INJECT_HINT)
   if (
@@ -122,9 +134,7 @@ def _validate_amortization(layers, refresh_every, stats_decay):
     )
   if layers is None:
     return None, amortized
-  if isinstance(layers, str):
-    layers = [layers]
-  normalized = [paths_lib.normalize_path(p) for p in layers]
+  normalized = paths_lib.normalize_paths(layers)  # a tuple of names is ambiguous: refused
   if not normalized:
     raise ValueError(
       'tract(layers=[]) names no layer; leave layers out to '
@@ -174,10 +184,12 @@ def remember_preconditioned(leaf) -> None:
 def _select(stats_by_path, layers, amortized):
   """Statistics of the layers to precondition, per ``layers``' meaning."""
   if layers is None:
+    if not stats_by_path:
+      raise ValueError(_EMPTY_STATS)
     return stats_by_path
   missing = [p for p in layers if p not in stats_by_path]
   if missing and not amortized:
-    raise KeyError(
+    raise paths_lib.ModulePathError(
       f'tract(layers=...) preconditions {[paths_lib.format_path(p) for p in layers]}, '
       f'but tract_stats has no statistic for {paths_lib.format_path(missing[0])!r} '
       f'(it names {[paths_lib.format_path(p) for p in stats_by_path] or "nothing"}). '
@@ -208,10 +220,28 @@ def tract(
   the authors' code; weight decay written into the loss is preconditioned
   too.
 
+  Placed after another transformation, ``tract`` would precondition that
+  transformation's output with the gradient's statistic. ``tract`` sees only
+  the updates it receives and its own state, so it cannot tell; whoever holds
+  the whole optimizer state refuses the known cases (Adam, momentum, RMSProp,
+  Adafactor and other optimizers with state before ``tract`` in a chain):
+  ``tract_optax.linen.TractTrainState.apply_gradients`` and
+  :func:`~tract_optax.stats_due`. Not detectable anywhere: stateless
+  transformations before ``tract`` (``add_decayed_weights``: weight decay then
+  preconditioned; ``scale``/``clip_by_global_norm`` are linear and harmless),
+  and ``nnx.Optimizer`` or a hand-written ``tx.update`` with ``tract`` not
+  first.
+
   Args:
     lam: ridge strength lambda > 0 (0.1 is the paper's default; its scale
       assumes standardised inputs), or a schedule ``step -> lambda`` (checked
-      at construction; one that reaches 0 is rejected).
+      at construction; one that reaches 0 is rejected). It must be a normal
+      float32 number, 1.18e-38 to 3.4e38 (outside it is 0 or infinite where
+      the solve runs). A value known when it is used (a number, a concrete
+      array, ``optax.inject_hyperparams`` rebuilding ``tract`` outside
+      ``jit``) that is not is refused with ``ValueError``; a traced one
+      (inside ``jit``) makes the kernel's TrAct gradient NaN, reported by a
+      :class:`~tract_optax.ConditioningWarning` when ``check_condition=True``.
     axis_name: the ``pmap``/``shard_map`` axis (or axes) over which the batch
       is split; statistics are then averaged to the global-batch statistic
       before the solve. Not needed under ``jit`` with a sharded batch, where
@@ -225,19 +255,27 @@ def tract(
       them no longer depends on the input's scale, and the solve stays well
       conditioned for any pixel range. (It does not make raw pixels train
       like standardised ones when BatchNorm follows the layer: standardise.)
-    layers: the module paths this tract preconditions. Their statistics are
-      required at every update (amortised mode: at refreshes) and statistics
-      of other layers are ignored. None: whatever ``tract_stats`` names.
+    layers: a list of the module paths this tract preconditions, e.g.
+      ``[('backbone', 'stem')]`` or ``['backbone/stem']`` (a bare tuple of
+      names is refused as ambiguous, as in the Flax glue). Their statistics
+      are required at every update (amortised mode: at refreshes) and
+      statistics of other layers are ignored. None: whatever ``tract_stats``
+      names (then an empty ``tract_stats`` is refused).
     refresh_every: opt-in amortisation (needs ``layers``): refresh the kept
       statistic every k updates and reuse it in between
       (:func:`~tract_optax.stats_due` tells the capture when to compute it).
       None or 1 (default) uses each batch's own statistic, as the paper does.
+      The kept moment is ``n x n`` per layer, so ``init`` refuses layers with
+      more than 8192 input features (256 MiB in float32); the per-batch
+      statistic serves them.
     stats_decay: opt-in: keep a moving average of refreshed statistics with
       this decay (None or 0, the default, replaces the kept statistic at each
       refresh). In amortised mode an update without ``tract_stats`` (or with
       ``{}``) preconditions with the kept statistic.
     check_condition: warn when a solve is too ill-conditioned for its float
-      type: None (default) for eager calls only, True inside ``jit`` too
+      type, when its Cholesky factorisation fails (the TrAct gradient is then
+      NaN) or when a traced ridge is invalid: None (default) for eager calls
+      only, True inside ``jit``, ``pmap`` and ``shard_map`` too
       (``jax.debug.callback``), False never.
 
   Returns:
@@ -245,11 +283,13 @@ def tract(
     params=None, *, tract_stats, **extra_args)`` needs ``tract_stats``.
 
   Raises:
-    ValueError: if ``lam`` is not a finite number > 0 (or a schedule that
-      stays > 0), the amortisation settings are invalid, or both
+    ValueError: if ``lam`` is not a finite normal float32 number > 0 (or a
+      schedule that stays so), the amortisation settings are invalid, or both
       ``axis_name`` and ``local_stats`` are given. (When called, ``update``
-      raises for a missing or malformed statistic, and for named axes bound
-      without ``axis_name``/``local_stats``.)
+      raises for a missing, empty or malformed statistic, a path with no
+      kernel (``KeyError``), and named axes bound without
+      ``axis_name``/``local_stats``.)
+    TypeError: if ``layers`` is a bare tuple of names.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -262,6 +302,11 @@ def tract(
     >>> updates, state = tx.update(grads, state, params, tract_stats=stats)
     >>> updates['stem']['bias'].tolist()  # the bias gradient is unchanged
     [-0.10000000149011612, -0.10000000149011612]
+
+  References:
+    Petersen, Borgelt, Ermon: "TrAct: Making First-layer Pre-Activations
+    Trainable", NeurIPS 2024, arXiv:2410.23970,
+    <https://arxiv.org/abs/2410.23970>.
   """
   ridge_lib.validate_lam(lam)
   if axis_name is not None and local_stats:
@@ -286,6 +331,8 @@ def tract(
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
+    if not isinstance(state, TractState):
+      raise TypeError(_not_a_state(state))
     stats_by_path = _select(_normalize_stats(tract_stats, amortized), layers, amortized)
     reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats)
     lam_value = lam(state.count) if callable(lam) else lam
@@ -342,12 +389,140 @@ def tract(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _not_a_state(state) -> str:
+  """The message for a state that is not the ``TractState`` ``init`` made."""
+  return (
+    f'tract(...).update received a state of type {type(state).__name__}, not the '
+    'TractState that tract(...).init returns. A checkpoint restored without a '
+    'target tree gives this: its named tuples come back as plain dicts and '
+    'lists (e.g. Orbax restore without an item or restore_args). Restore the '
+    'optimizer state with a target built from tx.init(params) (Orbax: pass it '
+    'as the target/abstract state, or build restore_args from it).'
+  )
+
+
 def _tract_states(opt_state):
   return [
     s
     for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, TractState))
     if isinstance(s, TractState)
   ]
+
+
+# States of Optax transformations that rescale the gradient or keep a history
+# of it. Before tract in a chain, tract would precondition their output (not
+# the gradient) with the gradient's statistic: not TrAct. (Stateless ones, e.g.
+# add_decayed_weights, and unknown ones leave no trace that can be told apart.)
+_OPTIMIZER_STATES = {
+  'ScaleByAdamState': 'optax.adam, adamw, nadam, yogi or scale_by_adam',
+  'ScaleByAmsgradState': 'optax.amsgrad',
+  'ScaleByAdanState': 'optax.adan',
+  'ScaleByAdaDeltaState': 'optax.adadelta',
+  'ScaleByBeliefState': 'optax.adabelief',
+  'ScaleByLionState': 'optax.lion',
+  'ScaleByNovogradState': 'optax.novograd',
+  'ScaleByRmsState': 'optax.rmsprop or scale_by_rms',
+  'ScaleByRStdDevState': 'optax.rmsprop(centered=True)',
+  'ScaleByRssState': 'optax.adagrad',
+  'ScaleByRpropState': 'optax.rprop',
+  'ScaleBySM3State': 'optax.sm3',
+  'ScaleByLBFGSState': 'optax.lbfgs',
+  'FactoredState': 'optax.adafactor',
+  'TraceState': 'momentum: optax.sgd(momentum=...) or optax.trace',
+  'EmaState': 'optax.ema',
+}
+
+
+def _optimizer_state_types() -> tuple:
+  found = (getattr(optax, name, None) for name in _OPTIMIZER_STATES)
+  return tuple(t for t in found if isinstance(t, type) and t is not optax.EmptyState)
+
+
+def _instances(tree, types) -> list:
+  return [
+    s
+    for s in jax.tree_util.tree_leaves(tree, is_leaf=lambda s: isinstance(s, types))
+    if isinstance(s, types)
+  ]
+
+
+def _optimizer_before_tract(node, types):
+  """The state of an optimizer that runs before a tract in a chain, or None.
+
+  ``optax.chain``'s state is a plain tuple of its members' states, in order;
+  everything else (NamedTuples of wrappers, dicts of multi_transform groups)
+  is searched without an order.
+  """
+  if isinstance(node, TractState):
+    return None
+  if type(node) is tuple:  # pylint: disable=unidiomatic-typecheck  # a chain's state
+    for index, member in enumerate(node):
+      if _instances(member, TractState):
+        for earlier in node[:index]:
+          found = _instances(earlier, types)
+          if found:
+            return found[0]
+        return _optimizer_before_tract(member, types)
+    return None
+  children = jax.tree_util.tree_leaves(node, is_leaf=lambda child: child is not node)
+  for child in children:
+    if child is not node and _instances(child, TractState):
+      found = _optimizer_before_tract(child, types)
+      if found is not None:
+        return found
+  return None
+
+
+def check_opt_state(opt_state, *, tract_stats, owner: str, init=None) -> None:
+  """Refuses what a whole optimizer state shows to be wrong.
+
+  ``tract`` itself sees only its own state, so a caller that holds the whole
+  state (``TractTrainState.apply_gradients``, :func:`stats_due`) checks that
+  statistics go to an optimizer that holds a ``tract``, and that no known
+  optimizer (Adam, momentum, RMSProp, ...) runs before ``tract`` in a chain.
+
+  Args:
+    opt_state: the optimizer state of the whole ``tx``.
+    tract_stats: the statistics handed to ``tx.update`` (None: none).
+    owner: the API to name in messages.
+    init: optional ``() -> tx.init(params)``, evaluated abstractly only when
+      ``opt_state`` shows no TrAct state: if the ``tx`` does hold a ``tract``
+      (a state restored without its target tree), nothing is raised here and
+      ``tract``'s own update names that cause.
+
+  Raises:
+    ValueError: for statistics without a ``tract``, or a ``tract`` after an
+      optimizer.
+
+  Example:
+    >>> tx = optax.chain(optax.scale_by_adam(), tract_optax.tract(0.1))
+    >>> check_opt_state(tx.init({'w': jnp.zeros(2)}), tract_stats=None, owner='f')
+    Traceback (most recent call last):
+    ...
+    ValueError: f: tract is not first in its optax.chain: the state ScaleByAdamState (of optax.adam, adamw, nadam, yogi or scale_by_adam) comes before it, so tract would precondition that optimizer's output, not the gradient, with the gradient's statistic: not TrAct. Put tract first: optax.chain(tract_optax.tract(lam), optimizer).
+  """
+  if (
+    tract_stats is not None
+    and not _instances(opt_state, TractState)
+    and not (init is not None and _instances(jax.eval_shape(init), TractState))
+  ):
+    raise ValueError(
+      f'{owner} received tract_stats, but its tx holds no tract transformation: '
+      'the statistic would be ignored and the step would silently be a plain one. '
+      'For the Optax route put tract first in the chain, '
+      'tx=optax.chain(tract_optax.tract(lam), optimizer); with the gradient route '
+      '(apply_tract in the loss) pass no tract_stats.'
+    )
+  found = _optimizer_before_tract(opt_state, _optimizer_state_types())
+  if found is not None:
+    name = type(found).__name__
+    raise ValueError(
+      f'{owner}: tract is not first in its optax.chain: the state {name} (of '
+      f'{_OPTIMIZER_STATES.get(name, "an optimizer")}) comes before it, so tract '
+      "would precondition that optimizer's output, not the gradient, with the "
+      "gradient's statistic: not TrAct. Put tract first: "
+      'optax.chain(tract_optax.tract(lam), optimizer).'
+    )
 
 
 def stats_due(opt_state) -> jax.Array:
@@ -364,7 +539,8 @@ def stats_due(opt_state) -> jax.Array:
     A scalar bool array (always True without amortisation).
 
   Raises:
-    ValueError: if ``opt_state`` holds no TrAct state, or several.
+    ValueError: if ``opt_state`` holds no TrAct state, or several, or a
+      known optimizer runs before ``tract`` in a chain.
 
   Example:
     >>> import optax
@@ -372,6 +548,7 @@ def stats_due(opt_state) -> jax.Array:
     >>> bool(tract_optax.stats_due(tx.init({'w': jnp.zeros(2)})))
     True
   """
+  check_opt_state(opt_state, tract_stats=None, owner='stats_due')
   found = _tract_states(opt_state)
   if len(found) != 1:
     raise ValueError(

@@ -1,0 +1,119 @@
+"""The one place tract_optax reads JAX internals: bound axis names.
+
+Every reader in ``jax_compat.AXIS_NAME_READERS`` is checked against the
+installed JAX, so a JAX release that moves one fails here, not for users. If
+all of them fail, TrAct warns once (naming axis_name/local_stats) instead of
+failing every call.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+import tract_optax
+from tract_optax._src import axes
+from tract_optax._src import jax_compat
+
+
+def _names_seen(fn_of_reader, reader):
+  seen = []
+
+  def probe(x):
+    seen.append(reader())
+    return x
+
+  fn_of_reader(probe)
+  return seen[-1]
+
+
+def _shard_map():
+  if hasattr(jax, 'shard_map'):
+    return jax.shard_map
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  return shard_map
+
+
+_PLACES = {
+    'top level': (lambda probe: probe(jnp.ones(2)), set()),
+    'jit': (lambda probe: jax.jit(probe)(jnp.ones(2)), set()),
+    'vmap': (lambda probe: jax.vmap(probe, axis_name='i')(jnp.ones(2)), {'i'}),
+    'unnamed vmap': (lambda probe: jax.vmap(probe)(jnp.ones(2)), set()),
+    'nested vmap': (lambda probe: jax.vmap(jax.vmap(probe, axis_name='j'), axis_name='i')(
+        jnp.ones((2, 2))), {'i', 'j'}),
+    'pmap': (lambda probe: jax.pmap(probe, axis_name='p')(jnp.ones((1, 2))), {'p'}),
+    'shard_map': (lambda probe: jax.jit(_shard_map()(
+        probe, mesh=Mesh(np.array(jax.devices()[:1]), ('x',)), in_specs=PartitionSpec('x'),
+        out_specs=PartitionSpec('x')))(jnp.ones(2)), {'x'}),
+}
+
+
+@pytest.mark.parametrize('reader_name,make_reader', jax_compat.AXIS_NAME_READERS,
+                         ids=[name for name, _ in jax_compat.AXIS_NAME_READERS])
+@pytest.mark.parametrize('place', list(_PLACES))
+def test_every_reader_works_with_the_installed_jax(reader_name, make_reader, place):
+  reader = make_reader()
+  assert reader is not None, f'{reader_name} is gone from jax {jax.__version__}'
+  run, expected = _PLACES[place]
+  assert set(_names_seen(run, reader)) == expected
+
+
+@pytest.mark.parametrize('place', list(_PLACES))
+def test_bound_axis_names(place):
+  run, expected = _PLACES[place]
+  names = _names_seen(run, jax_compat.bound_axis_names)
+  assert isinstance(names, tuple) and set(names) == expected
+
+
+def test_the_pmap_check_still_refuses_a_bound_axis_without_axis_name():
+  tx = tract_optax.tract(0.1)
+  grads = {'stem': {'kernel': jnp.ones((3, 2))}}
+
+  def update(x):
+    return tx.update(grads, tx.init(grads), tract_stats={'stem': tract_optax.dense_stats(x)})[0]
+
+  with pytest.raises(ValueError, match=r"tract runs inside the named axis \['i'\].*"
+                     r"tract\(..., axis_name='i'\).*local_stats=True"):
+    jax.vmap(update, axis_name='i')(jnp.ones((2, 8, 3)))
+
+
+def _broken():
+  raise AttributeError('moved')
+
+
+@pytest.fixture
+def jax_without_axis_names(monkeypatch):
+  """A JAX where one reader is gone and the other raises."""
+  monkeypatch.setattr(jax_compat, 'AXIS_NAME_READERS',
+                      (('gone', lambda: None), ('raises', lambda: _broken)))
+  monkeypatch.setattr(axes, '_warned_undetectable', False)
+
+
+def test_cannot_tell_is_none(jax_without_axis_names):
+  del jax_without_axis_names
+  assert jax_compat.bound_axis_names() is None
+
+
+def test_cannot_tell_warns_once_and_tract_still_works(jax_without_axis_names):
+  del jax_without_axis_names
+  rows = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)
+  stats = tract_optax.dense_stats(rows)
+  grads = {'stem': {'kernel': jnp.ones((3, 2))}}
+  tx = tract_optax.tract(0.1)
+  with pytest.warns(axes.AxisDetectionWarning, match=r'tract: this JAX version offers no way to '
+                    r'check whether the step runs inside pmap/shard_map.*axis_name=\.\.\. '
+                    r'inside pmap/shard_map.*or local_stats=True. \(Shown once per process.\)'):
+    out, _ = tx.update(grads, tx.init(grads), tract_stats={'stem': stats})
+  expected = np.linalg.solve(rows.T.astype(np.float64) @ rows / 12 + 0.1 * np.eye(3),
+                             np.ones((3, 2)))
+  np.testing.assert_allclose(out['stem']['kernel'], expected, rtol=1e-5)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', axes.AxisDetectionWarning)
+    tx.update(grads, tx.init(grads), tract_stats={'stem': stats})  # not again
+    jax.grad(lambda k: jnp.sum(tract_optax.tract_kernel(k, stats, lam=0.1)))(jnp.ones((3, 2)))
+    # naming the choice never warns
+    explicit = tract_optax.tract(0.1, local_stats=True)
+    explicit.update(grads, explicit.init(grads), tract_stats={'stem': stats})

@@ -50,7 +50,7 @@ def test_readme_has_exactly_two_one_line_setup_commands():
   assert '-e ".[flax]" -e ./experiment' in main_job
   assert main_job.endswith('.venv/bin/tract-optax-train --out runs/default --overwrite')
   assert '-e ".[test]" -e ./experiment' in tests
-  assert tests.endswith('.venv/bin/python -m pytest -q -n 2')
+  assert tests.endswith('.venv/bin/python -m pytest -q -n 2 --dist loadscope')
   assert README.index('<!-- test-command -->') < README.index(BASH_BLOCKS[1])
 
 

@@ -134,6 +134,12 @@ def largest_eigenvalue(system: jax.Array) -> jax.Array:
   return top @ jnp.matmul(system, top, precision=_HIGHEST)
 
 
+# Compiled once per shape: eager calls would otherwise re-trace the iterations'
+# loops (new closures) on every call.
+_largest_eigenvalues = jax.jit(jax.vmap(largest_eigenvalue))
+_smallest_eigenvalues = jax.jit(jax.vmap(_smallest_eigenvalue))
+
+
 def _is_concrete(*values) -> bool:
   return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
 
@@ -313,6 +319,27 @@ def precondition(
       f'The statistic has {groups} feature groups, which do not divide the '
       f'{m} output features of the kernel gradient of shape {shape}.'
     )
+  check = bool(check_condition) or (
+    check_condition is None and _is_concrete(stats, lam, grad_kernel)
+  )
+  result, values = _solve(grad_kernel, stats, lam, relative_lam=relative_lam, check=check)
+  if values is not None:
+    dtype = jnp.promote_types(data.dtype, jnp.float32)
+    context = _Context(jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or '')
+    if _is_concrete(values):
+      _report(context, *values)
+    else:
+      jax.debug.callback(functools.partial(_report, context), *values)
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=('relative_lam', 'check'))
+def _solve(grad_kernel, stats: TractStats, lam, *, relative_lam: bool, check: bool):
+  """The solve (and, with ``check``, the numbers the report needs), compiled once per shape."""
+  shape = grad_kernel.shape
+  n, m = math.prod(shape[:-1]), shape[-1]
+  groups = stats.groups
+  data = cast(jax.Array, stats.moment if stats.moment is not None else stats.rows)
   dtype = jnp.promote_types(data.dtype, jnp.float32)
   ridges = ridge_lib.ridge(stats, lam, relative_lam, dtype)
   valid = ridge_lib.valid_ridge(ridges)
@@ -331,11 +358,11 @@ def precondition(
         rows, count, grad, safe_ridges
       )
     solved = jnp.where(valid[:, None, None], solved, jnp.nan)
-    eager = check_condition is None and _is_concrete(stats, lam, grad_kernel)
-    if check_condition or eager:
-      largest = jax.vmap(largest_eigenvalue)(system)
+    values = None
+    if check:
+      largest = _largest_eigenvalues(system)
       if stats.moment is not None:
-        condition = largest / jax.vmap(_smallest_eigenvalue)(system, factor)
+        condition = largest / _smallest_eigenvalues(system, factor)
         unit = jnp.ones([], dtype)
       else:  # the n x n system's condition, whose accuracy the result shares
         count = jnp.asarray(stats.count, dtype)
@@ -351,11 +378,4 @@ def precondition(
         jnp.all(jnp.isfinite(factor), axis=(-2, -1)),
         jnp.sum(~jnp.isfinite(data.reshape(groups, -1)), axis=-1),
       )
-      context = _Context(
-        jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or ''
-      )
-      if _is_concrete(values):
-        _report(context, *values)
-      else:
-        jax.debug.callback(functools.partial(_report, context), *values)
-  return jnp.moveaxis(solved, 0, 1).reshape(shape).astype(grad_kernel.dtype)
+  return jnp.moveaxis(solved, 0, 1).reshape(shape).astype(grad_kernel.dtype), values

@@ -1,5 +1,6 @@
 """Executes notebooks/quickstart.ipynb end to end with nbclient, on 8 simulated devices."""
 
+import os
 import pathlib
 import re
 import sys
@@ -37,20 +38,52 @@ def test_notebook_is_valid_nbformat4():
   assert not any(cell.get('outputs') for cell in notebook.cells if cell.cell_type == 'code')
 
 
-def test_notebook_installs_from_its_checkout_and_explains_colab():
+def test_notebook_installs_from_one_variable_or_its_checkout():
   code, markdown = _sources('code'), '\n'.join(_sources('markdown'))
   install = code[0]
+  assert install.startswith('# Where tract_optax is installed from')
+  assert "TRACT_OPTAX_SOURCE = ''" in install  # the one thing a Colab user sets
   assert 'except ImportError' in install
-  assert '%pip install -q -e "{root}[flax]" scikit-learn matplotlib' in install
+  assert '%pip install -q -e "{folder}[flax]" scikit-learn matplotlib' in install
+  assert '%pip install -q "{source}" scikit-learn matplotlib' in install
   assert "'pyproject.toml'" in install  # the checkout it sits in, found from notebooks/ too
   text = '\n'.join(code) + markdown
-  assert 'YOUR_ORG' not in text and 'git+https' not in text and '[demo]' not in text
-  for step in (
-    '!git clone',
-    '%cd tract_optax',
-    '%pip install -q -e ".[flax]" scikit-learn matplotlib',
-  ):
-    assert step in markdown
+  assert '<URL' not in text and 'YOUR_ORG' not in text and '[demo]' not in text
+  assert 'TRACT_OPTAX_SOURCE' in markdown and 'Colab' in markdown
+
+
+def test_notebook_install_cell_installs_from_the_variable(tmp_path):
+  # Run the install cell's logic with IPython's %pip replaced by a recorder: a folder
+  # is installed editable, anything else as a requirement, nothing set outside a
+  # checkout is a clear error.
+  install = _sources('code')[0]
+  body = re.sub(r'^(\s*)%pip install (.*)$', r"\1_pip(f'\2')", install, flags=re.M)
+  body = body.replace('import flax, matplotlib, sklearn, tract_optax', 'import _no_such_module_')
+  body = body.replace('sys.path.insert(0, str(folder.resolve()))', 'pass')
+  body = body.replace('  import tract_optax\n', '  pass\n').replace(
+    "print('tract_optax', tract_optax.__version__)", ''
+  )
+
+  def run(source, cwd):
+    calls = []
+    namespace = {'_pip': calls.append}
+    code = body.replace("TRACT_OPTAX_SOURCE = ''", f'TRACT_OPTAX_SOURCE = {source!r}')
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+      exec(compile(code, 'install-cell', 'exec'), namespace)
+    finally:
+      os.chdir(old)
+    return calls
+
+  clone = tmp_path / 'clone'
+  clone.mkdir()
+  assert run(str(clone), tmp_path) == [f'-q -e "{clone}[flax]" scikit-learn matplotlib']
+  assert run('tract_optax[flax]', tmp_path) == ['-q "tract_optax[flax]" scikit-learn matplotlib']
+  repo = NOTEBOOK.parent.parent.resolve()
+  assert run('', NOTEBOOK.parent) == [f'-q -e "{repo}[flax]" scikit-learn matplotlib']
+  with pytest.raises(RuntimeError, match='set TRACT_OPTAX_SOURCE'):
+    run('', tmp_path)
 
 
 def test_notebook_imports_only_what_its_install_cell_installs():

@@ -51,14 +51,16 @@ _PLACES = {
 }
 
 
-@pytest.mark.parametrize('reader_name,make_reader', jax_compat.AXIS_NAME_READERS,
-                         ids=[name for name, _ in jax_compat.AXIS_NAME_READERS])
 @pytest.mark.parametrize('place', list(_PLACES))
-def test_every_reader_works_with_the_installed_jax(reader_name, make_reader, place):
-  reader = make_reader()
-  assert reader is not None, f'{reader_name} is gone from jax {jax.__version__}'
+def test_every_reader_the_installed_jax_has_reads_the_right_names(place):
+  # Readers are tried newest first; an older JAX may lack the newer spelling, but at
+  # least one must work, and every one that exists must agree with the truth.
   run, expected = _PLACES[place]
-  assert set(_names_seen(run, reader)) == expected
+  present = [(name, make()) for name, make in jax_compat.AXIS_NAME_READERS]
+  present = [(name, reader) for name, reader in present if reader is not None]
+  assert present, f'no axis-name reader works with jax {jax.__version__}'
+  for name, reader in present:
+    assert set(_names_seen(run, reader)) == expected, name
 
 
 @pytest.mark.parametrize('place', list(_PLACES))

@@ -185,3 +185,16 @@ def test_equinox_glue_needs_no_flax():
   result = _python(code)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == '[]'
+
+
+def test_declared_lower_bounds_are_the_releases_ci_tests():
+  # .ci/run installs .ci/lower-bounds.txt and runs the fast tier there: each `>=` bound in
+  # pyproject.toml (core, flax extra, equinox in the test extra) must be one of those pins.
+  pins = dict(
+    line.split('==')
+    for line in (ROOT / '.ci' / 'lower-bounds.txt').read_text().splitlines()
+    if line and not line.startswith('#')
+  )
+  pyproject = (ROOT / 'pyproject.toml').read_text()
+  bounds = dict(re.findall(r'"(jax|jaxlib|optax|numpy|flax|equinox)>=([\w.]+)"', pyproject))
+  assert bounds == pins

@@ -7,7 +7,7 @@ asked for. Two spellings are tried, newest first:
 
 - ``jax.extend.core.unsafe_get_axis_names_DO_NOT_USE()`` (a public module,
   but marked unsafe; present in jax 0.10.2);
-- ``jax._src.core.get_axis_env().axis_sizes`` (private; jax 0.7.2, the oldest
+- ``jax._src.core.get_axis_env().axis_sizes`` (private; jax 0.8.0, the oldest
   supported release, through 0.10.2).
 
 If a JAX release moves both, :func:`bound_axis_names` returns None ("cannot

@@ -10,7 +10,8 @@ the statistic on steps where :func:`~tract_optax.stats_due` is false. The
 paper's (and our default) behaviour is the exact per-batch statistic.
 
 This module holds the cache arithmetic; the state and the schedule of
-refreshes live in :mod:`tract_optax.transform`. The kept moment is ``n x n``
+refreshes live in :mod:`tract_optax._src.tract_state` (the period in
+``tract``'s closure, the last refresh in its state). The kept moment is ``n x n``
 whatever the batch, so layers with more than :data:`MAX_AMORTIZED_FEATURES`
 input features are refused (the per-batch statistic serves them).
 """
@@ -23,6 +24,7 @@ from typing import Dict, Mapping, Sequence, cast
 import jax
 import jax.numpy as jnp
 
+from tract_optax._src import docs_link
 from tract_optax._src import paths as paths_lib
 from tract_optax._src.stats import TractStats, to_moment
 
@@ -44,17 +46,12 @@ def _check_size(path: paths_lib.ModulePath, n: int, dtype) -> None:
   if n <= MAX_AMORTIZED_FEATURES:
     return
   itemsize = jnp.dtype(dtype).itemsize
-  rows = 128
   raise ValueError(
-    'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps an n x n '
-    f'moment per layer in the optimizer state; {paths_lib.format_path(path)!r} has '
-    f'n = {n} input features, so its moment alone would take '
-    f'{_gib(n * n * itemsize)} ({jnp.dtype(dtype).name}), and each update a few times '
-    f'that. The amortised mode is limited to n <= {MAX_AMORTIZED_FEATURES} '
-    f'({_gib(MAX_AMORTIZED_FEATURES**2 * itemsize)}). Use the per-batch statistic '
-    '(the default: leave refresh_every and stats_decay out): with fewer rows N than '
-    'n it keeps the N x n rows and solves an N x N system (Woodbury form), e.g. '
-    f'{_gib(rows * n * itemsize)} of rows for N = {rows}.'
+    f'{paths_lib.format_path(path)!r} has n = {n} input features, so its moment alone would '
+    f'take {_gib(n * n * itemsize)} ({jnp.dtype(dtype).name}); the amortised statistic is '
+    f'limited to n <= {MAX_AMORTIZED_FEATURES} ({_gib(MAX_AMORTIZED_FEATURES**2 * itemsize)}). '
+    'Leave refresh_every and stats_decay out: the per-batch statistic serves it.'
+    + docs_link.see('limits', "The amortised statistic's size")
   )
 
 
@@ -110,10 +107,9 @@ def refresh_cache(
     kept = cache[key]
     if stats.groups != 1:
       raise ValueError(
-        f'The amortised statistic (refresh_every/stats_decay) supports '
-        f'ungrouped layers; {path!r} has {stats.groups} feature groups. Use '
-        'the per-batch statistic (the default) for a grouped or depthwise '
-        'first layer.'
+        f'The amortised statistic (refresh_every/stats_decay) supports ungrouped layers; '
+        f'{path!r} has {stats.groups} feature groups. Leave refresh_every and stats_decay '
+        'out for a grouped or depthwise first layer.'
       )
     kept_moment = cast(jax.Array, kept.moment)  # the cache holds moments only
     moment = cast(jax.Array, to_moment(stats).moment).astype(kept_moment.dtype)

@@ -12,6 +12,7 @@ range.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Union
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tract_optax._src import docs_link
 from tract_optax._src import stats as stats_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -52,16 +54,21 @@ def _message(name: str, value: Any) -> str:
   )
 
 
-def validate_lam(lam: Any, name: str = 'lam') -> None:
+def validate_lam(lam: Any, name: str = 'lam') -> bool:
   """Raises ``ValueError`` unless ``lam`` is a schedule or a finite number > 0.
 
   A schedule is evaluated at :data:`PROBE_STEPS`; a traced value (inside
   ``jit`` or ``inject_hyperparams``) can only be checked for its shape, and
-  is guarded at run time instead (see :func:`ridge`).
+  is refused at run time instead (see :func:`refuse_traced_invalid`).
 
   Args:
     lam: the ridge strength, a scalar or a schedule ``step -> lambda``.
     name: the argument's name, for the message.
+
+  Returns:
+    True if ``lam`` was checked here in full; False for a traced value or a
+    schedule that cannot be evaluated outside a trace (check those at run
+    time, :func:`refuse_traced_invalid`).
 
   Raises:
     ValueError: if ``lam`` is not a scalar > 0 that float32 represents as a
@@ -70,18 +77,18 @@ def validate_lam(lam: Any, name: str = 'lam') -> None:
 
   Example:
     >>> validate_lam(0.1)
+    True
     >>> validate_lam(0.0)
     Traceback (most recent call last):
     ...
     ValueError: lam must be a finite number > 0 (the ridge strength lambda; the paper uses 0.1); got 0.0.
   """
   if callable(lam):
-    _probe_schedule(lam, name)
-    return
+    return _probe_schedule(lam, name)
   if isinstance(lam, jax.core.Tracer):
     if jnp.ndim(lam) != 0:
       raise ValueError(_message(name, f'a traced array of shape {jnp.shape(lam)}'))
-    return
+    return False
   if isinstance(lam, (bool, np.bool_, str, bytes)):
     raise ValueError(_message(name, lam))
   try:
@@ -99,16 +106,20 @@ def validate_lam(lam: Any, name: str = 'lam') -> None:
     raise ValueError(_message(name, lam))
   if not SMALLEST_LAM <= value <= LARGEST_LAM:
     raise ValueError(_range_message(name, value))
+  return True
 
 
-def _probe_schedule(schedule: Callable, name: str) -> None:
-  """Evaluates a schedule at :data:`PROBE_STEPS`; raises at a value <= 0."""
+def _probe_schedule(schedule: Callable, name: str) -> bool:
+  """Evaluates a schedule at :data:`PROBE_STEPS`; raises at a value <= 0.
+
+  Returns False if the schedule cannot be evaluated outside a trace.
+  """
   for step in PROBE_STEPS:
     try:
       value = schedule(jnp.asarray(step, jnp.int32))
       value = np.asarray(value)
     except Exception:  # pylint: disable=broad-except  # not probeable: traced later
-      return
+      return False
     if value.ndim != 0:
       raise ValueError(
         f'The {name} schedule must return a scalar; at step {step} it returned shape {value.shape}.'
@@ -122,6 +133,54 @@ def _probe_schedule(schedule: Callable, name: str) -> None:
       )
     if not SMALLEST_LAM <= number <= LARGEST_LAM:
       raise ValueError(f'The {name} schedule at step {step}: ' + _range_message(name, number))
+  return True
+
+
+def _raise_if_invalid(name: str, value) -> None:
+  """The run-time half of :func:`refuse_traced_invalid` (a host callback)."""
+  values = np.asarray(value, np.float64).ravel()
+  ok = np.isfinite(values) & (values >= SMALLEST_LAM) & (values <= LARGEST_LAM)
+  if not ok.all():
+    bad = float(values[~ok][0])
+    raise ValueError(
+      f'{name} = {bad!r} reached tract inside jit (a traced value, e.g. an '
+      'optax.inject_hyperparams schedule that reaches 0): the TrAct gradient would be NaN. '
+      f'Keep {name} a normal float32 number > 0 (give the schedule a floor).'
+      + docs_link.see('limits', 'A lambda known only inside `jit`')
+    )
+
+
+def refuse_traced_invalid(lam: Any, name: str = 'lam') -> None:
+  """Refuses, at run time, a traced ``lam`` that is not a normal float32 number > 0.
+
+  A value known when ``tract`` is built is checked by :func:`validate_lam`;
+  one that arrives traced (``optax.inject_hyperparams`` rebuilds ``tract``
+  inside ``jit`` with the schedule's value) is checked in the computation,
+  and only an invalid value runs a host callback that raises, so the jitted
+  call fails with this message instead of returning NaN parameters. A valid
+  step pays a scalar predicate (about 60 us a call on a 2-core CPU, where a
+  host callback in the program costs that much); ``jax.export`` cannot
+  serialise the callback. Concrete values and schedules pass through.
+
+  Args:
+    lam: the value the solve is about to use.
+    name: the argument's name, for the message.
+
+  Example:
+    >>> f = jax.jit(lambda lam: refuse_traced_invalid(lam) or lam)
+    >>> float(f(0.1))
+    0.10000000149011612
+  """
+  if isinstance(lam, jax.core.Tracer):
+    value = jnp.asarray(lam)
+    ok = jnp.all(valid_ridge(value.astype(jnp.float32)))  # the range validate_lam checks
+    # the callback runs only when the value is invalid: a valid step pays a predicate
+    jax.lax.cond(
+      ok,
+      lambda v: None,
+      lambda v: jax.debug.callback(functools.partial(_raise_if_invalid, name), v),
+      value,
+    )
 
 
 def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:

@@ -3,93 +3,141 @@
 Placed first in an ``optax.chain``, it replaces the gradient of each named first
 layer's ``kernel`` by its TrAct gradient and hands everything on unchanged, so
 any optimizer after it sees the TrAct gradient as if it were the gradient.
+
+The module keeps no state of its own: what ``tract`` does is a function of its
+arguments, its closure (configuration) and its ``TractState`` (what changes from
+step to step, :mod:`tract_optax._src.tract_state`). Guards that need the whole
+optimizer state (an optimizer before ``tract``, two of ``tract``) read its
+structure in :mod:`tract_optax._src.chain_guard`, re-exported here.
 """
 
 from __future__ import annotations
 
-import collections
-import weakref
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tract_optax._src import amortize
+from tract_optax._src import amortize, docs_link, tract_state
 from tract_optax._src import axes as axes_lib
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import ridge as ridge_lib
+from tract_optax._src.chain_guard import (
+  AllowedBeforeTractState,
+  allow_before_tract,
+  check_opt_state,
+  tract_states,
+)
 from tract_optax._src.precondition import precondition
 from tract_optax._src.stats import TractStats, all_reduce_stats
+from tract_optax._src.tract_state import TractState
+
+# tract, and what linen.py and the tests import from here (defined in chain_guard, tract_state)
+__all__ = (
+  'AllowedBeforeTractState',
+  'TractState',
+  'allow_before_tract',
+  'check_opt_state',
+  'stats_due',
+  'tract',
+)
 
 ScalarOrSchedule = ridge_lib.ScalarOrSchedule
 AxisName = axes_lib.AxisName
+ModulePath = paths_lib.ModulePath
 
-#: The two ways out when ``tract`` receives no statistic.
-ROUTES_TEXT = (
-  'Either pass it, tx.update(grads, opt_state, params, tract_stats=stats), '
-  'with stats from tract_optax.linen.apply_with_stats or '
-  "tract_optax.nnx.value_and_grad_with_stats (Flax's own "
-  'TrainState.apply_gradients drops it: use tract_optax.linen.TractTrainState); '
-  'or drop tract from the chain and use the gradient route, '
-  'tract_optax.linen.apply_tract / tract_optax.nnx.apply_tract in the loss, '
-  'which works with any TrainState and optimizer.'
-)
+_SEE_STATS = docs_link.see('limits', 'Statistics that do not arrive')
+_SEE_CHAIN = docs_link.see('limits', 'Where `tract` sits in the chain')
+_SEE_CHECKPOINTS = docs_link.see('limits', 'Checkpoints')
 
 _MISSING_STATS = (
-  "tract(...).update received no tract_stats, the first layer's input "
-  'statistic by module path. ' + ROUTES_TEXT
+  'tract(...).update received no tract_stats. Pass them, tx.update(grads, opt_state, params, '
+  "tract_stats=stats) (Flax's TrainState drops them: use tract_optax.linen.TractTrainState; "
+  'a wrapper without extra arguments drops them too), or drop tract and use the gradient '
+  'route, apply_tract in the loss.' + _SEE_STATS
 )
-
 _EMPTY_STATS = (
-  'tract(...).update received an empty tract_stats ({}): it names no layer, so '
-  'nothing would be preconditioned and the step would silently be a plain one. '
-  'Pass the statistic of the first layer ({path: TractStats}; did the capture '
-  'record the layer you meant?); or, to reuse a kept statistic on steps that skip '
-  "computing it, build tract with its layers: tract(..., layers=[('stem',)], "
-  'refresh_every=k); or drop tract from the chain to train without TrAct.'
+  'tract(...).update received an empty tract_stats ({}): the step would silently be a '
+  "plain one. Pass the first layer's statistic, or build tract with layers=[...] and "
+  'refresh_every=k to reuse a kept one.' + _SEE_STATS
+)
+_INJECT_HINT = (
+  ' With optax.inject_hyperparams, pass static_args=('
+  "'refresh_every', 'stats_decay') so that they stay Python numbers."
+)
+_AMORTIZED_NEEDS_LAYERS = (
+  'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
+  'moment per layer in the optimizer state, so tract needs the layers at '
+  "construction: tract(..., layers=[('stem',)])."
+)
+_NO_LAYERS = (
+  'tract(layers=[]) names no layer; leave layers out to precondition whatever tract_stats names.'
+)
+_MASKED_HINT = (
+  ' The updates hold masked-out leaves (optax.masked / optax.multi_transform): this '
+  "tract's group lacks the kernel. Put tract first, outside the masking."
 )
 
-_safe_increment = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
 
-# Kernel gradients tract has just preconditioned (weak references): a second
-# tract in the same chain would receive one of them and precondition it twice.
-_RECENT_OUTPUTS: collections.deque = collections.deque(maxlen=64)
+class _Settings(NamedTuple):
+  """``tract``'s validated configuration, kept in its closure."""
 
-
-class TractState(NamedTuple):
-  """State of :func:`tract`.
-
-  Attributes:
-    count: number of updates so far (drives a lambda schedule).
-    refresh_every: amortised mode's refresh period (1: per-batch statistic).
-    refreshes: number of refreshes of the kept statistics so far.
-    last_refresh: ``count`` at the last refresh (amortised mode).
-    stats_cache: amortised mode's kept statistic per layer ('a/b' keys);
-      empty in the default per-batch mode.
-  """
-
-  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; public field
-  refresh_every: jax.Array
-  refreshes: jax.Array
-  last_refresh: jax.Array
-  stats_cache: dict
+  lam_checked: bool  # False: a traced lam, checked when it is used
+  layers: Optional[Tuple[ModulePath, ...]]  # None: whatever tract_stats names
+  kept_layers: Tuple[ModulePath, ...]  # amortised mode: the state keeps their statistic
+  refresh_every: int
+  stats_decay: float
 
 
-def _normalize_stats(
-  tract_stats, amortized: bool = False
-) -> Dict[paths_lib.ModulePath, TractStats]:
+def _validate(lam, axis_name, local_stats: bool, layers, refresh_every, stats_decay) -> _Settings:
+  """Checks ``tract``'s arguments at construction; raises naming the bad one."""
+  lam_checked = ridge_lib.validate_lam(lam)  # False: a traced value, checked at run time
+  if axis_name is not None and local_stats:
+    axes_lib.resolve_axis_name(axis_name, local_stats)  # raises: pick one
+  # None defaults, not 1 and 0.0: optax.inject_hyperparams(tract)(lam=...)
+  # turns every numeric argument into an array hyperparameter, but leaves None
+  # alone, so these structural settings stay static unless given.
+  refresh_every = 1 if refresh_every is None else refresh_every
+  stats_decay = 0.0 if stats_decay is None else stats_decay
+  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.' + _INJECT_HINT)
+  if (
+    isinstance(stats_decay, bool)
+    or not isinstance(stats_decay, (int, float))
+    or not 0 <= stats_decay < 1
+  ):
+    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.' + _INJECT_HINT)
+  amortized = refresh_every > 1 or stats_decay > 0
+  if amortized and not layers:
+    raise ValueError(_AMORTIZED_NEEDS_LAYERS)
+  normalized = None if layers is None else _normalize_layers(layers)
+  kept_layers = (normalized or ()) if amortized else ()
+  return _Settings(lam_checked, normalized, kept_layers, refresh_every, stats_decay)
+
+
+def _normalize_layers(layers: Sequence[paths_lib.PathLike]) -> Tuple[ModulePath, ...]:
+  normalized = paths_lib.normalize_paths(layers)  # a tuple of names is ambiguous: refused
+  if not normalized:
+    raise ValueError(_NO_LAYERS)
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(f'tract(layers={layers!r}) names a layer twice.')
+  return tuple(normalized)
+
+
+def _normalize_stats(tract_stats, amortized: bool) -> Dict[ModulePath, TractStats]:
+  """``tract_stats`` keyed by normalised module path, each statistic validated."""
   if tract_stats is None:
     if amortized:  # a step that skips the statistic: the kept one is used
       return {}
     raise TypeError(_MISSING_STATS)
   if not isinstance(tract_stats, Mapping):
     raise TypeError(
-      'tract_stats must be a mapping {module path: TractStats}; got '
-      f'{type(tract_stats).__name__}. ' + _MISSING_STATS
+      'tract_stats must be a mapping {module path: TractStats}, e.g. from '
+      f'tract_optax.linen.apply_with_stats; got {type(tract_stats).__name__}.' + _SEE_STATS
     )
-  normalized: Dict[paths_lib.ModulePath, TractStats] = {}
-  spelled: Dict[paths_lib.ModulePath, object] = {}
+  normalized: Dict[ModulePath, TractStats] = {}
+  spelled: Dict[ModulePath, object] = {}
   for path, stats in tract_stats.items():
     module = paths_lib.normalize_path(path)
     if module in normalized:
@@ -108,80 +156,7 @@ def _normalize_stats(
   return normalized
 
 
-_INJECT_HINT = (
-  ' With optax.inject_hyperparams, pass static_args=('
-  "'refresh_every', 'stats_decay') so that they stay Python numbers."
-)
-
-
-def _validate_amortization(
-  layers, refresh_every, stats_decay
-) -> Tuple[Optional[Tuple[paths_lib.ModulePath, ...]], bool]:
-  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-    raise ValueError(f'refresh_every must be an int >= 1; got {refresh_every!r}.' + _INJECT_HINT)
-  if (
-    isinstance(stats_decay, bool)
-    or not isinstance(stats_decay, (int, float))
-    or not 0 <= stats_decay < 1
-  ):
-    raise ValueError(f'stats_decay must be a number in [0, 1); got {stats_decay!r}.' + _INJECT_HINT)
-  amortized = refresh_every > 1 or stats_decay > 0
-  if amortized and not layers:
-    raise ValueError(
-      'The amortised statistic (refresh_every > 1 or stats_decay > 0) keeps a '
-      'moment per layer in the optimizer state, so tract needs the layers at '
-      "construction: tract(..., layers=[('stem',)])."
-    )
-  if layers is None:
-    return None, amortized
-  normalized = paths_lib.normalize_paths(layers)  # a tuple of names is ambiguous: refused
-  if not normalized:
-    raise ValueError(
-      'tract(layers=[]) names no layer; leave layers out to '
-      'precondition whatever tract_stats names.'
-    )
-  if len(set(normalized)) != len(normalized):
-    raise ValueError(f'tract(layers={layers!r}) names a layer twice.')
-  return tuple(normalized), amortized
-
-
-def _mask_hint(updates) -> str:
-  masked = [
-    leaf
-    for leaf in jax.tree_util.tree_leaves(
-      updates, is_leaf=lambda v: isinstance(v, optax.MaskedNode)
-    )
-    if isinstance(leaf, optax.MaskedNode)
-  ]
-  if not masked:
-    return ''
-  return (
-    ' The updates hold masked-out leaves (optax.masked / '
-    'optax.multi_transform): this tract sits in a group that does not '
-    "contain the layer's kernel. Put tract first in the chain, outside "
-    'the masking, or put the kernel in its group.'
-  )
-
-
-def _check_not_preconditioned(leaf, path) -> None:
-  for ref in _RECENT_OUTPUTS:
-    if ref() is leaf:
-      raise ValueError(
-        f'The gradient of {paths_lib.format_path(path)!r} has already been '
-        'preconditioned (by a tract transformation, or by the gradient route: '
-        'apply_tract / tract_kernel): a chain must hold tract once, and the '
-        'gradient route needs no tract in the chain at all.'
-      )
-
-
-def remember_preconditioned(leaf) -> None:
-  try:
-    _RECENT_OUTPUTS.append(weakref.ref(leaf))
-  except TypeError:  # not weak-referenceable (e.g. a numpy array): skip
-    pass
-
-
-def _select(stats_by_path, layers, amortized):
+def _select(stats_by_path, layers, amortized: bool) -> Dict[ModulePath, TractStats]:
   """Statistics of the layers to precondition, per ``layers``' meaning."""
   if layers is None:
     if not stats_by_path:
@@ -197,6 +172,84 @@ def _select(stats_by_path, layers, amortized):
       'refresh_every=k to keep an amortised statistic between refreshes.'
     )
   return {p: s for p, s in stats_by_path.items() if p in layers}
+
+
+def _kernel_positions(
+  updates, stats_paths: Sequence[ModulePath], kept_layers: Sequence[ModulePath]
+) -> Dict[ModulePath, int]:
+  """The flat leaf index of each named layer's kernel in ``updates``.
+
+  Raises:
+    ValueError: for updates flattened to one array (``optax.flatten``).
+    ModulePathError: (a ``KeyError``) for a layer with no kernel in ``updates``.
+  """
+  named = tuple(stats_paths) + tuple(kept_layers)
+  if named:
+    _refuse_flattened(updates, named[0], 'update')
+  kernel_index = paths_lib.kernel_leaf_index(updates)
+  masked = jax.tree_util.tree_leaves(updates, is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+  hint = _MASKED_HINT if any(isinstance(leaf, optax.MaskedNode) for leaf in masked) else ''
+  positions = {
+    path: paths_lib.require_kernel(kernel_index, path, 'tract_stats', 'the updates', hint)
+    for path in stats_paths
+  }
+  for path in kept_layers:
+    if path not in positions:
+      positions[path] = paths_lib.require_kernel(
+        kernel_index, path, 'tract(layers=...)', 'the updates', hint
+      )
+  return positions
+
+
+def _refuse_flattened(tree, path: ModulePath, where: str) -> None:
+  """Refuses a tree that is one array (``optax.flatten`` ravels params and updates)."""
+  if not isinstance(tree, jax.Array) and not hasattr(tree, 'shape'):
+    return
+  raise ValueError(
+    f'tract(...).{where} received one array of shape {jnp.shape(tree)}, not the parameter '
+    f'tree, so it cannot find the kernel of {paths_lib.format_path(path)!r}; optax.flatten '
+    'ravels the tree. Put tract outside it: optax.chain(tract_optax.tract(lam), '
+    'optax.flatten(optimizer)).' + _SEE_CHAIN
+  )
+
+
+def _fields_text(names) -> str:
+  return ', '.join(sorted(str(name) for name in names)) or 'none'
+
+
+def _not_a_state(state, cache_keys: Tuple[str, ...]) -> str:
+  """The message for a state that is not the ``TractState`` ``init`` made."""
+  differs = ''
+  if isinstance(state, Mapping):
+    fields, cache = set(state), state.get('stats_cache')
+    if fields != set(TractState._fields):
+      differs = (
+        f" Its fields are another layout's (extra: {_fields_text(fields - set(TractState._fields))};"
+        f' missing: {_fields_text(set(TractState._fields) - fields)}).'
+      )
+    elif isinstance(cache, Mapping) and set(cache) != set(cache_keys):
+      differs = f' It keeps statistics for {_fields_text(cache)}, this tract for {_fields_text(cache_keys)}.'
+  return (
+    f'tract(...).update received a state of type {type(state).__name__}, not the TractState '
+    'that tract(...).init returns (restored without a target tree?).'
+    + differs
+    + ' Restore it with a target built from tx.init(params).'
+    + _SEE_CHECKPOINTS
+  )
+
+
+def _check_layout(state, cache_keys: Tuple[str, ...]) -> None:
+  """Refuses a state whose layout is not what this ``tract`` builds."""
+  if not isinstance(state, TractState):
+    raise TypeError(_not_a_state(state, cache_keys))
+  kept = tuple(state.stats_cache) if isinstance(state.stats_cache, Mapping) else None
+  if kept is None or set(kept) != set(cache_keys):
+    raise ValueError(
+      f'tract(...).update received a TractState that keeps statistics for '
+      f'{_fields_text(kept or ())}, but this tract keeps them for {_fields_text(cache_keys)} '
+      '(amortised vs per-batch, or other layers). Restore it with a target built from '
+      'this tx.init(params).' + _SEE_CHECKPOINTS
+    )
 
 
 def tract(
@@ -220,17 +273,20 @@ def tract(
   the authors' code; weight decay written into the loss is preconditioned
   too.
 
-  Placed after another transformation, ``tract`` would precondition that
-  transformation's output with the gradient's statistic. ``tract`` sees only
-  the updates it receives and its own state, so it cannot tell; whoever holds
-  the whole optimizer state refuses the known cases (Adam, momentum, RMSProp,
-  Adafactor and other optimizers with state before ``tract`` in a chain):
-  ``tract_optax.linen.TractTrainState.apply_gradients`` and
-  :func:`~tract_optax.stats_due`. Not detectable anywhere: stateless
-  transformations before ``tract`` (``add_decayed_weights``: weight decay then
-  preconditioned; ``scale``/``clip_by_global_norm`` are linear and harmless),
-  and ``nnx.Optimizer`` or a hand-written ``tx.update`` with ``tract`` not
-  first.
+  Placed after another transformation, or twice, ``tract`` would precondition
+  something other than the gradient. ``tract`` sees only the updates it
+  receives and its own state, so it cannot tell; whoever holds the whole
+  optimizer state (``TractTrainState.apply_gradients``,
+  :func:`~tract_optax.stats_due`) refuses, by the state's structure, two
+  ``tract`` states and a chain member ahead of ``tract`` that keeps
+  per-coordinate state (Adam, momentum, RMSProp, noise, ...; wrap a member
+  you vouch for in :func:`~tract_optax.allow_before_tract`). Not detected:
+  stateless or scalar-state members before ``tract`` (``add_decayed_weights``
+  preconditions the weight decay; clipping and schedules are harmless),
+  ``nnx.Optimizer`` or a hand-written ``tx.update`` (nothing checks the whole
+  state there), and the gradient route followed by ``tract`` in the chain
+  (both precondition). See ``docs/limits.md``, "Where ``tract`` sits in the
+  chain".
 
   Args:
     lam: ridge strength lambda > 0 (0.1 is the paper's default; its scale
@@ -240,8 +296,9 @@ def tract(
       the solve runs). A value known when it is used (a number, a concrete
       array, ``optax.inject_hyperparams`` rebuilding ``tract`` outside
       ``jit``) that is not is refused with ``ValueError``; a traced one
-      (inside ``jit``) makes the kernel's TrAct gradient NaN, reported by a
-      :class:`~tract_optax.ConditioningWarning` when ``check_condition=True``.
+      (inside ``jit``, e.g. an injected schedule) is checked at run time by a
+      host callback that makes the jitted call raise (``check_condition=False``
+      leaves it out: the TrAct gradient is then NaN).
     axis_name: the ``pmap``/``shard_map`` axis (or axes) over which the batch
       is split; statistics are then averaged to the global-batch statistic
       before the solve. Not needed under ``jit`` with a sharded batch, where
@@ -264,6 +321,8 @@ def tract(
     refresh_every: opt-in amortisation (needs ``layers``): refresh the kept
       statistic every k updates and reuse it in between
       (:func:`~tract_optax.stats_due` tells the capture when to compute it).
+      The period lives here, not in the state: a restored state follows
+      today's value from its last refresh on.
       None or 1 (default) uses each batch's own statistic, as the paper does.
       The kept moment is ``n x n`` per layer, so ``init`` refuses layers with
       more than 8192 input features (256 MiB in float32); the per-batch
@@ -276,7 +335,8 @@ def tract(
       type, when its Cholesky factorisation fails (the TrAct gradient is then
       NaN) or when a traced ridge is invalid: None (default) for eager calls
       only, True inside ``jit``, ``pmap`` and ``shard_map`` too
-      (``jax.debug.callback``), False never.
+      (``jax.debug.callback``), False never (not even the run-time check of
+      a traced ``lam``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -287,8 +347,9 @@ def tract(
       schedule that stays so), the amortisation settings are invalid, or both
       ``axis_name`` and ``local_stats`` are given. (When called, ``update``
       raises for a missing, empty or malformed statistic, a path with no
-      kernel (``KeyError``), and named axes bound without
-      ``axis_name``/``local_stats``.)
+      kernel (``KeyError``), updates flattened to one array
+      (``optax.flatten``), a state of another layout, and named axes bound
+      without ``axis_name``/``local_stats``.)
     TypeError: if ``layers`` is a bare tuple of names.
 
   Example:
@@ -308,221 +369,51 @@ def tract(
     Trainable", NeurIPS 2024, arXiv:2410.23970,
     <https://arxiv.org/abs/2410.23970>.
   """
-  ridge_lib.validate_lam(lam)
-  if axis_name is not None and local_stats:
-    axes_lib.resolve_axis_name(axis_name, local_stats)  # raises: pick one
-  # None defaults, not 1 and 0.0: optax.inject_hyperparams(tract)(lam=...)
-  # turns every numeric argument into an array hyperparameter, but leaves None
-  # alone, so these structural settings stay static unless given.
-  refresh_every = 1 if refresh_every is None else refresh_every
-  stats_decay = 0.0 if stats_decay is None else stats_decay
-  layers, amortized = _validate_amortization(layers, refresh_every, stats_decay)
-  cached_layers = layers if amortized else ()
+  lam_checked, layers, kept_layers, refresh_every, stats_decay = _validate(
+    lam, axis_name, local_stats, layers, refresh_every, stats_decay
+  )
+  amortized = bool(kept_layers)
+  check_traced_lam = check_condition is not False and not lam_checked
+  cache_keys = tuple(amortize.cache_key(path) for path in kept_layers)
 
   def init_fn(params):
-    cache = amortize.init_cache(params, cached_layers) if cached_layers else {}
-    return TractState(
-      count=jnp.zeros([], jnp.int32),
-      refresh_every=jnp.asarray(refresh_every, jnp.int32),
-      refreshes=jnp.zeros([], jnp.int32),
-      last_refresh=jnp.zeros([], jnp.int32),
-      stats_cache=cache,
-    )
+    if amortized:
+      _refuse_flattened(params, kept_layers[0], 'init')
+    return tract_state.initial(amortize.init_cache(params, kept_layers) if amortized else {})
 
   def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
     del params, extra_args
-    if not isinstance(state, TractState):
-      raise TypeError(_not_a_state(state))
+    _check_layout(state, cache_keys)
     stats_by_path = _select(_normalize_stats(tract_stats, amortized), layers, amortized)
     reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats)
     lam_value = lam(state.count) if callable(lam) else lam
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    kernel_index = paths_lib.kernel_leaf_index(updates)
-    hint = _mask_hint(updates)
-    positions = {
-      path: paths_lib.require_kernel(kernel_index, path, 'tract_stats', 'the updates', hint)
-      for path in stats_by_path
-    }
+    if check_traced_lam:  # a traced lam (inject_hyperparams under jit)
+      ridge_lib.refuse_traced_invalid(lam_value)
+    positions = _kernel_positions(updates, tuple(stats_by_path), kept_layers)
     if reduce_over is not None:
-      stats_by_path = {
-        path: all_reduce_stats(stats, reduce_over) for path, stats in stats_by_path.items()
-      }
-    cache, refreshes, last_refresh = state.stats_cache, state.refreshes, state.last_refresh
-    usable = {}  # amortised: whether the kept statistic was ever refreshed
-    if cached_layers:
-      due = stats_due(state)
-      if all(path in stats_by_path for path in cached_layers):
-        cache = amortize.refresh_cache(cache, stats_by_path, due, stats_decay)
-        refreshes = refreshes + due.astype(refreshes.dtype)
-        last_refresh = jnp.where(due, state.count, last_refresh)
-      for path in cached_layers:
-        stats_by_path[path] = cache[amortize.cache_key(path)]
-        usable[path] = amortize.is_filled(stats_by_path[path])
-        positions.setdefault(
-          path,
-          paths_lib.require_kernel(kernel_index, path, 'tract(layers=...)', 'the updates', hint),
-        )
+      stats_by_path = {path: all_reduce_stats(s, reduce_over) for path, s in stats_by_path.items()}
+    filled: Dict[ModulePath, jax.Array] = {}  # amortised: whether each kept statistic exists
+    if amortized:
+      stats_by_path, filled, state = tract_state.use_kept_stats(
+        state, stats_by_path, kept_layers, refresh_every, stats_decay
+      )
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
     for module, stats in stats_by_path.items():
-      position = positions[module]
-      _check_not_preconditioned(leaves[position], module)
       solved = precondition(
-        leaves[position],
+        leaves[positions[module]],
         stats,
         lam_value,
         relative_lam=relative_lam,
         check_condition=check_condition,
         name=paths_lib.format_path(module),
       )
-      if module in usable:  # amortised, never refreshed yet: no statistic at all
-        solved = jnp.where(usable[module], solved, jnp.nan)
-      leaves[position] = solved
-      remember_preconditioned(solved)
-    new_state = TractState(
-      count=_safe_increment(state.count),
-      refresh_every=state.refresh_every,
-      refreshes=refreshes,
-      last_refresh=last_refresh,
-      stats_cache=cache,
-    )
+      if module in filled:  # amortised: NaN until the kept statistic is first refreshed
+        solved = jnp.where(filled[module], solved, jnp.nan)
+      leaves[positions[module]] = solved
+    new_state = tract_state.advance(state, refresh_every, amortized)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _not_a_state(state) -> str:
-  """The message for a state that is not the ``TractState`` ``init`` made."""
-  return (
-    f'tract(...).update received a state of type {type(state).__name__}, not the '
-    'TractState that tract(...).init returns. A checkpoint restored without a '
-    'target tree gives this: its named tuples come back as plain dicts and '
-    'lists (e.g. Orbax restore without an item or restore_args). Restore the '
-    'optimizer state with a target built from tx.init(params) (Orbax: pass it '
-    'as the target/abstract state, or build restore_args from it).'
-  )
-
-
-def _tract_states(opt_state):
-  return [
-    s
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, TractState))
-    if isinstance(s, TractState)
-  ]
-
-
-# States of Optax transformations that rescale the gradient or keep a history
-# of it. Before tract in a chain, tract would precondition their output (not
-# the gradient) with the gradient's statistic: not TrAct. (Stateless ones, e.g.
-# add_decayed_weights, and unknown ones leave no trace that can be told apart.)
-_OPTIMIZER_STATES = {
-  'ScaleByAdamState': 'optax.adam, adamw, nadam, yogi or scale_by_adam',
-  'ScaleByAmsgradState': 'optax.amsgrad',
-  'ScaleByAdanState': 'optax.adan',
-  'ScaleByAdaDeltaState': 'optax.adadelta',
-  'ScaleByBeliefState': 'optax.adabelief',
-  'ScaleByLionState': 'optax.lion',
-  'ScaleByNovogradState': 'optax.novograd',
-  'ScaleByRmsState': 'optax.rmsprop or scale_by_rms',
-  'ScaleByRStdDevState': 'optax.rmsprop(centered=True)',
-  'ScaleByRssState': 'optax.adagrad',
-  'ScaleByRpropState': 'optax.rprop',
-  'ScaleBySM3State': 'optax.sm3',
-  'ScaleByLBFGSState': 'optax.lbfgs',
-  'FactoredState': 'optax.adafactor',
-  'TraceState': 'momentum: optax.sgd(momentum=...) or optax.trace',
-  'EmaState': 'optax.ema',
-}
-
-
-def _optimizer_state_types() -> tuple:
-  found = (getattr(optax, name, None) for name in _OPTIMIZER_STATES)
-  return tuple(t for t in found if isinstance(t, type) and t is not optax.EmptyState)
-
-
-def _instances(tree, types) -> list:
-  return [
-    s
-    for s in jax.tree_util.tree_leaves(tree, is_leaf=lambda s: isinstance(s, types))
-    if isinstance(s, types)
-  ]
-
-
-def _optimizer_before_tract(node, types):
-  """The state of an optimizer that runs before a tract in a chain, or None.
-
-  ``optax.chain``'s state is a plain tuple of its members' states, in order;
-  everything else (NamedTuples of wrappers, dicts of multi_transform groups)
-  is searched without an order.
-  """
-  if isinstance(node, TractState):
-    return None
-  if type(node) is tuple:  # pylint: disable=unidiomatic-typecheck  # a chain's state
-    for index, member in enumerate(node):
-      if _instances(member, TractState):
-        for earlier in node[:index]:
-          found = _instances(earlier, types)
-          if found:
-            return found[0]
-        return _optimizer_before_tract(member, types)
-    return None
-  children = jax.tree_util.tree_leaves(node, is_leaf=lambda child: child is not node)
-  for child in children:
-    if child is not node and _instances(child, TractState):
-      found = _optimizer_before_tract(child, types)
-      if found is not None:
-        return found
-  return None
-
-
-def check_opt_state(opt_state, *, tract_stats, owner: str, init=None) -> None:
-  """Refuses what a whole optimizer state shows to be wrong.
-
-  ``tract`` itself sees only its own state, so a caller that holds the whole
-  state (``TractTrainState.apply_gradients``, :func:`stats_due`) checks that
-  statistics go to an optimizer that holds a ``tract``, and that no known
-  optimizer (Adam, momentum, RMSProp, ...) runs before ``tract`` in a chain.
-
-  Args:
-    opt_state: the optimizer state of the whole ``tx``.
-    tract_stats: the statistics handed to ``tx.update`` (None: none).
-    owner: the API to name in messages.
-    init: optional ``() -> tx.init(params)``, evaluated abstractly only when
-      ``opt_state`` shows no TrAct state: if the ``tx`` does hold a ``tract``
-      (a state restored without its target tree), nothing is raised here and
-      ``tract``'s own update names that cause.
-
-  Raises:
-    ValueError: for statistics without a ``tract``, or a ``tract`` after an
-      optimizer.
-
-  Example:
-    >>> tx = optax.chain(optax.scale_by_adam(), tract_optax.tract(0.1))
-    >>> check_opt_state(tx.init({'w': jnp.zeros(2)}), tract_stats=None, owner='f')
-    Traceback (most recent call last):
-    ...
-    ValueError: f: tract is not first in its optax.chain: the state ScaleByAdamState (of optax.adam, adamw, nadam, yogi or scale_by_adam) comes before it, so tract would precondition that optimizer's output, not the gradient, with the gradient's statistic: not TrAct. Put tract first: optax.chain(tract_optax.tract(lam), optimizer).
-  """
-  if (
-    tract_stats is not None
-    and not _instances(opt_state, TractState)
-    and not (init is not None and _instances(jax.eval_shape(init), TractState))
-  ):
-    raise ValueError(
-      f'{owner} received tract_stats, but its tx holds no tract transformation: '
-      'the statistic would be ignored and the step would silently be a plain one. '
-      'For the Optax route put tract first in the chain, '
-      'tx=optax.chain(tract_optax.tract(lam), optimizer); with the gradient route '
-      '(apply_tract in the loss) pass no tract_stats.'
-    )
-  found = _optimizer_before_tract(opt_state, _optimizer_state_types())
-  if found is not None:
-    name = type(found).__name__
-    raise ValueError(
-      f'{owner}: tract is not first in its optax.chain: the state {name} (of '
-      f'{_OPTIMIZER_STATES.get(name, "an optimizer")}) comes before it, so tract '
-      "would precondition that optimizer's output, not the gradient, with the "
-      "gradient's statistic: not TrAct. Put tract first: "
-      'optax.chain(tract_optax.tract(lam), optimizer).'
-    )
 
 
 def stats_due(opt_state) -> jax.Array:
@@ -531,6 +422,10 @@ def stats_due(opt_state) -> jax.Array:
   Finds the TrAct state anywhere inside an optimizer state (e.g. of an
   ``optax.chain``). Use it to skip computing the statistic on other steps. A
   refresh stays due until an update receives every kept layer's statistic.
+  The answer was computed by the last update from its ``refresh_every``; the
+  update itself decides with its own (today's) period, so right after a
+  checkpoint is restored into another ``refresh_every`` the first answer may
+  be the old period's (the update then reuses the kept statistic once).
 
   Args:
     opt_state: the optimizer state holding exactly one ``TractState``.
@@ -540,7 +435,7 @@ def stats_due(opt_state) -> jax.Array:
 
   Raises:
     ValueError: if ``opt_state`` holds no TrAct state, or several, or a
-      known optimizer runs before ``tract`` in a chain.
+      member with per-coordinate state runs before ``tract`` in a chain.
 
   Example:
     >>> import optax
@@ -549,10 +444,9 @@ def stats_due(opt_state) -> jax.Array:
     True
   """
   check_opt_state(opt_state, tract_stats=None, owner='stats_due')
-  found = _tract_states(opt_state)
+  found = tract_states(opt_state)
   if len(found) != 1:
     raise ValueError(
       f'stats_due needs an optimizer state with exactly one TrAct state; found {len(found)}.'
     )
-  state = found[0]
-  return (state.refreshes == 0) | (state.count - state.last_refresh >= state.refresh_every)
+  return jnp.asarray(found[0].due)

@@ -266,3 +266,70 @@ def test_import_tract_optax_imports_neither_equinox_nor_the_helpers():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        check=True, timeout=120)
   assert out.stdout.split() == ['False', 'False']
+
+
+# ----------------------------------------------------------------------------
+# TractLayer: the statistic from the input the layer receives
+
+
+@pytest.mark.parametrize('case', ['conv2d_tuple_pads_dilation_groups', 'conv1d_reflect',
+                                  'conv2d_same_stride2'])
+def test_tract_layer_module_under_per_example_vmap_with_axis_name(case):
+  spatial_dims, c_in, c_out, kernel, kwargs, shape = CONV_CASES[case]
+  layer = eqx.nn.Conv(spatial_dims, c_in, c_out, kernel, key=jax.random.key(0), **kwargs)
+  x = _normal((3, c_in) + shape)
+  wrapped = tract_eqx.TractLayer(layer, lam=LAM, axis_name='batch')
+  plain_out = jax.vmap(layer)(x)
+  np.testing.assert_allclose(jax.vmap(wrapped, axis_name='batch')(x), plain_out, atol=1e-6)
+  cotangent = _normal(plain_out.shape, seed=5)
+  route = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m, axis_name='batch')(x) * cotangent))(
+      wrapped)
+  plain = eqx.filter_grad(lambda layer_: jnp.sum(jax.vmap(layer_)(x) * cotangent))(layer)
+  expected = _from_flax(_grouped_solve(_explicit_rows(layer, x), _to_flax(plain.weight)))
+  assert reference.rel_err(route.layer.weight, expected) < 2e-5
+  np.testing.assert_allclose(route.layer.bias, plain.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_tract_layer_module_reads_the_rows_the_model_rearranged():
+  """A patch-embedding Linear fed patches in (ph pw c) order, vmapped over
+  examples and tokens: the statistic is of the rows the Linear receives,
+  whatever order the model built (the 95x trap of issue 21)."""
+
+  class Patchify(eqx.Module):
+    embed: eqx.Module
+
+    def __call__(self, image):  # (C, H, W) -> (tokens, ph * pw * c)
+      c, h, w = image.shape
+      patches = image.reshape(c, h // 4, 4, w // 4, 4).transpose(1, 3, 2, 4, 0)
+      return jax.vmap(self.embed, axis_name='tokens')(patches.reshape(-1, 4 * 4 * c))
+
+  linear = eqx.nn.Linear(48, 5, key=jax.random.key(0))
+  model = Patchify(tract_eqx.TractLayer(linear, lam=LAM, axis_name=('batch', 'tokens')))
+  x = _normal((2, 3, 8, 8), seed=1)
+  cotangent = _normal((2, 4, 5), seed=2)
+  grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m, axis_name='batch')(x) * cotangent))(
+      model)
+  rows = np.asarray(x, np.float64).reshape(2, 3, 2, 4, 2, 4).transpose(0, 2, 4, 3, 5, 1)
+  rows = rows.reshape(8, 48)
+  plain = np.asarray(cotangent, np.float64).reshape(8, 5).T @ rows  # (out, in)
+  expected = reference.tract_solve(rows, plain.T, LAM).T
+  assert reference.rel_err(grads.embed.layer.weight, expected) < 2e-5
+
+
+def test_tract_layer_module_without_axis_name_under_vmap_is_refused():
+  stem = tract_eqx.TractLayer(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
+  with pytest.raises(ValueError, match='per_lane_stats=True'):
+    eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(jnp.ones((4, 3)))))(stem)
+
+
+def test_wrapping_twice_is_refused():
+  linear = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+  x = _normal((8, 3))
+  with pytest.raises(TypeError, match='already a TractLayer'):
+    tract_eqx.TractLayer(tract_eqx.TractLayer(linear))
+  with pytest.raises(ValueError, match='already TrAct-wrapped'):
+    eqx.filter_grad(lambda s: jnp.sum(jax.vmap(
+        tract_eqx.tract_layer(tract_eqx.tract_layer(s, x), x))(x)))(linear)
+  with pytest.raises(ValueError, match='already TrAct-wrapped'):
+    eqx.filter_jit(eqx.filter_grad(lambda s: jnp.sum(tract_eqx.apply_tract(
+        tract_eqx.tract_layer(s, x), x))))(linear)

@@ -609,3 +609,83 @@ def test_nnx_rngs_argument_draws_as_a_plain_call_does():
   _, optax_grads, found = tract_nnx.value_and_grad_with_stats(
       lambda m, r: m(x, r).sum(), model, nnx.Rngs(2))
   assert list(found) == [('conv1',)]
+
+
+# ----------------------------------------------------------------------------
+# Lanes and wrapping, read off the trace
+
+
+def _lane_loss(kernel, x, per_lane_stats):
+  stats = tract_optax.dense_stats(x)
+  wrapped = tract_optax.tract_kernel(kernel, stats, lam=LAM, per_lane_stats=per_lane_stats)
+  return jnp.sum((x @ wrapped) ** 2)
+
+
+def test_per_lane_stats_with_a_kernel_shared_by_the_lanes_is_refused():
+  """grad of a vmap: the sum over lanes would be sum_ij P_j G_i (7.9 off TrAct)."""
+  x = _normal((3, 8, 4), seed=2)
+  kernel = _normal((4, 2), seed=3)
+  loss = lambda k: jax.vmap(lambda xi: _lane_loss(k, xi, True))(x).sum()  # noqa: E731
+  with pytest.raises(ValueError, match=r'per_lane_stats=True with a kernel shared by the '
+                     r'lanes.*own kernel.*See docs/routes\.md#one-statistic-per-step'):
+    jax.grad(loss)(kernel)
+  with pytest.raises(ValueError, match='kernel shared by the lanes'):
+    jax.jit(jax.grad(loss))(kernel)
+
+
+def test_per_lane_stats_with_a_kernel_per_lane_is_exact():
+  x = np.asarray(_normal((3, 8, 4), seed=2), np.float64)
+  kernels = _normal((3, 4, 2), seed=3)
+  grads = jax.vmap(jax.grad(lambda k, xi: _lane_loss(k, xi, True)))(kernels, jnp.asarray(x))
+  for i in range(3):
+    k = np.asarray(kernels[i], np.float64)
+    plain = 2 * x[i].T @ (x[i] @ k)
+    assert reference.rel_err(grads[i], reference.tract_solve(x[i], plain, LAM)) < RTOL
+
+
+@pytest.mark.parametrize('where', ['eager', 'jit_of_grad', 'grad_of_jit'])
+def test_a_kernel_wrapped_twice_is_refused_at_trace_time(where):
+  """tract_kernel(tract_kernel(w)) preconditions twice (3.47 off TrAct)."""
+  x = _normal((16, 3))
+  stats = tract_optax.dense_stats(x)
+
+  def loss(k):
+    return jnp.sum(x @ tract_optax.tract_kernel(tract_optax.tract_kernel(k, stats), stats))
+
+  run = {
+      'eager': jax.grad(loss),
+      'jit_of_grad': jax.jit(jax.grad(loss)),
+      'grad_of_jit': jax.grad(jax.jit(loss)),
+  }[where]
+  with pytest.raises(ValueError, match=r'already TrAct-wrapped.*Wrap the stored kernel once'):
+    run(_normal((3, 2), seed=1))
+
+
+def test_two_kernels_each_wrapped_once_are_accepted():
+  x = _normal((16, 3))
+  stats = tract_optax.dense_stats(x)
+  k = _normal((3, 3), seed=1)
+  g = jax.grad(lambda k: jnp.sum(x @ tract_optax.tract_kernel(k, stats, channels_first=False)
+                                 @ tract_optax.tract_kernel(k.T, stats, channels_first=False)))(k)
+  xs, kk = np.asarray(x, np.float64), np.asarray(k, np.float64)
+  ones = np.ones((16, 3))
+  grad_a = xs.T @ ones @ kk  # dL/da with b = k.T
+  grad_b = kk.T @ xs.T @ ones  # dL/db with a = k
+  want = reference.tract_solve(xs, grad_a, LAM) + reference.tract_solve(xs, grad_b, LAM).T
+  assert reference.rel_err(g, want) < RTOL
+
+
+def test_a_kernel_wrapped_twice_under_vmap_is_refused():
+  x = _normal((3, 16, 3))
+  kernels = _normal((3, 3, 2), seed=1)
+
+  def loss(k, xi):
+    stats = tract_optax.dense_stats(xi)
+    twice = tract_optax.tract_kernel(tract_optax.tract_kernel(k, stats, per_lane_stats=True),
+                                     stats, per_lane_stats=True)
+    return jnp.sum(xi @ twice)
+
+  with pytest.raises(ValueError, match='already TrAct-wrapped'):
+    jax.vmap(jax.grad(loss))(kernels, x)
+  with pytest.raises(ValueError, match='already TrAct-wrapped'):
+    jax.grad(lambda ks: jax.vmap(loss)(ks, x).sum())(kernels)

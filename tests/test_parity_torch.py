@@ -131,10 +131,21 @@ def check_step(arrays):
 
 
 def _matches_golden(live_arrays, stored):
-  """torch's outputs now are the recorded ones (same inputs, same TrAct gradient)."""
+  """torch's outputs now are the recorded ones (same inputs, same TrAct gradient).
+
+  Float entries are compared to the array's own scale: torch orders its float32 sums by its
+  thread count, and on a loaded 2-core machine its plain gradient moved by 1e-7 and its
+  float32 TrAct gradient (an inverse, kappa up to ~100) by up to 1e-5 of the largest entry
+  between runs. A changed reference (a dropped dilation, another solve) moves it by O(1).
+  """
   assert set(live_arrays) == set(stored)
   for name, value in live_arrays.items():
-    np.testing.assert_allclose(value, stored[name], rtol=1e-6, atol=1e-12, err_msg=name)
+    want = np.asarray(stored[name])
+    floating = want.size and want.dtype.kind == 'f'
+    scale = float(np.max(np.abs(want))) if floating else 0.0
+    relative = 1e-4 if floating and want.dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(value, want, rtol=1e-6, atol=max(1e-12, relative * scale),
+                               err_msg=name)
 
 
 # ------------------------------------------------------------ golden

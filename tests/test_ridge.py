@@ -101,23 +101,37 @@ def test_schedule_that_reaches_zero_is_refused_at_construction():
 
 
 @pytest.mark.parametrize('bad', [0.0, -0.05, float('nan')])
-def test_lambda_that_is_not_positive_at_run_time_gives_nan_that_apply_if_finite_skips(bad):
+def test_lambda_that_is_not_positive_at_run_time_is_refused_even_inside_jit(bad):
   params = {'stem': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
   grads = jax.tree.map(jnp.ones_like, params)
   stats = {'stem': tract_optax.dense_stats(_rows((10, 3)))}
   tx = optax.inject_hyperparams(tract_optax.tract)(lam=0.1)
   state = tx.init(params)
   state.hyperparams['lam'] = jnp.asarray(bad)
-  updates, _ = jax.jit(lambda g, s: tx.update(g, s, tract_stats=stats))(grads, state)
-  assert np.all(np.isnan(updates['stem']['kernel']))
-  np.testing.assert_array_equal(updates['stem']['bias'], 1.0)
   # eagerly, inject_hyperparams rebuilds tract with the concrete value: an error
   with pytest.raises(ValueError, match='lam must be a finite number > 0'):
     tx.update(grads, state, tract_stats=stats)
-  # ... under jit, optax.apply_if_finite placed after tract (it checks its own input)
-  # skips the step instead of corrupting the parameters
-  guarded = optax.chain(optax.inject_hyperparams(tract_optax.tract)(lam=0.1),
-                        optax.apply_if_finite(optax.sgd(0.1), 3))
+  # under jit the value is traced: checked in the computation, the call raises
+  with pytest.raises(Exception, match='reached tract inside jit'):
+    jax.block_until_ready(jax.jit(lambda g, s: tx.update(g, s, tract_stats=stats))(grads, state))
+
+
+@pytest.mark.parametrize('bad', [0.0, -0.05, float('nan')])
+def test_unchecked_lambda_that_is_not_positive_gives_nan_that_apply_if_finite_skips(bad):
+  params = {'stem': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  stats = {'stem': tract_optax.dense_stats(_rows((10, 3)))}
+  tx = optax.inject_hyperparams(tract_optax.tract)(lam=0.1, check_condition=False)
+  state = tx.init(params)
+  state.hyperparams['lam'] = jnp.asarray(bad)
+  updates, _ = jax.jit(lambda g, s: tx.update(g, s, tract_stats=stats))(grads, state)
+  assert np.all(np.isnan(updates['stem']['kernel']))
+  np.testing.assert_array_equal(updates['stem']['bias'], 1.0)
+  # optax.apply_if_finite placed after tract (it checks its own input) skips the step
+  # instead of corrupting the parameters
+  guarded = optax.chain(
+      optax.inject_hyperparams(tract_optax.tract)(lam=0.1, check_condition=False),
+      optax.apply_if_finite(optax.sgd(0.1), 3))
   state = guarded.init(params)
   state[0].hyperparams['lam'] = jnp.asarray(bad)
   updates, state = jax.jit(lambda g, s: guarded.update(g, s, params, tract_stats=stats))(

@@ -17,6 +17,7 @@ from tract_optax._src.axes import AxisDetectionWarning
 from tract_optax._src.capture import conv_settings, mark_linear_kernel
 from tract_optax._src.conv import conv_patches, conv_stats
 from tract_optax._src.gradient_route import tract_kernel
+from tract_optax._src.layer_ops import conv, dense
 from tract_optax._src.precondition import ConditioningWarning, precondition
 from tract_optax._src.stats import (
   TractStats,
@@ -35,9 +36,11 @@ __all__ = [
   'TractStats',
   'all_reduce_stats',
   'combine_stats',
+  'conv',
   'conv_patches',
   'conv_settings',
   'conv_stats',
+  'dense',
   'dense_stats',
   'mark_linear_kernel',
   'precondition',

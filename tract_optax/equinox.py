@@ -7,6 +7,8 @@
 - :func:`layer_stats`: the layer's input statistic for the Optax route,
   geometry (padding, stride, dilation, groups) read off the layer.
 - :func:`conv_padding`: the explicit padding an Equinox conv applies.
+- :class:`TractLayer`: the layer, its statistic taken from the input it
+  receives (safe under Equinox's per-example ``jax.vmap`` with ``axis_name``).
 
 ``import tract_optax`` does not import this module (nor Equinox).
 """
@@ -21,6 +23,7 @@ if _importlib_util.find_spec('equinox') is None:
   )
 
 from tract_optax._src.equinox import (  # after the Equinox check
+  TractLayer,
   apply_tract,
   conv_padding,
   layer_stats,
@@ -28,6 +31,7 @@ from tract_optax._src.equinox import (  # after the Equinox check
 )
 
 __all__ = [
+  'TractLayer',
   'apply_tract',
   'conv_padding',
   'layer_stats',

@@ -15,7 +15,11 @@ batch, so the statistic is that of every row the layer sees:
 - :func:`layer_stats`: the layer's input statistic for a batch;
 - :func:`tract_layer`: the layer whose weight's gradient is TrAct's, for the
   usual ``jax.vmap(model)(x)``: wrap it outside the vmap;
-- :func:`apply_tract`: the layer applied to the whole batch with that weight.
+- :func:`apply_tract`: the layer applied to the whole batch with that weight;
+- :class:`TractLayer`: the layer itself, its statistic taken from the input
+  it receives in ``__call__`` (through :func:`tract_optax.dense` /
+  :func:`tract_optax.conv`): nothing is written twice, under Equinox's
+  per-example ``jax.vmap`` too (with ``axis_name``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 
 from tract_optax._src import axes as axes_lib
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import gradient_route
+from tract_optax._src import docs_link, gradient_route, layer_ops
 from tract_optax._src import stats as stats_lib
 
 Layer = Union[eqx.nn.Linear, eqx.nn.Conv]
@@ -186,7 +190,10 @@ def tract_layer(
   ``eqx.tree_at``). The wrapped weight is then shared by every lane, its
   cotangent is the whole batch's, and the statistic is that of the whole
   batch: the gradient is TrAct's. Inside the vmap the statistic would be
-  one example's, which :func:`tract_optax.tract_kernel` refuses.
+  one example's, which :func:`tract_optax.tract_kernel` refuses. ``x`` must
+  be what the layer receives; where the model transforms its input before
+  the layer (patches rearranged), use :class:`TractLayer`, which takes the
+  statistic from the layer's own input.
 
   Args:
     layer: an ``eqx.nn.Linear`` or ``eqx.nn.Conv`` (1-3 spatial dims).
@@ -295,3 +302,98 @@ def apply_tract(
   flat = jnp.reshape(x, (math.prod(leading),) + x.shape[batch:])
   out = jax.vmap(wrapped)(flat)
   return jnp.reshape(out, leading + out.shape[1:])
+
+
+class TractLayer(eqx.Module):
+  """An Equinox Linear / Conv whose weight's gradient is TrAct's for the input it receives.
+
+  The statistic is computed inside ``__call__`` from the very input the layer
+  is applied to (:func:`tract_optax.dense` / :func:`tract_optax.conv`), so a
+  model that rearranges its input before the layer (patches in any order)
+  cannot hand TrAct other rows than the weight multiplies. Under Equinox's
+  per-example ``jax.vmap(model, axis_name='batch')``, pass
+  ``axis_name='batch'``: the statistic is then the whole batch's. Without
+  it, a per-example statistic is refused.
+
+  Attributes:
+    layer: the wrapped ``eqx.nn.Linear`` or ``eqx.nn.Conv`` (its weight and
+      bias are the trained parameters).
+    lam: the ridge strength lambda > 0, a Python number (an array here
+      would be an array leaf of the model, which an optimizer with weight
+      decay would change; for a schedule, swap in a new ``TractLayer`` with
+      the step's value, or use :func:`tract_layer`).
+    axis_name: the ``vmap`` / ``pmap`` / ``shard_map`` axis (or axes) that
+      split the batch.
+    local_stats: each device's own statistic on purpose.
+    relative_lam: ridge ``lam * trace(A^T A / N) / n``.
+    check_condition: as for :func:`tract_optax.tract_kernel`.
+    per_lane_stats: under ``jax.vmap`` with a layer per lane (an ensemble on
+      its own data), each lane's own statistic.
+    name: the layer's name for messages.
+
+  Example:
+    >>> import equinox as eqx, jax, jax.numpy as jnp
+    >>> stem = TractLayer(eqx.nn.Linear(3, 2, key=jax.random.key(0)), axis_name='batch')
+    >>> x = jnp.ones((8, 3))
+    >>> jax.vmap(stem, axis_name='batch')(x).shape
+    (8, 2)
+  """
+
+  layer: Layer
+  lam: Union[float, jax.Array] = 0.1
+  axis_name: axes_lib.AxisName = eqx.field(static=True, default=None)
+  local_stats: bool = eqx.field(static=True, default=False)
+  relative_lam: bool = eqx.field(static=True, default=False)
+  check_condition: Optional[bool] = eqx.field(static=True, default=None)
+  per_lane_stats: bool = eqx.field(static=True, default=False)
+  name: Optional[str] = eqx.field(static=True, default=None)
+
+  def __check_init__(self) -> None:
+    if isinstance(self.layer, TractLayer):
+      raise TypeError(
+        'TractLayer: the layer is already a TractLayer; its gradient would be '
+        'preconditioned twice. Wrap the plain layer once.'
+        + docs_link.see('routes', 'A kernel wrapped twice')
+      )
+    _check_layer(self.layer, 'TractLayer')
+
+  def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
+    """The layer's output for ``x`` (one example, or with leading batch axes)."""
+    del key
+    layer = self.layer
+    options: dict[str, Any] = dict(
+      lam=self.lam,
+      axis_name=self.axis_name,
+      local_stats=self.local_stats,
+      relative_lam=self.relative_lam,
+      check_condition=self.check_condition,
+      per_lane_stats=self.per_lane_stats,
+      name=self.name or type(layer).__name__,
+    )
+    x = jnp.asarray(x)
+    batch = _batch_axes(layer, x, 'TractLayer')
+    if isinstance(layer, eqx.nn.Linear):
+      rows = x[..., None] if layer.in_features == 'scalar' else x
+      out = layer_ops.dense(rows, layer.weight.T, **options)
+      if layer.bias is not None:
+        out = out + layer.bias
+      return out[..., 0] if layer.out_features == 'scalar' else out
+    spatial = layer.num_spatial_dims
+    leading = x.shape[:batch]
+    images = jnp.reshape(x, (math.prod(leading),) + x.shape[batch:])
+    pads = conv_padding(layer, images.shape[-spatial:])
+    if layer.padding_mode != 'ZEROS':  # Equinox pads the input, then 'VALID'
+      images = jnp.pad(images, [(0, 0), (0, 0)] + list(pads), mode=_PAD_MODES[layer.padding_mode])
+      pads = ((0, 0),) * spatial
+    out = layer_ops.conv(
+      images,
+      layer.weight,
+      tuple(layer.stride),
+      pads,
+      rhs_dilation=tuple(layer.dilation),
+      feature_group_count=layer.groups,
+      **options,
+    )
+    if layer.bias is not None:
+      out = out + layer.bias
+    return jnp.reshape(out, leading + out.shape[1:])

@@ -29,7 +29,10 @@ saw in the step. Two things split the rows silently unless refused:
   batched kernels (an ensemble of models on shared data) is exact. Compute
   the statistic of the whole batch outside the vmap (or name the vmap's axis
   and pass ``axis_name``), or opt in with ``per_lane_stats=True`` where each
-  lane really is an independent model on its own data.
+  lane really is an independent model on its own data, with its own
+  (batched) kernel; with a kernel shared by the lanes the summed gradient
+  would mix every lane's statistic with every lane's gradient, so the rule
+  refuses that too.
 - Several calls in one loss (two views of a batch): each call's kernel is
   preconditioned with that call's statistic, and the gradients of the calls
   are summed: ``sum_v P_v G_v``, where the Optax route (its capture combines
@@ -38,6 +41,17 @@ saw in the step. Two things split the rows silently unless refused:
   on the concatenated views (then split its output), or wrap the kernel once
   with the combined statistic (:func:`tract_optax.combine_stats`) and use
   that one wrapped kernel in every call.
+
+A kernel wrapped twice (``tract_kernel(tract_kernel(w, s), s)``, or the
+output of :func:`tract_optax.dense` / :func:`tract_optax.conv` wrapped again)
+would be preconditioned twice. The trace shows it: the kernel handed in is
+the direct output of this module's custom VJP, which is refused. A wrapped
+kernel passed through other operations first (a reshape, a cast) is not
+detected (docs/routes.md, "A kernel wrapped twice").
+
+For the first layer itself prefer the layer ops :func:`tract_optax.conv` and
+:func:`tract_optax.dense`: they compute the statistic from the layer's own
+input and geometry, so it cannot disagree with the layer.
 
 Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
 with respect to the wrapped kernel is not defined: the custom VJP only
@@ -58,8 +72,8 @@ import jax
 import jax.numpy as jnp
 
 from tract_optax._src import axes as axes_lib
+from tract_optax._src import docs_link
 from tract_optax._src import ridge as ridge_lib
-from tract_optax._src import transform
 from tract_optax._src.precondition import precondition
 from tract_optax._src.stats import TractStats, all_reduce_stats
 
@@ -107,7 +121,6 @@ def _backward(settings, residuals, cotangent):
   )
   if settings.channels_first:
     solved = _from_flax_layout(solved)
-  transform.remember_preconditioned(solved)
   # the statistic and lambda get no gradient
   zeros = jax.tree_util.tree_map(jnp.zeros_like, (stats, lam))
   return (solved,) + zeros
@@ -203,32 +216,37 @@ def check_fits(kernel_shape, stats: TractStats, channels_first: Optional[bool] =
   return resolve_layout(kernel_shape, stats, channels_first)
 
 
-def _batched_statistic_message(name: Optional[str]) -> str:
+def _batched_statistic_message(name: Optional[str], owner: str = 'tract_kernel') -> str:
   where = f' for {name!r}' if name else ''
   return (
-    f'tract_kernel{where} runs inside jax.vmap with a statistic that differs '
-    'from lane to lane (computed inside the vmap, e.g. per-example gradients '
-    "with vmap(grad(loss)) or Equinox's jax.vmap(model)(x)): each lane would "
-    "be preconditioned with its own example's statistic, not the whole "
-    "batch's, and the summed gradient is not TrAct's. Compute the statistic "
-    'of the whole batch outside the vmap and wrap the kernel there (for '
-    'Equinox layers: tract_optax.equinox.apply_tract(layer, x) on the batch, '
-    'or tract_optax.equinox.tract_layer before jax.vmap(model)); or name the '
-    "vmap axis, vmap(..., axis_name='batch'), and pass "
-    "axis_name='batch' to all-reduce the statistic over the lanes; or, when "
-    'each lane is an independent model trained on its own data, pass '
-    'per_lane_stats=True.'
+    f'{owner}{where} runs inside jax.vmap with a statistic that differs from lane to lane '
+    "(each example's own). Compute the statistic of the whole batch outside the vmap "
+    '(Equinox: tract_optax.equinox.apply_tract(layer, x) on the batch, or TractLayer), or '
+    "name the vmap's axis and pass axis_name='batch'; per_lane_stats=True is for "
+    'independent models.' + docs_link.see('routes', 'One statistic per step')
   )
 
 
+_SHARED_KERNEL_MESSAGE = (
+  '{owner}{where}: per_lane_stats=True with a kernel shared by the lanes (jax.grad of a '
+  "jax.vmap): the summed gradient would mix every lane's statistic with every "
+  "lane's gradient. Give each lane its own kernel (jax.vmap over stacked kernels), or "
+  'drop per_lane_stats.'
+)
+
+
 @functools.cache
-def _lane_guard(name: Optional[str]):
-  """Identity on ``stats`` whose batching rule refuses a batched statistic.
+def _lane_guard(name: Optional[str], per_lane_stats: bool, owner: str = 'tract_kernel'):
+  """Identity on ``stats`` whose batching rule refuses a statistic split by a vmap.
 
   ``jax.vmap`` over a function that wraps a kernel would otherwise give every
   lane its own statistic silently. The rule sees which inputs are batched: a
-  batched statistic is refused; an unbatched one (batched kernels: an
-  ensemble on shared data) passes. ``kernel`` only tells the rule its shape.
+  batched statistic is refused, unless ``per_lane_stats`` and the kernel is
+  batched too (each lane its own model: ``vmap(grad)`` over stacked kernels).
+  A batched statistic with an unbatched kernel (``grad`` of a ``vmap``) sums
+  ``P_j G_i`` over all lane pairs, so it is refused even with
+  ``per_lane_stats``. An unbatched statistic (an ensemble on shared data)
+  passes. ``kernel`` only tells the rule its batching.
   """
 
   @jax.custom_batching.custom_vmap
@@ -240,10 +258,89 @@ def _lane_guard(name: Optional[str]):
   def rule(axis_size, in_batched, kernel, stats):
     del axis_size, kernel
     if any(jax.tree_util.tree_leaves(in_batched[1])):
-      raise ValueError(_batched_statistic_message(name))
+      if not per_lane_stats:
+        raise ValueError(_batched_statistic_message(name, owner))
+      if not any(jax.tree_util.tree_leaves(in_batched[0])):
+        where = f' for {name!r}' if name else ''
+        raise ValueError(
+          _SHARED_KERNEL_MESSAGE.format(owner=owner, where=where)
+          + docs_link.see('routes', 'One statistic per step')
+        )
     return stats, in_batched[1]
 
   return guard
+
+
+def _tract_backward_functions() -> Tuple[object, ...]:
+  """The backward functions of the custom VJPs that precondition a kernel."""
+  from tract_optax._src import layer_ops  # pylint: disable=g-import-not-at-top
+
+  return (_backward, layer_ops.backward_function())
+
+
+def _producer_backward(value) -> object:
+  """The backward function of the custom VJP that produced ``value``, if any.
+
+  Reads the trace: under reverse-mode differentiation ``value`` is a
+  linearisation tracer whose tangent was made by a ``custom_lin`` equation;
+  under ``jit`` alone it is a jaxpr tracer made by a ``custom_vjp_call``
+  equation. Both carry the custom VJP's backward function. A ``vmap``'s
+  tracer is looked through to the value it batches. Where JAX does not
+  expose this (another tracer, another release), returns None: nothing is
+  assumed. (JAX internals; jax 0.10.2.)
+  """
+  pending = [value]
+  try:
+    for _ in range(8):  # a few nested transformations at most
+      if not pending:
+        return None
+      tracer = pending.pop()
+      if not isinstance(tracer, jax.core.Tracer):
+        continue
+      parent = getattr(tracer, 'parent', None)
+      bwd = None if parent is None else parent.params.get('bwd')
+      if bwd is not None:
+        return _wrapped_core(bwd)
+      pending.extend(getattr(tracer, field, None) for field in ('val', 'tangent'))
+  except Exception:  # pylint: disable=broad-except  # internals moved: cannot tell
+    return None
+  return None
+
+
+def _wrapped_core(bwd) -> object:
+  """The function a custom VJP's (wrapped) backward function was made from.
+
+  Under ``jax.vmap`` JAX wraps the backward function in a new closure that
+  holds the original; the closure is looked through (a few levels at most).
+  """
+  for _ in range(4):
+    core = getattr(bwd, 'f', None)
+    inner = [
+      cell.cell_contents
+      for cell in getattr(core, '__closure__', None) or ()
+      if hasattr(cell.cell_contents, 'f') and hasattr(cell.cell_contents, 'call_wrapped')
+    ]
+    if not inner:
+      return core
+    bwd = inner[0]
+  return None
+
+
+def check_not_wrapped(kernel, owner: str, name: Optional[str]) -> None:
+  """Refuses a kernel that is already the output of a TrAct custom VJP.
+
+  Raises:
+    ValueError: ``kernel`` comes straight out of ``tract_kernel`` (or a layer
+      op): its gradient would be preconditioned twice.
+  """
+  producer = _producer_backward(kernel)
+  if producer is not None and producer in _tract_backward_functions():
+    where = f' for {name!r}' if name else ''
+    raise ValueError(
+      f'{owner}{where}: the kernel is already TrAct-wrapped (the output of tract_kernel, '
+      'tract_layer or a layer op), so its gradient would be preconditioned twice. Wrap '
+      'the stored kernel once.' + docs_link.see('routes', 'A kernel wrapped twice')
+    )
 
 
 _FORWARD_MODE_MESSAGE = (
@@ -338,8 +435,9 @@ def tract_kernel(
       runs eagerly (``jax.grad`` outside ``jit``); True: inside ``jit`` too;
       False: never.
     per_lane_stats: under ``jax.vmap``, accept a statistic that differs
-      from lane to lane: only for independent models, each trained on its
-      own data (each lane then gets its own TrAct gradient).
+      from lane to lane: only for independent models, each with its own
+      kernel (batched: ``vmap(grad)`` over stacked kernels) and its own data.
+      A kernel shared by the lanes (``grad`` of a ``vmap``) is refused.
     name: the layer's name for messages.
 
   Returns:
@@ -349,8 +447,10 @@ def tract_kernel(
   Raises:
     ValueError: ``lam`` is not a finite number > 0, the statistic does not fit
       the kernel, the layout is ambiguous and not given, named axes are
-      misused (see :func:`tract_optax.tract`), or (when traced under
-      ``jax.vmap``) the statistic is batched without ``per_lane_stats``.
+      misused (see :func:`tract_optax.tract`), (when traced under
+      ``jax.vmap``) the statistic is batched without ``per_lane_stats``, or
+      with it while the kernel is shared by the lanes, or the kernel is
+      already the output of ``tract_kernel`` (wrapped twice).
     TypeError: ``lam`` is a schedule, ``stats`` is no TractStats, or the
       kernel is differentiated in forward mode (``jax.jvp``, ``jax.jacfwd``).
 
@@ -377,13 +477,13 @@ def tract_kernel(
   channels_first = resolve_layout(jnp.shape(kernel), stats, channels_first)
   if _is_forward_mode(kernel):
     raise _forward_mode_error(name)
+  check_not_wrapped(kernel, 'tract_kernel', name)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
   if reduce_over is not None:
     # In the forward pass, where the named axes are bound (a vmap's axis is
     # not bound any more when its backward pass is traced).
     stats = all_reduce_stats(stats, reduce_over)
-  if not per_lane_stats:
-    stats = _lane_guard(name)(jax.lax.stop_gradient(kernel), stats)
+  stats = _lane_guard(name, bool(per_lane_stats))(jax.lax.stop_gradient(kernel), stats)
   dtype = jnp.promote_types(
     jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]), jnp.float32
   )

@@ -3,7 +3,11 @@
 ``G_tract = (A^T A / N + lam I)^{-1} G`` with ``G`` the kernel gradient reshaped
 to ``(n, m)``. In Woodbury form (``N < n``) the equivalent
 ``(G - A^T (N lam I_N + A A^T)^{-1} A G) / lam`` solves an ``N x N`` system.
-Both use a Cholesky factorisation; no inverse is ever formed.
+Both use a Cholesky factorisation; no inverse is ever formed. The Woodbury
+form's subtraction cancels (in float32 it lost up to 7x the moment form's
+accuracy), so its result gets one step of iterative refinement, which brings
+it to the moment form's accuracy or better at the cost of two more products
+with the rows (docs/numerics.md, "Woodbury form").
 
 Three guards keep a bad ridge or a hopeless solve from passing silently:
 
@@ -64,13 +68,39 @@ def _solve_moment(moment: jax.Array, grad: jax.Array, lam):
 
 
 def _solve_woodbury(rows: jax.Array, count, grad: jax.Array, lam):
+  """Woodbury solve plus one step of iterative refinement (see the module notes)."""
   num_rows = rows.shape[0]
   outer = jnp.matmul(rows, rows.T, precision=_HIGHEST)
   system = outer + (count * lam) * jnp.eye(num_rows, dtype=rows.dtype)
   factor = jsl.cho_factor(system, lower=True)
-  projected = jnp.matmul(rows, grad, precision=_HIGHEST)
-  correction = jnp.matmul(rows.T, jsl.cho_solve(factor, projected), precision=_HIGHEST)
-  return (grad - correction) / lam, system, factor[0]
+
+  def woodbury(rhs):
+    projected = jnp.matmul(rows, rhs, precision=_HIGHEST)
+    correction = jnp.matmul(rows.T, jsl.cho_solve(factor, projected), precision=_HIGHEST)
+    return (rhs - correction) / lam
+
+  solved = woodbury(grad)
+  # One refinement step: the residual of the n x n system, (A^T A / N + lam I) X
+  # against G, formed from the rows, is solved again and added. It costs two
+  # (N, n) x (n, m) products and reuses the factor; it restores the accuracy
+  # that the Woodbury form's cancellation G - A^T (...) A G loses.
+  applied = jnp.matmul(rows.T, jnp.matmul(rows, solved, precision=_HIGHEST), precision=_HIGHEST)
+  residual = grad - (applied / jnp.where(count > 0, count, 1) + lam * solved)
+  return solved + woodbury(residual), system, factor[0]
+
+
+def _solve_identity(rows: jax.Array, count, cotangent: jax.Array, lam):
+  """``A^T (A A^T / N + lam I)^{-1} d``: the TrAct gradient from the output cotangent.
+
+  Equal to ``(A^T A / N + lam I)^{-1} A^T d`` (push-through identity) without
+  the Woodbury form's subtraction, so nothing cancels.
+  """
+  num_rows = rows.shape[0]
+  outer = jnp.matmul(rows, rows.T, precision=_HIGHEST)
+  system = outer + (count * lam) * jnp.eye(num_rows, dtype=rows.dtype)
+  factor = jsl.cho_factor(system, lower=True)
+  solved = jnp.matmul(rows.T, jsl.cho_solve(factor, cotangent), precision=_HIGHEST)
+  return count * solved, system, factor[0]
 
 
 def condition_estimate(
@@ -284,6 +314,33 @@ def precondition(
     >>> [round(v, 5) for v in g[0].tolist()]  # G / lam
     [2.0, 2.0]
   """
+  return precondition_layer(
+    grad_kernel,
+    stats,
+    lam,
+    relative_lam=relative_lam,
+    check_condition=check_condition,
+    name=name,
+  )
+
+
+def precondition_layer(
+  grad_kernel: jax.Array,
+  stats: TractStats,
+  lam: Union[float, jax.Array],
+  *,
+  relative_lam: bool = False,
+  check_condition: Optional[bool] = None,
+  name: Optional[str] = None,
+  cotangent: Optional[jax.Array] = None,
+) -> jax.Array:
+  """:func:`precondition`, optionally from the layer's output cotangent ``d``.
+
+  With ``cotangent`` (``(N, m)``, its rows those of ``stats.rows``, which
+  must then be in the rows form) the result is ``A^T (A A^T / N + lam I)^{-1}
+  d``, equal to the TrAct gradient of ``G = A^T d`` without the Woodbury
+  form's cancellation (the layer ops, :mod:`tract_optax._src.layer_ops`).
+  """
   if not isinstance(stats, TractStats):
     raise TypeError(f'stats must be a tract_optax.TractStats, got {type(stats)}.')
   stats.validate('precondition')
@@ -322,7 +379,14 @@ def precondition(
   check = bool(check_condition) or (
     check_condition is None and _is_concrete(stats, lam, grad_kernel)
   )
-  result, values = _solve(grad_kernel, stats, lam, relative_lam=relative_lam, check=check)
+  if cotangent is not None and (stats.rows is None or cotangent.shape[0] != stats.rows.shape[-2]):
+    raise ValueError(
+      f'precondition: an output cotangent of {cotangent.shape[0]} rows needs a statistic '
+      'holding those rows.'
+    )
+  result, values = _solve(
+    grad_kernel, stats, lam, cotangent, relative_lam=relative_lam, check=check
+  )
   if values is not None:
     dtype = jnp.promote_types(data.dtype, jnp.float32)
     context = _Context(jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps), relative_lam, name or '')
@@ -334,7 +398,7 @@ def precondition(
 
 
 @functools.partial(jax.jit, static_argnames=('relative_lam', 'check'))
-def _solve(grad_kernel, stats: TractStats, lam, *, relative_lam: bool, check: bool):
+def _solve(grad_kernel, stats: TractStats, lam, cotangent, *, relative_lam: bool, check: bool):
   """The solve (and, with ``check``, the numbers the report needs), compiled once per shape."""
   shape = grad_kernel.shape
   n, m = math.prod(shape[:-1]), shape[-1]
@@ -354,9 +418,15 @@ def _solve(grad_kernel, stats: TractStats, lam, *, relative_lam: bool, check: bo
     else:
       rows = cast(jax.Array, stats.rows).astype(dtype).reshape(groups, -1, n)
       count = jnp.asarray(stats.count, dtype)
-      solved, system, factor = jax.vmap(_solve_woodbury, (0, None, 0, 0))(
-        rows, count, grad, safe_ridges
-      )
+      if cotangent is None:
+        solved, system, factor = jax.vmap(_solve_woodbury, (0, None, 0, 0))(
+          rows, count, grad, safe_ridges
+        )
+      else:  # (N, m) -> (groups, N, m / groups), output features grouped as the kernel's
+        out = cotangent.astype(dtype).reshape(cotangent.shape[0], groups, m // groups)
+        solved, system, factor = jax.vmap(_solve_identity, (0, None, 1, 0))(
+          rows, count, out, safe_ridges
+        )
     solved = jnp.where(valid[:, None, None], solved, jnp.nan)
     values = None
     if check:
@@ -364,9 +434,12 @@ def _solve(grad_kernel, stats: TractStats, lam, *, relative_lam: bool, check: bo
       if stats.moment is not None:
         condition = largest / _smallest_eigenvalues(system, factor)
         unit = jnp.ones([], dtype)
-      else:  # the n x n system's condition, whose accuracy the result shares
+      else:
         count = jnp.asarray(stats.count, dtype)
-        condition = largest / (count * safe_ridges)
+        if cotangent is None:  # the n x n system's condition, which the cancellation shares
+          condition = largest / (count * safe_ridges)
+        else:  # no cancellation: the N x N system's own condition
+          condition = largest / _smallest_eigenvalues(system, factor)
         unit = jnp.where(count > 0, count, jnp.ones_like(count))  # N (lam I + M) -> n x n
       if system.shape[-1] == 0:
         condition = jnp.ones_like(condition)

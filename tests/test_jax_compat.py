@@ -119,3 +119,67 @@ def test_cannot_tell_warns_once_and_tract_still_works(jax_without_axis_names):
     # naming the choice never warns
     explicit = tract_optax.tract(0.1, local_stats=True)
     explicit.update(grads, explicit.init(grads), tract_stats={'stem': stats})
+
+
+@jax.custom_vjp
+def _marked(x):
+  return x
+
+
+def _marked_forward(x):
+  return x, None
+
+
+def _marked_backward(_, cotangent):
+  return (2.0 * cotangent,)
+
+
+_marked.defvjp(_marked_forward, _marked_backward)
+
+
+def _backward_seen(transform):
+  seen = []
+
+  def loss(x):
+    y = _marked(x)
+    seen.append(jax_compat.custom_vjp_backward(y))
+    return jnp.sum(y)
+
+  transform(loss)(jnp.ones((2, 3)))
+  return seen[-1]
+
+
+@pytest.mark.parametrize('transform', [
+  jax.grad,
+  lambda f: jax.jit(jax.grad(f)),
+  lambda f: jax.grad(jax.jit(f)),
+  lambda f: jax.vmap(jax.grad(f)),
+  lambda f: jax.grad(lambda x: jnp.sum(jax.vmap(f)(x))),
+], ids=['grad', 'jit(grad)', 'grad(jit)', 'vmap(grad)', 'grad(vmap)'])
+def test_custom_vjp_backward_finds_the_backward_function(transform):
+  assert _backward_seen(transform) is _marked_backward
+
+
+def test_custom_vjp_backward_is_none_for_other_values():
+  seen = []
+
+  def loss(x):
+    seen.append(jax_compat.custom_vjp_backward(2.0 * x))
+    return jnp.sum(x)
+
+  jax.grad(loss)(jnp.ones(3))
+  assert seen == [None]
+  assert jax_compat.custom_vjp_backward(jnp.ones(3)) is None
+
+
+def test_forward_mode_tracer_is_told_from_reverse_mode():
+  seen = []
+
+  def f(x):
+    seen.append(jax_compat.is_forward_mode_tracer(x))
+    return jnp.sum(x**2)
+
+  jax.jvp(f, (jnp.ones(2),), (jnp.ones(2),))
+  jax.grad(f)(jnp.ones(2))
+  jax.jit(f)(jnp.ones(2))
+  assert seen == [True, False, False]

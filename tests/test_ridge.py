@@ -218,6 +218,18 @@ def test_woodbury_form_warns_like_the_moment_form():
 
 def test_check_condition_false_never_estimates():
   stats = tract_optax.conv_stats(_smooth_raw_images(), (7, 7), 2)
+  grad = jnp.ones((7, 7, 3, 4))
+
+  def program(check):
+    jaxpr = jax.make_jaxpr(
+      lambda g: tract_optax.precondition(g, stats, 0.1, check_condition=check)
+    )(grad)
+    return str(jaxpr)
+
+  checked, unchecked = program(True), program(False)
+  # the estimate is power / inverse iteration (fori_loops: scans) reported by a callback
+  assert 'scan' in checked and 'callback' in checked
+  assert 'scan' not in unchecked and 'while' not in unchecked and 'callback' not in unchecked
   with warnings.catch_warnings():
     warnings.simplefilter('error', tract_optax.ConditioningWarning)
-    tract_optax.precondition(jnp.ones((7, 7, 3, 4)), stats, 0.1, check_condition=False)
+    tract_optax.precondition(grad, stats, 0.1, check_condition=False)

@@ -26,7 +26,7 @@ from tract_optax._src.stats import (
   dense_stats,
   stats_from_rows,
 )
-from tract_optax._src.transform import TractState, stats_due, tract
+from tract_optax._src.transform import TractState, allow_before_tract, stats_due, tract
 from tract_optax._version import __version__ as __version__
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
   'TractState',
   'TractStats',
   'all_reduce_stats',
+  'allow_before_tract',
   'combine_stats',
   'conv',
   'conv_patches',

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from tract_optax._src import axes as axes_lib
-from tract_optax._src import docs_link
+from tract_optax._src import docs_link, jax_compat
 from tract_optax._src import ridge as ridge_lib
 from tract_optax._src.precondition import precondition
 from tract_optax._src.stats import TractStats, all_reduce_stats
@@ -211,11 +211,6 @@ def resolve_layout(
   )
 
 
-def check_fits(kernel_shape, stats: TractStats, channels_first: Optional[bool] = False) -> bool:
-  """Raises ``ValueError`` unless ``stats`` fits the kernel; see :func:`resolve_layout`."""
-  return resolve_layout(kernel_shape, stats, channels_first)
-
-
 def _batched_statistic_message(name: Optional[str], owner: str = 'tract_kernel') -> str:
   where = f' for {name!r}' if name else ''
   return (
@@ -278,54 +273,6 @@ def _tract_backward_functions() -> Tuple[object, ...]:
   return (_backward, layer_ops.backward_function())
 
 
-def _producer_backward(value) -> object:
-  """The backward function of the custom VJP that produced ``value``, if any.
-
-  Reads the trace: under reverse-mode differentiation ``value`` is a
-  linearisation tracer whose tangent was made by a ``custom_lin`` equation;
-  under ``jit`` alone it is a jaxpr tracer made by a ``custom_vjp_call``
-  equation. Both carry the custom VJP's backward function. A ``vmap``'s
-  tracer is looked through to the value it batches. Where JAX does not
-  expose this (another tracer, another release), returns None: nothing is
-  assumed. (JAX internals; jax 0.10.2.)
-  """
-  pending = [value]
-  try:
-    for _ in range(8):  # a few nested transformations at most
-      if not pending:
-        return None
-      tracer = pending.pop()
-      if not isinstance(tracer, jax.core.Tracer):
-        continue
-      parent = getattr(tracer, 'parent', None)
-      bwd = None if parent is None else parent.params.get('bwd')
-      if bwd is not None:
-        return _wrapped_core(bwd)
-      pending.extend(getattr(tracer, field, None) for field in ('val', 'tangent'))
-  except Exception:  # pylint: disable=broad-except  # internals moved: cannot tell
-    return None
-  return None
-
-
-def _wrapped_core(bwd) -> object:
-  """The function a custom VJP's (wrapped) backward function was made from.
-
-  Under ``jax.vmap`` JAX wraps the backward function in a new closure that
-  holds the original; the closure is looked through (a few levels at most).
-  """
-  for _ in range(4):
-    core = getattr(bwd, 'f', None)
-    inner = [
-      cell.cell_contents
-      for cell in getattr(core, '__closure__', None) or ()
-      if hasattr(cell.cell_contents, 'f') and hasattr(cell.cell_contents, 'call_wrapped')
-    ]
-    if not inner:
-      return core
-    bwd = inner[0]
-  return None
-
-
 def check_not_wrapped(kernel, owner: str, name: Optional[str]) -> None:
   """Refuses a kernel that is already the output of a TrAct custom VJP.
 
@@ -333,7 +280,7 @@ def check_not_wrapped(kernel, owner: str, name: Optional[str]) -> None:
     ValueError: ``kernel`` comes straight out of ``tract_kernel`` (or a layer
       op): its gradient would be preconditioned twice.
   """
-  producer = _producer_backward(kernel)
+  producer = jax_compat.custom_vjp_backward(kernel)
   if producer is not None and producer in _tract_backward_functions():
     where = f' for {name!r}' if name else ''
     raise ValueError(
@@ -357,19 +304,6 @@ _FORWARD_MODE_MESSAGE = (
 
 def _forward_mode_error(name: Optional[str]) -> TypeError:
   return TypeError(_FORWARD_MODE_MESSAGE.format(where=f' ({name!r})' if name else ''))
-
-
-def _is_forward_mode(kernel) -> bool:
-  """Whether ``kernel`` carries a forward-mode (JVP) tangent.
-
-  With JAX's direct linearisation (the default since JAX 0.5) reverse mode
-  never traces a JVP tracer, so a JVP tracer here means ``jax.jvp`` /
-  ``jax.jacfwd`` on the kernel. Where JAX does not say, nothing is assumed:
-  JAX's own error is then translated in :func:`tract_kernel`.
-  """
-  tracer_type = getattr(getattr(jax.interpreters, 'ad', None), 'JVPTracer', None)
-  direct = getattr(jax.config, 'jax_use_direct_linearize', None)  # None: moved
-  return direct is True and tracer_type is not None and isinstance(kernel, tracer_type)
 
 
 def check_settings(
@@ -475,7 +409,7 @@ def tract_kernel(
     raise TypeError(f'stats must be a tract_optax.TractStats, got {type(stats)}.')
   stats.validate('tract_kernel')
   channels_first = resolve_layout(jnp.shape(kernel), stats, channels_first)
-  if _is_forward_mode(kernel):
+  if jax_compat.is_forward_mode_tracer(kernel):
     raise _forward_mode_error(name)
   check_not_wrapped(kernel, 'tract_kernel', name)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)

@@ -1,25 +1,29 @@
 """Every use of JAX internals in tract_optax, in one place.
 
-tract_optax needs one thing public JAX does not offer: the names of the mapped
-axes bound where a function is traced (``pmap``, ``shard_map``,
-``vmap(..., axis_name=...)``), to refuse a per-device statistic that nobody
-asked for. Two spellings are tried, newest first:
+tract_optax needs three things public JAX does not offer, each read here and
+nowhere else, each returning "cannot tell" (None / False) rather than raising
+when a JAX release moves it, and each tested against the installed JAX in
+``tests/test_jax_compat.py``, so a move fails a test before it reaches users:
 
-- ``jax.extend.core.unsafe_get_axis_names_DO_NOT_USE()`` (a public module,
-  but marked unsafe; present in jax 0.10.2);
-- ``jax._src.core.get_axis_env().axis_sizes`` (private; jax 0.8.0, the oldest
-  supported release, through 0.10.2).
-
-If a JAX release moves both, :func:`bound_axis_names` returns None ("cannot
-tell") instead of raising, and the callers degrade to a warning
-(:mod:`tract_optax._src.axes`). ``tests/test_jax_compat.py`` checks both
-spellings against the installed JAX, so a move fails a test before it reaches
-users.
+- :func:`bound_axis_names`: the names of the mapped axes bound where a
+  function is traced (``pmap``, ``shard_map``, ``vmap(..., axis_name=...)``),
+  to refuse a per-device statistic that nobody asked for. Two spellings are
+  tried, newest first: ``jax.extend.core.unsafe_get_axis_names_DO_NOT_USE()``
+  (a public module, but marked unsafe; present in jax 0.10.2) and
+  ``jax._src.core.get_axis_env().axis_sizes`` (private; jax 0.8.0, the oldest
+  supported release, through 0.10.2). Where neither works the callers degrade
+  to a warning (:mod:`tract_optax._src.axes`).
+- :func:`custom_vjp_backward`: which custom VJP produced a traced value, to
+  refuse a kernel wrapped by TrAct twice.
+- :func:`is_forward_mode_tracer`: whether a value carries a forward-mode
+  tangent, to name TrAct in the error for ``jax.jvp`` through a wrapped kernel.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Hashable, Optional, Tuple
+
+import jax
 
 
 def _from_extend() -> Optional[Callable[[], Tuple[Hashable, ...]]]:
@@ -78,3 +82,72 @@ def bound_axis_names() -> Optional[Tuple[Hashable, ...]]:
     except Exception:  # pylint: disable=broad-except  # moved or changed: try the next
       continue
   return None
+
+
+def custom_vjp_backward(value) -> Optional[Callable]:
+  """The backward function of the ``jax.custom_vjp`` that produced ``value``, if any.
+
+  Reads the trace: under reverse-mode differentiation ``value`` is a
+  linearisation tracer whose tangent was made by a ``custom_lin`` equation;
+  under ``jit`` alone it is a jaxpr tracer made by a ``custom_vjp_call``
+  equation. Both carry the custom VJP's backward function in their ``bwd``
+  parameter. A ``vmap``'s tracer is looked through to the value it batches,
+  and the closure ``vmap`` wraps the backward function in is looked through to
+  the user's function. Where JAX does not expose this (a concrete value,
+  another tracer, another release) it returns None: nothing is assumed.
+
+  Example:
+    >>> import jax
+    >>> custom_vjp_backward(jax.numpy.ones(2)) is None
+    True
+  """
+  pending = [value]
+  try:
+    for _ in range(8):  # a few nested transformations at most
+      if not pending:
+        return None
+      tracer = pending.pop()
+      if not isinstance(tracer, jax.core.Tracer):
+        continue
+      parent = getattr(tracer, 'parent', None)
+      backward = None if parent is None else parent.params.get('bwd')
+      if backward is not None:
+        return _unwrapped(backward)
+      pending.extend(getattr(tracer, field, None) for field in ('val', 'tangent'))
+  except Exception:  # pylint: disable=broad-except  # internals moved: cannot tell
+    return None
+  return None
+
+
+def _unwrapped(backward) -> Optional[Callable]:
+  """The function a custom VJP's (possibly ``vmap``-wrapped) backward was made from."""
+  for _ in range(4):
+    core = getattr(backward, 'f', None)
+    inner = [
+      cell.cell_contents
+      for cell in getattr(core, '__closure__', None) or ()
+      if hasattr(cell.cell_contents, 'f') and hasattr(cell.cell_contents, 'call_wrapped')
+    ]
+    if not inner:
+      return core
+    backward = inner[0]
+  return None
+
+
+def is_forward_mode_tracer(value) -> bool:
+  """Whether ``value`` carries a forward-mode (JVP) tangent.
+
+  With JAX's direct linearisation (the default since JAX 0.5) reverse mode
+  never traces a JVP tracer, so a JVP tracer means ``jax.jvp`` /
+  ``jax.jacfwd``. Where JAX does not say (the tracer type or the flag moved),
+  returns False: nothing is assumed.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> jax.jvp(lambda x: (print(is_forward_mode_tracer(x)), x)[1], (1.0,), (1.0,))[0]
+    True
+    1.0
+  """
+  tracer_type = getattr(getattr(jax.interpreters, 'ad', None), 'JVPTracer', None)
+  direct = getattr(jax.config, 'jax_use_direct_linearize', None)  # None: moved
+  return direct is True and tracer_type is not None and isinstance(value, tracer_type)

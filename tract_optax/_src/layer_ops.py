@@ -29,7 +29,7 @@ import numpy as np
 
 from tract_optax._src import axes as axes_lib
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import gradient_route
+from tract_optax._src import gradient_route, jax_compat
 from tract_optax._src import stats as stats_lib
 from tract_optax._src.precondition import precondition_layer
 from tract_optax._src.stats import TractStats, all_reduce_stats
@@ -161,7 +161,7 @@ def _call(
 ):
   """Shared by :func:`dense` and :func:`conv`: checks, statistic, guards, the op."""
   reduce_over = gradient_route.check_settings(lam, axis_name, local_stats, owner)
-  if gradient_route._is_forward_mode(kernel):
+  if jax_compat.is_forward_mode_tracer(kernel):
     raise gradient_route._forward_mode_error(layer.name)
   gradient_route.check_not_wrapped(kernel, owner, layer.name)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats_of(jax.lax.stop_gradient(x)))

@@ -104,26 +104,42 @@ def _solve_identity(rows: jax.Array, count, cotangent: jax.Array, lam):
 
 
 def condition_estimate(
-  system: jax.Array, factor: jax.Array, smallest: Optional[jax.Array] = None
+  system: jax.Array,
+  factor: jax.Array,
+  largest: Optional[jax.Array] = None,
+  smallest: Optional[jax.Array] = None,
 ) -> jax.Array:
   """Estimated 2-norm condition number of an SPD ``system`` (a lower bound).
 
   Power iteration for the largest eigenvalue and inverse iteration (with the
   lower Cholesky ``factor`` already computed) for the smallest; 16 steps each, a
-  few ``n x n`` products, far cheaper than the factorisation.
+  few ``n x n`` products, far cheaper than the factorisation. The solve's
+  conditioning check uses it (one group at a time, under ``vmap``).
 
   Args:
     system: the SPD matrix solved.
     factor: its lower Cholesky factor.
+    largest: its largest eigenvalue, if already estimated.
     smallest: the smallest eigenvalue that matters, if known (the Woodbury
       form's ``N lam``: then the estimate is that of the ``n x n`` system,
       whose accuracy the Woodbury result shares through its cancellation).
+
+  Returns:
+    A scalar: largest over smallest eigenvalue (1 for an empty system).
+
+  Example:
+    >>> system = jnp.diag(jnp.asarray([1.0, 4.0, 2.0]))
+    >>> factor = jnp.linalg.cholesky(system)
+    >>> round(float(condition_estimate(system, factor)), 3)
+    4.0
   """
   if system.shape[-1] == 0:
     return jnp.ones([], system.dtype)
+  if largest is None:
+    largest = largest_eigenvalue(system)
   if smallest is None:
     smallest = _smallest_eigenvalue(system, factor)
-  return largest_eigenvalue(system) / smallest
+  return largest / smallest
 
 
 def _smallest_eigenvalue(system: jax.Array, factor: jax.Array) -> jax.Array:
@@ -167,7 +183,7 @@ def largest_eigenvalue(system: jax.Array) -> jax.Array:
 # Compiled once per shape: eager calls would otherwise re-trace the iterations'
 # loops (new closures) on every call.
 _largest_eigenvalues = jax.jit(jax.vmap(largest_eigenvalue))
-_smallest_eigenvalues = jax.jit(jax.vmap(_smallest_eigenvalue))
+_condition_estimates = jax.jit(jax.vmap(condition_estimate))
 
 
 def _is_concrete(*values) -> bool:
@@ -431,18 +447,15 @@ def _solve(grad_kernel, stats: TractStats, lam, cotangent, *, relative_lam: bool
     values = None
     if check:
       largest = _largest_eigenvalues(system)
+      smallest = None  # estimated, unless the Woodbury form's cancellation decides
       if stats.moment is not None:
-        condition = largest / _smallest_eigenvalues(system, factor)
         unit = jnp.ones([], dtype)
       else:
         count = jnp.asarray(stats.count, dtype)
         if cotangent is None:  # the n x n system's condition, which the cancellation shares
-          condition = largest / (count * safe_ridges)
-        else:  # no cancellation: the N x N system's own condition
-          condition = largest / _smallest_eigenvalues(system, factor)
+          smallest = count * safe_ridges
         unit = jnp.where(count > 0, count, jnp.ones_like(count))  # N (lam I + M) -> n x n
-      if system.shape[-1] == 0:
-        condition = jnp.ones_like(condition)
+      condition = _condition_estimates(system, factor, largest, smallest)
       values = (
         condition,
         largest / unit,

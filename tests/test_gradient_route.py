@@ -272,6 +272,28 @@ def test_weight_decay_in_the_loss_is_not_preconditioned_on_this_route():
   assert reference.rel_err(in_loss, expected) > 0.05
 
 
+def test_weight_decay_of_the_wrapped_kernel_is_preconditioned():
+  """tract_kernel: a decay that reads the stored kernel passes by; one that reads the
+  wrapped kernel flows through the custom VJP and is preconditioned with the data."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((32, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  stats = tract_optax.dense_stats(x)
+  wd = 1e-2
+
+  def loss(k, decay_reads_wrapped):
+    wrapped = tract_optax.tract_kernel(k, stats, lam=LAM)
+    decayed = wrapped if decay_reads_wrapped else k
+    return jnp.mean((x @ wrapped) ** 2) + wd * jnp.sum(decayed**2)
+
+  data = jax.grad(lambda k: jnp.mean((x @ k) ** 2))(kernel)
+  stored = tract_optax.precondition(data, stats, LAM) + 2 * wd * kernel
+  wrapped = tract_optax.precondition(data + 2 * wd * kernel, stats, LAM)
+  _close(jax.grad(loss)(kernel, False), stored)
+  _close(jax.grad(loss)(kernel, True), wrapped)
+  assert reference.rel_err(stored, wrapped) > 1e-2
+
+
 class RematScan(nn.Module):
   """Remat'ed stem and a scan over shared blocks."""
 
@@ -578,6 +600,32 @@ def test_two_views_one_call_on_the_concatenation_equals_the_optax_route():
     _close(got['head']['kernel'], plain['head']['kernel'])
   separate = jax.jit(jax.grad(per_view))(params)
   assert reference.rel_err(separate['stem']['kernel'], expected) > 0.05
+
+
+def test_a_view_used_twice_counts_twice_in_the_optax_route():
+  """Views (v1, v2, v1): the Optax route's statistic holds every call's rows, v1 twice;
+  one kernel wrapped with every call's statistic equals it, the distinct views do not."""
+  model, x, _, _ = _linen_case('cnn')
+  v1, v2 = x, jnp.flip(x, axis=2) * 0.5 + 0.3
+  views = (v1, v2, v1)
+  labels = _labels(x.shape[0])
+  params = model.init(jax.random.key(0), x)['params']
+  plain, stats = _two_view_grads(model, params, views, labels)
+  tx = tract_optax.tract(LAM)
+  optax_route, _ = tx.update(plain, tx.init(params),
+                             tract_stats={'stem': tract_optax.combine_stats(stats)})
+
+  def wrapped_once(p, calls):
+    combined = tract_optax.conv_stats(jnp.concatenate(calls), (3, 3))
+    kernel = tract_optax.tract_kernel(p['stem']['kernel'], combined, lam=LAM,
+                                      channels_first=False)
+    p = {**p, 'stem': {**p['stem'], 'kernel': kernel}}
+    return sum(_xent(model.apply({'params': p}, view), labels) for view in views)
+
+  every_call = jax.grad(wrapped_once)(params, views)['stem']['kernel']
+  distinct = jax.grad(wrapped_once)(params, (v1, v2))['stem']['kernel']
+  _close(every_call, optax_route['stem']['kernel'])
+  assert reference.rel_err(distinct, optax_route['stem']['kernel']) > 0.05  # 0.15 here
 
 
 class NNXDropout(nnx.Module):

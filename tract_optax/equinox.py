@@ -1,13 +1,13 @@
 """TrAct for Equinox layers (needs Equinox: ``pip install equinox``).
 
-- :func:`apply_tract`: an ``eqx.nn.Linear`` / ``eqx.nn.Conv`` applied to the
+- ``apply_tract``: an ``eqx.nn.Linear`` / ``eqx.nn.Conv`` applied to the
   whole batch, its weight's gradient TrAct's.
-- :func:`tract_layer`: the layer with its weight wrapped, to swap into a
+- ``tract_layer``: the layer with its weight wrapped, to swap into a
   model before ``jax.vmap(model)(x)``.
-- :func:`layer_stats`: the layer's input statistic for the Optax route,
+- ``layer_stats``: the layer's input statistic for the Optax route,
   geometry (padding, stride, dilation, groups) read off the layer.
-- :func:`conv_padding`: the explicit padding an Equinox conv applies.
-- :class:`TractLayer`: the layer, its statistic taken from the input it
+- ``conv_padding``: the explicit padding an Equinox conv applies.
+- ``TractLayer``: the layer, its statistic taken from the input it
   receives (safe under Equinox's per-example ``jax.vmap`` with ``axis_name``).
 
 ``import tract_optax`` does not import this module (nor Equinox).

@@ -2,17 +2,17 @@
 
 A first layer's input statistic depends on the data only, never on the
 weights, so each batch's statistic is a noisy estimate of one fixed population
-moment. In amortised mode :func:`~tract_optax.tract` keeps a moment per layer
+moment. In amortised mode ``tract`` keeps a moment per layer
 in its state, refreshes it when a refresh is due (every ``refresh_every``
 steps, as an exponential moving average when ``stats_decay > 0``), and
 preconditions with the kept moment in between; the capture may skip computing
-the statistic on steps where :func:`~tract_optax.stats_due` is false. The
+the statistic on steps where ``stats_due`` is false. The
 paper's (and our default) behaviour is the exact per-batch statistic.
 
 This module holds the cache arithmetic; the state and the schedule of
-refreshes live in :mod:`tract_optax._src.tract_state` (the period in
+refreshes live in ``tract_optax._src.tract_state`` (the period in
 ``tract``'s closure, the last refresh in its state). The kept moment is ``n x n``
-whatever the batch, so layers with more than :data:`MAX_AMORTIZED_FEATURES`
+whatever the batch, so layers with more than ``MAX_AMORTIZED_FEATURES``
 input features are refused (the per-batch statistic serves them).
 """
 
@@ -65,7 +65,7 @@ def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   Raises:
     ModulePathError: (a ``KeyError``) if a layer has no ``kernel`` in ``params``.
     ValueError: if a layer's input size ``n`` exceeds
-      :data:`MAX_AMORTIZED_FEATURES` (its moment would not fit sensibly).
+      ``MAX_AMORTIZED_FEATURES`` (its moment would not fit sensibly).
   """
   kernels = paths_lib.kernel_leaf_index(params)
   leaves = jax.tree_util.tree_leaves(params)
@@ -90,7 +90,7 @@ def refresh_cache(
   never refreshed before (count 0) takes its fresh statistic as is.
 
   Args:
-    cache: the kept statistics by :func:`cache_key`.
+    cache: the kept statistics by ``cache_key``.
     fresh: this step's statistics by module path, one per kept layer.
     due: scalar bool, whether this step refreshes.
     decay: weight of the kept moment in the moving average (0: replace).

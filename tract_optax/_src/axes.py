@@ -22,7 +22,7 @@ AxisName = Union[Hashable, Sequence[Hashable], None]
 def bound_axis_names() -> Optional[Tuple[Hashable, ...]]:
   """The named axes bound where this is traced, or None if JAX cannot tell.
 
-  See :func:`tract_optax._src.jax_compat.bound_axis_names`.
+  See ``tract_optax._src.jax_compat.bound_axis_names``.
 
   Example:
     >>> bound_axis_names()

@@ -2,9 +2,9 @@
 
 ``tract`` sees only the updates it receives and its own state, so it cannot
 tell whether it runs first, or twice. Whoever holds the whole optimizer state
-(``TractTrainState.apply_gradients``, :func:`~tract_optax.stats_due`) calls
-:func:`check_opt_state`, which walks the state tree: no list of optimizer
-names, no module-level state. :func:`allow_before_tract` marks a member the
+(``TractTrainState.apply_gradients``, ``stats_due``) calls
+``check_opt_state``, which walks the state tree: no list of optimizer
+names, no module-level state. ``allow_before_tract`` marks a member the
 user vouches for.
 """
 
@@ -45,7 +45,7 @@ _NOT_FIRST = (
 
 
 class AllowedBeforeTractState(NamedTuple):
-  """State of :func:`allow_before_tract`: the wrapped transformation's state."""
+  """State of ``allow_before_tract``: the wrapped transformation's state."""
 
   inner_state: Any
 
@@ -56,7 +56,7 @@ def allow_before_tract(
   """Marks a stateful transformation the user vouches is harmless before ``tract``.
 
   The whole-state check (``TractTrainState.apply_gradients``,
-  :func:`~tract_optax.stats_due`) refuses a chain member with per-coordinate
+  ``stats_due``) refuses a chain member with per-coordinate
   state (arrays of rank >= 1, random keys) ahead of ``tract``. Wrap such a member
   in this function when it does not change the first layer's kernel gradient
   beyond a factor (e.g. an Adam masked to other leaves); nothing else changes.
@@ -141,7 +141,7 @@ def _carries_state(member) -> bool:
 def _member_before_tract(node) -> Optional[Tuple[int, Any]]:
   """The first chain member ahead of a ``tract`` that carries state, or None.
 
-  Walks the state tree: in a chain's state (see :func:`_is_sequence_of_members`)
+  Walks the state tree: in a chain's state (see ``_is_sequence_of_members``)
   the members before the one that holds a ``TractState`` are checked; any
   other node (``inject_hyperparams``, ``MultiSteps``, ``masked``, ``partition``,
   ``lookahead``, ``apply_if_finite`` ...) is a wrapper or a set of groups, and
@@ -184,13 +184,13 @@ def check_opt_state(
   """Refuses what a whole optimizer state shows to be wrong.
 
   ``tract`` itself sees only its own state, so a caller that holds the whole
-  state (``TractTrainState.apply_gradients``, :func:`~tract_optax.stats_due`)
+  state (``TractTrainState.apply_gradients``, ``stats_due``)
   checks it by its structure: statistics go to an optimizer that holds a
   ``tract``; it holds one ``tract``, not several; and no chain member ahead of
   ``tract`` carries per-coordinate state (arrays of rank >= 1 or a random key:
   Adam, momentum, RMSProp, noise ...). Scalar state (counts, schedules) and
   stateless members (clipping) are accepted; so are wrappers around the chain
-  (``MultiSteps``, ``inject_hyperparams``). :func:`allow_before_tract` marks
+  (``MultiSteps``, ``inject_hyperparams``). ``allow_before_tract`` marks
   a member the user vouches for.
 
   Args:

@@ -11,7 +11,7 @@ defaults included: ``padding='SAME'``, and explicit padding may be negative
 (it crops the input, as ``jax.lax.conv_general_dilated`` does).
 
 Patches are built by one of three routes, picked from static shapes by
-:func:`patch_route`; all give the same rows (the tests hold each one to an
+``patch_route``; all give the same rows (the tests hold each one to an
 explicit numpy reference):
 
 * ``'non_overlapping'``: windows that do not overlap (``strides >=
@@ -45,7 +45,7 @@ IntOrSeq = Union[int, Sequence[int]]
 PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
 Pads = Tuple[Tuple[int, int], ...]
 
-#: Patch bytes materialised at once by :func:`conv_stats`.
+#: Patch bytes materialised at once by ``conv_stats``.
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
 
 #: Overlapping windows of at most this many offsets take the
@@ -342,18 +342,18 @@ def conv_geometry(
   *,
   feature_group_count: int = 1,
 ) -> ConvGeometry:
-  """The :class:`ConvGeometry` of a convolution of ``x``, from shapes alone.
+  """The ``ConvGeometry`` of a convolution of ``x``, from shapes alone.
 
   Args:
     x: the inputs, or anything with their ``shape`` (``jax.ShapeDtypeStruct``).
     kernel_size, strides, padding, dilation, feature_group_count: as for
-      :func:`conv_stats`.
+      ``conv_stats``.
 
   Returns:
     The resolved geometry: output shape, explicit zero padding, ``N``, ``n``.
 
   Raises:
-    ValueError, TypeError: as :func:`conv_stats`.
+    ValueError, TypeError: as ``conv_stats``.
 
   Example:
     >>> g = conv_geometry(jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32), (3, 3), 2)
@@ -397,10 +397,10 @@ def _pad_to_extent(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
 
 
 def patch_route(geometry: ConvGeometry) -> str:
-  """Which of :data:`ROUTES` builds the patches of ``geometry``.
+  """Which of ``ROUTES`` builds the patches of ``geometry``.
 
   Non-overlapping windows are a reshape; overlapping windows of at most
-  :data:`SLICES_MAX_WINDOW` offsets are strided slices (fastest at run time);
+  ``SLICES_MAX_WINDOW`` offsets are strided slices (fastest at run time);
   larger ones use the identity convolution, whose compile time does not grow
   with the window.
 
@@ -498,7 +498,7 @@ def _identity_conv_rows(padded: jax.Array, geometry: ConvGeometry) -> jax.Array:
   """Patches by ``conv_general_dilated_patches``, in its channel-major order.
 
   Features of a group are ordered ``(channel, *window)``; see
-  :func:`_channel_major_to_flax` for the permutation to Flax order.
+  ``_channel_major_to_flax`` for the permutation to Flax order.
   """
   patches = jax.lax.conv_general_dilated_patches(
     padded,
@@ -636,7 +636,7 @@ def _gram_by_image_chunks_any_batch(
   precision: stats_lib.PrecisionLike,
   per_chunk: int,
 ) -> jax.Array:
-  """:func:`_gram_by_image_chunks` for a batch of symbolic size ``b``.
+  """``_gram_by_image_chunks`` for a batch of symbolic size ``b``.
 
   One program must serve every ``b``, including ``b < per_chunk``: the
   ``b // per_chunk`` whole chunks (possibly none) are summed in a
@@ -722,7 +722,7 @@ def _validated_budget(max_chunk_bytes) -> Optional[int]:
 def _patches(
   x, kernel_size, strides, padding, dilation, feature_group_count, route: Optional[str]
 ) -> jax.Array:
-  """:func:`conv_patches` by ``route`` (one of :data:`ROUTES`; None: the best)."""
+  """``conv_patches`` by ``route`` (one of ``ROUTES``; None: the best)."""
   x, geometry = _prepare(
     x, kernel_size, strides, padding, dilation, feature_group_count, where='conv_patches'
   )
@@ -743,7 +743,7 @@ def _stats(
   route: Optional[str],
   form: Optional[str] = None,
 ) -> stats_lib.TractStats:
-  """:func:`conv_stats` by ``route`` (one of :data:`ROUTES`; None: the best)."""
+  """``conv_stats`` by ``route`` (one of ``ROUTES``; None: the best)."""
   form = stats_lib.check_form(form, 'conv_stats')
   max_chunk_bytes = _validated_budget(max_chunk_bytes)
   x, geometry = _prepare(x, kernel_size, strides, padding, dilation, feature_group_count)
@@ -781,7 +781,7 @@ def conv_patches(
   """The explicit patch matrix ``A`` of a convolution, in Flax kernel order.
 
   This is the obvious (memory-hungry) reference: it materialises all
-  ``N x n`` patch entries. :func:`conv_stats` avoids doing so. Arguments and
+  ``N x n`` patch entries. ``conv_stats`` avoids doing so. Arguments and
   defaults are those of ``flax.linen.Conv``, so ``A @ kernel.reshape(n, -1)``
   is the output of ``nn.Conv(..., kernel_size, strides, padding, ...)``, with
   output positions flattened.
@@ -802,7 +802,7 @@ def conv_patches(
     feature ``k * (c_in / groups) + c`` pairs window offset ``k`` with channel ``c``.
 
   Raises:
-    ValueError, TypeError: as :func:`conv_stats`.
+    ValueError, TypeError: as ``conv_stats``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -861,7 +861,7 @@ def conv_stats(
       from the shapes as above.
 
   Returns:
-    The layer's :class:`~tract_optax.TractStats`, ``N = batch * output positions``.
+    The layer's ``TractStats``, ``N = batch * output positions``.
 
   Raises:
     ValueError: wrong input rank, an argument out of range or with the wrong

@@ -7,18 +7,18 @@ and are batched with ``jax.vmap``; their weights are in PyTorch layout
 ``(low, high)`` pair per spatial axis, with a ``padding_mode`` of zeros,
 reflection, replication or wrapping. Written by hand, each of these is a
 chance to compute the statistic of the wrong rows (Flax's ``'SAME'`` default
-of :func:`~tract_optax.conv_stats`, a patch order that is not the kernel's)
+of ``conv_stats``, a patch order that is not the kernel's)
 or to read the kernel the wrong way. The functions here read all of it off
 ``eqx.nn.Linear`` / ``eqx.nn.Conv`` (1-3 spatial dims) and take the whole
 batch, so the statistic is that of every row the layer sees:
 
-- :func:`layer_stats`: the layer's input statistic for a batch;
-- :func:`tract_layer`: the layer whose weight's gradient is TrAct's, for the
+- ``layer_stats``: the layer's input statistic for a batch;
+- ``tract_layer``: the layer whose weight's gradient is TrAct's, for the
   usual ``jax.vmap(model)(x)``: wrap it outside the vmap;
-- :func:`apply_tract`: the layer applied to the whole batch with that weight;
-- :class:`TractLayer`: the layer itself, its statistic taken from the input
-  it receives in ``__call__`` (through :func:`tract_optax.dense` /
-  :func:`tract_optax.conv`): nothing is written twice, under Equinox's
+- ``apply_tract``: the layer applied to the whole batch with that weight;
+- ``TractLayer``: the layer itself, its statistic taken from the input
+  it receives in ``__call__`` (through ``tract_optax.dense`` /
+  ``tract_optax.conv``): nothing is written twice, under Equinox's
   per-example ``jax.vmap`` too (with ``axis_name``).
 """
 
@@ -129,10 +129,10 @@ def layer_stats(
       (none: one example).
     precision: matmul precision of the moment ('default', 'high', 'highest').
     max_chunk_bytes: conv patch bytes materialised at once (see
-      :func:`~tract_optax.conv_stats`).
+      ``conv_stats``).
 
   Returns:
-    The layer's :class:`~tract_optax.TractStats`; ``N`` counts every row of
+    The layer's ``TractStats``; ``N`` counts every row of
     every example (output positions of a conv).
 
   Raises:
@@ -190,14 +190,14 @@ def tract_layer(
   ``eqx.tree_at``). The wrapped weight is then shared by every lane, its
   cotangent is the whole batch's, and the statistic is that of the whole
   batch: the gradient is TrAct's. Inside the vmap the statistic would be
-  one example's, which :func:`tract_optax.tract_kernel` refuses. ``x`` must
+  one example's, which ``tract_optax.tract_kernel`` refuses. ``x`` must
   be what the layer receives; where the model transforms its input before
-  the layer (patches rearranged), use :class:`TractLayer`, which takes the
+  the layer (patches rearranged), use ``TractLayer``, which takes the
   statistic from the layer's own input.
 
   Args:
     layer: an ``eqx.nn.Linear`` or ``eqx.nn.Conv`` (1-3 spatial dims).
-    x: the whole batch the layer sees in this step (see :func:`layer_stats`);
+    x: the whole batch the layer sees in this step (see ``layer_stats``);
       for several views, all of them concatenated.
     lam: the ridge strength lambda > 0.
     axis_name: the ``pmap`` / ``shard_map`` axis (or axes) splitting the
@@ -205,16 +205,16 @@ def tract_layer(
     local_stats: inside ``pmap`` / ``shard_map``, each device's own statistic
       on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
-    check_condition: as for :func:`tract_optax.tract_kernel`.
+    check_condition: as for ``tract_optax.tract_kernel``.
     name: the layer's name for messages.
 
   Returns:
-    ``layer`` with its weight wrapped by :func:`tract_optax.tract_kernel`
+    ``layer`` with its weight wrapped by ``tract_optax.tract_kernel``
     (layout read off the layer); the bias is untouched.
 
   Raises:
-    TypeError, ValueError: as :func:`layer_stats` and
-      :func:`tract_optax.tract_kernel`.
+    TypeError, ValueError: as ``layer_stats`` and
+      ``tract_optax.tract_kernel``.
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -256,7 +256,7 @@ def apply_tract(
   """The layer applied to the whole batch ``x``, with TrAct's weight gradient.
 
   Equivalent to ``jax.vmap(layer)(x)`` over the leading batch axes (exactly
-  the same output), with the weight wrapped by :func:`tract_layer` for the
+  the same output), with the weight wrapped by ``tract_layer`` for the
   statistic of all of ``x``. Call it once per step on everything the layer
   sees: two ``apply_tract`` calls (two views) each use their own view's
   statistic, which is not TrAct's update for the pair; concatenate the views
@@ -269,14 +269,14 @@ def apply_tract(
     axis_name: the ``pmap`` / ``shard_map`` axis (or axes) splitting the batch.
     local_stats: inside ``pmap`` / ``shard_map``, each device's own statistic.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
-    check_condition: as for :func:`tract_optax.tract_kernel`.
+    check_condition: as for ``tract_optax.tract_kernel``.
     name: the layer's name for messages.
 
   Returns:
     The layer's output for every example, with ``x``'s leading axes.
 
   Raises:
-    TypeError, ValueError: as :func:`tract_layer`.
+    TypeError, ValueError: as ``tract_layer``.
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -308,7 +308,7 @@ class TractLayer(eqx.Module):
   """An Equinox Linear / Conv whose weight's gradient is TrAct's for the input it receives.
 
   The statistic is computed inside ``__call__`` from the very input the layer
-  is applied to (:func:`tract_optax.dense` / :func:`tract_optax.conv`), so a
+  is applied to (``tract_optax.dense`` / ``tract_optax.conv``), so a
   model that rearranges its input before the layer (patches in any order)
   cannot hand TrAct other rows than the weight multiplies. Under Equinox's
   per-example ``jax.vmap(model, axis_name='batch')``, pass
@@ -321,12 +321,12 @@ class TractLayer(eqx.Module):
     lam: the ridge strength lambda > 0, a Python number (an array here
       would be an array leaf of the model, which an optimizer with weight
       decay would change; for a schedule, swap in a new ``TractLayer`` with
-      the step's value, or use :func:`tract_layer`).
+      the step's value, or use ``tract_layer``).
     axis_name: the ``vmap`` / ``pmap`` / ``shard_map`` axis (or axes) that
       split the batch.
     local_stats: each device's own statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n``.
-    check_condition: as for :func:`tract_optax.tract_kernel`.
+    check_condition: as for ``tract_optax.tract_kernel``.
     per_lane_stats: under ``jax.vmap`` with a layer per lane (an ensemble on
       its own data), each lane's own statistic.
     name: the layer's name for messages.

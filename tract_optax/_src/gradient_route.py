@@ -2,7 +2,7 @@
 
 The authors' PyTorch code wraps the first layer in a custom autograd function,
 so the kernel's gradient comes out of backpropagation already preconditioned
-and no optimizer, trainer or loop changes. :func:`tract_kernel` is the JAX
+and no optimizer, trainer or loop changes. ``tract_kernel`` is the JAX
 equivalent, free of any framework: an identity on the kernel whose
 ``custom_vjp`` replaces the kernel's cotangent ``G`` (the gradient of
 everything that flows through the kernel after this point) by its TrAct
@@ -15,9 +15,9 @@ micro-batch's TrAct gradient with its own statistic, as the Optax route does
 with ``tract`` outside ``MultiSteps``; a ``pmean`` of gradients gives the
 whole batch's update when the statistic is all-reduced (``axis_name``).
 Weight decay written into the loss never passes through it (as in the
-authors' code). The Flax glue (:func:`tract_optax.linen.apply_tract`,
-:func:`tract_optax.nnx.apply_tract`) and the Equinox helpers
-(:mod:`tract_optax.equinox`) do the substitution for you.
+authors' code). The Flax glue (``tract_optax.linen.apply_tract``,
+``tract_optax.nnx.apply_tract``) and the Equinox helpers
+(``tract_optax.equinox``) do the substitution for you.
 
 One statistic per batch. TrAct's statistic is that of every row the layer
 saw in the step. Two things split the rows silently unless refused:
@@ -39,18 +39,18 @@ saw in the step. Two things split the rows silently unless refused:
   the calls' statistics) gives ``P (sum_v G_v)``. The two routes agree when
   the layer is called once per step; for several views, call the layer once
   on the concatenated views (then split its output), or wrap the kernel once
-  with the combined statistic (:func:`tract_optax.combine_stats`) and use
+  with the combined statistic (``tract_optax.combine_stats``) and use
   that one wrapped kernel in every call.
 
 A kernel wrapped twice (``tract_kernel(tract_kernel(w, s), s)``, or the
-output of :func:`tract_optax.dense` / :func:`tract_optax.conv` wrapped again)
+output of ``tract_optax.dense`` / ``tract_optax.conv`` wrapped again)
 would be preconditioned twice. The trace shows it: the kernel handed in is
 the direct output of this module's custom VJP, which is refused. A wrapped
 kernel passed through other operations first (a reshape, a cast) is not
 detected (docs/routes.md, "A kernel wrapped twice").
 
-For the first layer itself prefer the layer ops :func:`tract_optax.conv` and
-:func:`tract_optax.dense`: they compute the statistic from the layer's own
+For the first layer itself prefer the layer ops ``tract_optax.conv`` and
+``tract_optax.dense``: they compute the statistic from the layer's own
 input and geometry, so it cannot disagree with the layer.
 
 Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
@@ -349,7 +349,7 @@ def tract_kernel(
       c_out)`` / ``(n_in, n_out)``, or PyTorch / Equinox layout ``(c_out,
       c_in / groups, *window)`` / ``(n_out, n_in)``.
     stats: the statistic of this layer's input in this forward pass
-      (:func:`~tract_optax.dense_stats`, :func:`~tract_optax.conv_stats`;
+      (``dense_stats``, ``conv_stats``;
       gradients do not flow into it).
     lam: the ridge strength lambda > 0: a number or a scalar array (e.g. a
       schedule's value the caller computed).
@@ -364,7 +364,7 @@ def tract_kernel(
       for Flax; None (default) reads it off the shapes, and refuses a kernel
       that fits the statistic both ways (a square Dense kernel; a conv kernel
       whose output channels equal its first window size).
-    check_condition: warn (a :class:`~tract_optax.ConditioningWarning`) when
+    check_condition: warn (a ``ConditioningWarning``) when
       the solve is ill-conditioned. None (default): when the backward pass
       runs eagerly (``jax.grad`` outside ``jit``); True: inside ``jit`` too;
       False: never.
@@ -381,7 +381,7 @@ def tract_kernel(
   Raises:
     ValueError: ``lam`` is not a finite number > 0, the statistic does not fit
       the kernel, the layout is ambiguous and not given, named axes are
-      misused (see :func:`tract_optax.tract`), (when traced under
+      misused (see ``tract_optax.tract``), (when traced under
       ``jax.vmap``) the statistic is batched without ``per_lane_stats``, or
       with it while the kernel is shared by the lanes, or the kernel is
       already the output of ``tract_kernel`` (wrapped twice).

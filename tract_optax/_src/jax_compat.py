@@ -5,17 +5,17 @@ nowhere else, each returning "cannot tell" (None / False) rather than raising
 when a JAX release moves it, and each tested against the installed JAX in
 ``tests/test_jax_compat.py``, so a move fails a test before it reaches users:
 
-- :func:`bound_axis_names`: the names of the mapped axes bound where a
+- ``bound_axis_names``: the names of the mapped axes bound where a
   function is traced (``pmap``, ``shard_map``, ``vmap(..., axis_name=...)``),
   to refuse a per-device statistic that nobody asked for. Two spellings are
   tried, newest first: ``jax.extend.core.unsafe_get_axis_names_DO_NOT_USE()``
   (a public module, but marked unsafe; present in jax 0.10.2) and
   ``jax._src.core.get_axis_env().axis_sizes`` (private; jax 0.8.0, the oldest
   supported release, through 0.10.2). Where neither works the callers degrade
-  to a warning (:mod:`tract_optax._src.axes`).
-- :func:`custom_vjp_backward`: which custom VJP produced a traced value, to
+  to a warning (``tract_optax._src.axes``).
+- ``custom_vjp_backward``: which custom VJP produced a traced value, to
   refuse a kernel wrapped by TrAct twice.
-- :func:`is_forward_mode_tracer`: whether a value carries a forward-mode
+- ``is_forward_mode_tracer``: whether a value carries a forward-mode
   tangent, to name TrAct in the error for ``jax.jvp`` through a wrapped kernel.
 """
 

@@ -4,7 +4,7 @@
 ``dense(x, kernel)`` computes ``x @ kernel``; each returns the layer's output,
 and ``jax.grad`` through it gives the kernel its TrAct gradient. The statistic
 is computed inside the op from the very ``x`` and geometry the layer uses
-(:func:`~tract_optax.conv_stats` / :func:`~tract_optax.dense_stats`), so it
+(``conv_stats`` / ``dense_stats``), so it
 cannot disagree with the layer: no padding, stride or patch order is written
 twice.
 
@@ -14,8 +14,8 @@ kernel's by the TrAct gradient. Having the output cotangent ``d`` and the rows
 ``A``, it uses ``(A^T A / N + lam I)^{-1} A^T d = A^T (A A^T / N + lam I)^{-1}
 d`` when the statistic keeps the rows (``N < n``), which avoids the Woodbury
 form's cancellation; otherwise the moment form of
-:func:`~tract_optax.precondition`. Everything else (axes, lanes, checks) is
-:func:`~tract_optax.tract_kernel`'s.
+``precondition``. Everything else (axes, lanes, checks) is
+``tract_kernel``'s.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _call(
   per_lane_stats: bool,
   owner: str,
 ):
-  """Shared by :func:`dense` and :func:`conv`: checks, statistic, guards, the op."""
+  """Shared by ``dense`` and ``conv``: checks, statistic, guards, the op."""
   reduce_over = gradient_route.check_settings(lam, axis_name, local_stats, owner)
   if jax_compat.is_forward_mode_tracer(kernel):
     raise gradient_route._forward_mode_error(layer.name)
@@ -202,12 +202,12 @@ def dense(
       pass ``weight.T``).
     lam: the ridge strength lambda > 0.
     axis_name: ``pmap`` / ``shard_map`` / ``vmap`` axes splitting the rows:
-      the statistic is all-reduced over them (as :func:`tract_kernel`).
+      the statistic is all-reduced over them (as ``tract_kernel``).
     local_stats: each device's own statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n``.
-    check_condition: as for :func:`~tract_optax.tract_kernel`.
+    check_condition: as for ``tract_kernel``.
     per_lane_stats: under ``jax.vmap`` with a kernel per lane, each lane's
-      own statistic (as :func:`~tract_optax.tract_kernel`).
+      own statistic (as ``tract_kernel``).
     precision: matmul precision of the product and of the statistic.
     name: the layer's name for messages.
 
@@ -215,7 +215,7 @@ def dense(
     ``x @ kernel``, shape ``(..., m)``.
 
   Raises:
-    ValueError, TypeError: as :func:`~tract_optax.tract_kernel`; the kernel
+    ValueError, TypeError: as ``tract_kernel``; the kernel
       is not ``(n, m)`` with ``n = x.shape[-1]``.
 
   Example:
@@ -290,7 +290,7 @@ def conv(
     axis_name: ``pmap`` / ``shard_map`` / ``vmap`` axes splitting the batch.
     local_stats: each device's own statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` per group.
-    check_condition: as for :func:`~tract_optax.tract_kernel`.
+    check_condition: as for ``tract_kernel``.
     per_lane_stats: under ``jax.vmap`` with a kernel per lane, each lane's
       own statistic.
     precision: precision of the convolution and of the statistic.
@@ -301,7 +301,7 @@ def conv(
 
   Raises:
     ValueError, TypeError: as ``lax.conv_general_dilated`` and
-      :func:`~tract_optax.tract_kernel`.
+      ``tract_kernel``.
 
   Example:
     >>> x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))  # NCHW

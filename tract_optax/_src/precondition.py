@@ -18,13 +18,13 @@ Three guards keep a bad ridge or a hopeless solve from passing silently:
   ``optax.apply_if_finite`` skips and any NaN check sees;
 - when the solved system is too ill-conditioned for its float type
   (``eps * condition > 1e-3``, e.g. raw 0..255 pixels with an absolute
-  ``lam``) a :class:`ConditioningWarning` names the cure. In the Woodbury form
+  ``lam``) a ``ConditioningWarning`` names the cure. In the Woodbury form
   the condition reported is that of the ``n x n`` system, which the result's
   cancellation inherits;
 - when the Cholesky factorisation fails (the rounded system is not positive
   definite: float32 rounding of a statistic whose largest eigenvalue dwarfs
   the ridge, or NaN/inf in the statistic) the TrAct gradient is NaN and a
-  :class:`ConditioningWarning` says so with the numbers (largest eigenvalue,
+  ``ConditioningWarning`` says so with the numbers (largest eigenvalue,
   ridge, eps x their ratio, non-finite entries); a traced ridge that is not
   valid is reported the same way.
 
@@ -293,13 +293,13 @@ def precondition(
   Args:
     grad_kernel: the ordinary gradient of a kernel in Flax layout: Dense
       ``(n_in, n_out)``, Conv ``(*window, c_in / groups, c_out)``.
-    stats: the layer's input statistic (:func:`~tract_optax.dense_stats`,
-      :func:`~tract_optax.conv_stats`), with ``n = prod(kernel.shape[:-1])``.
+    stats: the layer's input statistic (``dense_stats``,
+      ``conv_stats``), with ``n = prod(kernel.shape[:-1])``.
     lam: the ridge strength lambda (> 0); a float or a scalar array.
     relative_lam: use the ridge ``lam * trace(A^T A / N) / n`` (per feature
       group) instead of ``lam``, which makes the update invariant to the
       input's scale.
-    check_condition: whether to warn (a :class:`ConditioningWarning`) when
+    check_condition: whether to warn (a ``ConditioningWarning``) when
       the system is too ill-conditioned for its float type, its Cholesky
       factorisation failed (the result is NaN), or a traced ridge is not
       valid. None (default): for concrete (eager) values only; True: inside
@@ -350,12 +350,12 @@ def precondition_layer(
   name: Optional[str] = None,
   cotangent: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """:func:`precondition`, optionally from the layer's output cotangent ``d``.
+  """``precondition``, optionally from the layer's output cotangent ``d``.
 
   With ``cotangent`` (``(N, m)``, its rows those of ``stats.rows``, which
   must then be in the rows form) the result is ``A^T (A A^T / N + lam I)^{-1}
   d``, equal to the TrAct gradient of ``G = A^T d`` without the Woodbury
-  form's cancellation (the layer ops, :mod:`tract_optax._src.layer_ops`).
+  form's cancellation (the layer ops, ``tract_optax._src.layer_ops``).
   """
   if not isinstance(stats, TractStats):
     raise TypeError(f'stats must be a tract_optax.TractStats, got {type(stats)}.')

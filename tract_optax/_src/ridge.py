@@ -57,9 +57,9 @@ def _message(name: str, value: Any) -> str:
 def validate_lam(lam: Any, name: str = 'lam') -> bool:
   """Raises ``ValueError`` unless ``lam`` is a schedule or a finite number > 0.
 
-  A schedule is evaluated at :data:`PROBE_STEPS`; a traced value (inside
+  A schedule is evaluated at ``PROBE_STEPS``; a traced value (inside
   ``jit`` or ``inject_hyperparams``) can only be checked for its shape, and
-  is refused at run time instead (see :func:`refuse_traced_invalid`).
+  is refused at run time instead (see ``refuse_traced_invalid``).
 
   Args:
     lam: the ridge strength, a scalar or a schedule ``step -> lambda``.
@@ -68,11 +68,11 @@ def validate_lam(lam: Any, name: str = 'lam') -> bool:
   Returns:
     True if ``lam`` was checked here in full; False for a traced value or a
     schedule that cannot be evaluated outside a trace (check those at run
-    time, :func:`refuse_traced_invalid`).
+    time, ``refuse_traced_invalid``).
 
   Raises:
     ValueError: if ``lam`` is not a scalar > 0 that float32 represents as a
-      normal number (:data:`SMALLEST_LAM` to :data:`LARGEST_LAM`), or a
+      normal number (``SMALLEST_LAM`` to ``LARGEST_LAM``), or a
       schedule reaches a value that is not.
 
   Example:
@@ -110,7 +110,7 @@ def validate_lam(lam: Any, name: str = 'lam') -> bool:
 
 
 def _probe_schedule(schedule: Callable, name: str) -> bool:
-  """Evaluates a schedule at :data:`PROBE_STEPS`; raises at a value <= 0.
+  """Evaluates a schedule at ``PROBE_STEPS``; raises at a value <= 0.
 
   Returns False if the schedule cannot be evaluated outside a trace.
   """
@@ -137,7 +137,7 @@ def _probe_schedule(schedule: Callable, name: str) -> bool:
 
 
 def _raise_if_invalid(name: str, value) -> None:
-  """The run-time half of :func:`refuse_traced_invalid` (a host callback)."""
+  """The run-time half of ``refuse_traced_invalid`` (a host callback)."""
   values = np.asarray(value, np.float64).ravel()
   ok = np.isfinite(values) & (values >= SMALLEST_LAM) & (values <= LARGEST_LAM)
   if not ok.all():
@@ -153,7 +153,7 @@ def _raise_if_invalid(name: str, value) -> None:
 def refuse_traced_invalid(lam: Any, name: str = 'lam') -> None:
   """Refuses, at run time, a traced ``lam`` that is not a normal float32 number > 0.
 
-  A value known when ``tract`` is built is checked by :func:`validate_lam`;
+  A value known when ``tract`` is built is checked by ``validate_lam``;
   one that arrives traced (``optax.inject_hyperparams`` rebuilds ``tract``
   inside ``jit`` with the schedule's value) is checked in the computation,
   and only an invalid value runs a host callback that raises, so the jitted
@@ -189,7 +189,7 @@ def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:
   With ``relative=True`` it is ``lam * trace(A^T A / N) / n`` (falling back to
   ``lam`` for a statistic of no rows or all-zero inputs, whose gradient is 0
   anyway); otherwise ``lam``. Not checked for sign here: see
-  :func:`valid_ridge`.
+  ``valid_ridge``.
 
   Example:
     >>> s = tract_optax.dense_stats(2.0 * jnp.ones((8, 4)))  # trace / n = 4

@@ -1,10 +1,10 @@
-"""``TractState``: what :func:`~tract_optax.tract` keeps from step to step.
+"""``TractState``: what ``tract`` keeps from step to step.
 
 The configuration (``refresh_every``, ``stats_decay``, ``layers``) lives in
 ``tract``'s closure, so a restored checkpoint follows today's settings. The
 state holds the step count and, in the amortised mode, the kept statistics and
 when they were last refreshed. This module holds the state and its schedule of
-refreshes; the cache arithmetic is in :mod:`tract_optax._src.amortize`.
+refreshes; the cache arithmetic is in ``tract_optax._src.amortize``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ StatsByPath = Dict[paths_lib.ModulePath, TractStats]
 
 
 class TractState(NamedTuple):
-  """State of :func:`~tract_optax.tract`: only what changes from step to step.
+  """State of ``tract``: only what changes from step to step.
 
   The configuration (``refresh_every``, ``stats_decay``, ``layers``) lives in
   ``tract``'s closure, so a restored checkpoint follows today's settings.
@@ -37,7 +37,7 @@ class TractState(NamedTuple):
     last_refresh: ``count`` at the last refresh (amortised mode).
     due: whether the next update refreshes the kept statistic, as the last
       update computed it from its ``refresh_every`` (always True in the
-      per-batch mode); read by :func:`~tract_optax.stats_due`.
+      per-batch mode); read by ``stats_due``.
     stats_cache: amortised mode's kept statistic per layer ('a/b' keys);
       empty in the default per-batch mode.
   """

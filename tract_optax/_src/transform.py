@@ -6,9 +6,9 @@ any optimizer after it sees the TrAct gradient as if it were the gradient.
 
 The module keeps no state of its own: what ``tract`` does is a function of its
 arguments, its closure (configuration) and its ``TractState`` (what changes from
-step to step, :mod:`tract_optax._src.tract_state`). Guards that need the whole
+step to step, ``tract_optax._src.tract_state``). Guards that need the whole
 optimizer state (an optimizer before ``tract``, two of ``tract``) read its
-structure in :mod:`tract_optax._src.chain_guard`, re-exported here.
+structure in ``tract_optax._src.chain_guard``, re-exported here.
 """
 
 from __future__ import annotations
@@ -277,10 +277,10 @@ def tract(
   something other than the gradient. ``tract`` sees only the updates it
   receives and its own state, so it cannot tell; whoever holds the whole
   optimizer state (``TractTrainState.apply_gradients``,
-  :func:`~tract_optax.stats_due`) refuses, by the state's structure, two
+  ``stats_due``) refuses, by the state's structure, two
   ``tract`` states and a chain member ahead of ``tract`` that keeps
   per-coordinate state (Adam, momentum, RMSProp, noise, ...; wrap a member
-  you vouch for in :func:`~tract_optax.allow_before_tract`). Not detected:
+  you vouch for in ``allow_before_tract``). Not detected:
   stateless or scalar-state members before ``tract`` (``add_decayed_weights``
   preconditions the weight decay; clipping and schedules are harmless),
   ``nnx.Optimizer`` or a hand-written ``tx.update`` (nothing checks the whole
@@ -320,7 +320,7 @@ def tract(
       names (then an empty ``tract_stats`` is refused).
     refresh_every: opt-in amortisation (needs ``layers``): refresh the kept
       statistic every k updates and reuse it in between
-      (:func:`~tract_optax.stats_due` tells the capture when to compute it).
+      (``stats_due`` tells the capture when to compute it).
       The period lives here, not in the state: a restored state follows
       today's value from its last refresh on.
       None or 1 (default) uses each batch's own statistic, as the paper does.
@@ -417,7 +417,7 @@ def tract(
 
 
 def stats_due(opt_state) -> jax.Array:
-  """Whether the next update of a :func:`~tract_optax.tract` refreshes its statistic.
+  """Whether the next update of a ``tract`` refreshes its statistic.
 
   Finds the TrAct state anywhere inside an optimizer state (e.g. of an
   ``optax.chain``). Use it to skip computing the statistic on other steps. A

@@ -475,3 +475,78 @@ def test_only_a_traced_lambda_adds_a_run_time_check(make, checked):
   stats = _stem_stats(0)
   jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, tract_stats=stats))(PARAMS, tx.init(PARAMS))
   assert ('callback' in str(jaxpr)) == checked
+
+
+# ----------------------------------------------------------------------------
+# one rule for both routes under jax.vmap: a statistic split by lanes
+
+
+def _members(count=3, rows=12, seed=0):
+  """An ensemble: each member's own data and the gradient of its own kernel."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((count, rows, 4)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((count, 4, 3)), jnp.float32)
+  grads = jax.vmap(jax.grad(lambda k, xi: jnp.mean(jnp.tanh(xi @ k))))(kernels, x)
+  return x, {'stem': {'kernel': grads, 'bias': jnp.zeros((count, 3))}}
+
+
+def test_vmap_of_update_with_per_lane_statistics_is_refused_as_on_the_gradient_route():
+  x, grads = _members()
+  tx = tract_optax.tract(LAM)
+
+  def update(g, xi):
+    return tx.update(g, tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)})[0]
+
+  with pytest.raises(ValueError, match=r"tract for 'stem' runs inside jax.vmap with a statistic "
+                     r'that differs from lane to lane'):
+    jax.vmap(update)(grads, x)
+
+
+@pytest.mark.parametrize('named', [False, True], ids=['vmap', "vmap(axis_name='ens')"])
+def test_an_ensemble_with_its_own_data_per_lane_is_exact_with_per_lane_stats(named):
+  x, grads = _members()
+  tx = tract_optax.tract(LAM, per_lane_stats=True, local_stats=named)
+
+  def update(g, xi):
+    return tx.update(g, tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)})[0]
+
+  mapped = jax.vmap(update, axis_name='ens' if named else None)(grads, x)
+  for lane in range(x.shape[0]):
+    rows = np.asarray(x[lane], np.float64)
+    expected = reference.tract_solve(rows, np.asarray(grads['stem']['kernel'][lane]), LAM)
+    np.testing.assert_allclose(mapped['stem']['kernel'][lane], expected, rtol=2e-5, atol=1e-7)
+  # axis_name='ens' (the advice for data parallelism) would pool the members' statistics
+  if named:
+    pooled_tx = tract_optax.tract(LAM, per_lane_stats=True, axis_name='ens')
+    pooled = jax.vmap(
+      lambda g, xi: pooled_tx.update(
+        g, pooled_tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)}
+      )[0],
+      axis_name='ens',
+    )(grads, x)
+    assert reference.rel_err(pooled['stem']['kernel'], mapped['stem']['kernel']) > 0.05
+
+
+def test_per_lane_stats_with_a_gradient_shared_by_the_lanes_is_refused():
+  x, grads = _members()
+  tx = tract_optax.tract(LAM, per_lane_stats=True)
+  shared = jax.tree.map(lambda a: a[0], grads)
+
+  def update(xi):
+    return tx.update(shared, tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)})[0]
+
+  with pytest.raises(ValueError, match=r'per_lane_stats=True with a kernel shared by the lanes'):
+    jax.vmap(update)(x)
+
+
+def test_named_axis_message_tells_an_ensemble_from_data_parallelism():
+  x, grads = _members()
+  tx = tract_optax.tract(LAM)
+  with pytest.raises(ValueError, match=r"named axis \['ens'\] without axis_name\. For data "
+                     r"parallelism build it with tract\(\.\.\., axis_name='ens'\).*for an "
+                     r'ensemble \(one model per lane\) pass local_stats=True, and '
+                     r'per_lane_stats=True where each model has its own data'):
+    jax.vmap(
+      lambda g, xi: tx.update(g, tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)}),
+      axis_name='ens',
+    )(grads, x)

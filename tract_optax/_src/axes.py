@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Hashable, Optional, Sequence, Tuple, Union
 
-from tract_optax._src import jax_compat
+from tract_optax._src import docs_link, jax_compat
 
 AxisName = Union[Hashable, Sequence[Hashable], None]
 
@@ -35,25 +35,21 @@ class AxisDetectionWarning(UserWarning):
   """This JAX gives no way to see bound named axes; TrAct assumes none."""
 
 
-_warned_undetectable = False
+_UNDETECTABLE = (
+  'This JAX offers no way to see whether TrAct runs inside pmap/shard_map, so TrAct '
+  'assumes its statistic covers the whole batch (right under jit). Inside pmap/shard_map '
+  'pass axis_name=... (the axes that split the batch), or local_stats=True (which also '
+  'says so under jit and silences this).'
+)
 
 
-def _warn_undetectable(owner: str) -> None:
-  global _warned_undetectable
-  if _warned_undetectable:
-    return
-  _warned_undetectable = True
+def _warn_undetectable() -> None:
+  # Warned wherever it is traced (once per compile under jit): no state is kept here to
+  # show it once, and naming the choice (axis_name or local_stats) ends it.
   warnings.warn(
-    f'{owner}: this JAX version offers no way to check whether the step runs '
-    'inside pmap/shard_map, so TrAct cannot tell whether its statistic covers '
-    'the whole batch; it assumes it does (right under jit, where the statistic '
-    'is already global). Inside pmap/shard_map that would silently use each '
-    "device's own statistic (27-33% off the whole batch's update in our "
-    'tests). Say it and this warning goes away: axis_name=... inside '
-    'pmap/shard_map (the axes that split the batch), or local_stats=True. '
-    '(Shown once per process.)',
+    _UNDETECTABLE + docs_link.see('limits', 'If a JAX release hides the bound axis names'),
     AxisDetectionWarning,
-    stacklevel=4,
+    stacklevel=3,
   )
 
 
@@ -80,7 +76,7 @@ def resolve_axis_name(axis_name: AxisName, local_stats: bool, *, owner: str = 't
       were given.
 
   Warns:
-    AxisDetectionWarning: once per process, if this JAX version gives no way
+    AxisDetectionWarning: wherever it is traced, if this JAX version gives no way
       to see bound axes and neither setting was given; the statistic is then
       taken as global (no reduction).
 
@@ -111,17 +107,15 @@ def resolve_axis_name(axis_name: AxisName, local_stats: bool, *, owner: str = 't
   if local_stats:
     return None
   if bound is None:
-    _warn_undetectable(owner)
+    _warn_undetectable()
     return None
   if bound:
     suggestion = bound[0] if len(bound) == 1 else tuple(bound)
     raise ValueError(
-      f'{owner} runs inside the named axis {list(bound)} (pmap, shard_map or '
-      'vmap with axis_name) without axis_name: each device would '
-      'precondition with the statistic of its own part of the batch, not of '
-      f'the whole batch. Build it with {owner}(..., axis_name={suggestion!r}) '
-      '(the axes that split the batch), or pass local_stats=True to use '
-      'per-device statistics on purpose (what the PyTorch reference does '
-      'under DDP).'
+      f'{owner} runs inside the named axis {list(bound)} without axis_name. For data '
+      f'parallelism build it with {owner}(..., axis_name={suggestion!r}), so the statistic '
+      "is the whole batch's; for an ensemble (one model per lane) pass local_stats=True, "
+      'and per_lane_stats=True where each model has its own data.'
+      + docs_link.see('parallel', 'Ensembles and named axes')
     )
   return None

@@ -48,11 +48,10 @@ def _check_layer(layer: Any, owner: str) -> None:
       if type(layer).__call__ is not base.__call__:
         raise TypeError(
           f'{owner}: {type(layer).__name__} subclasses eqx.nn.{base.__name__} '
-          'but overrides __call__, so its output need not be the plain '
-          "layer's (a reparameterised or rescaled weight, a changed input): "
-          "TrAct's gradient would be that of another layer. Use the plain "
-          'layer, or tract_optax.tract_kernel on the weight your __call__ '
-          "actually multiplies, with that computation's input statistic."
+          "but overrides __call__, so its output need not be the plain layer's and TrAct's "
+          "gradient would be another layer's. Use the plain layer, or "
+          'tract_optax.tract_kernel on the weight your __call__ multiplies.'
+          + docs_link.see('routes', 'Equinox')
         )
       return
   raise TypeError(

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from tract_optax._src import axes as axes_lib
-from tract_optax._src import docs_link, jax_compat
+from tract_optax._src import docs_link, jax_compat, lanes
 from tract_optax._src import ridge as ridge_lib
 from tract_optax._src.precondition import precondition
 from tract_optax._src.stats import TractStats, all_reduce_stats
@@ -191,13 +191,10 @@ def resolve_layout(
   if flax and first:
     raise ValueError(
       f'{owner}: the kernel of shape {kernel_shape} fits the statistic (n = '
-      f'{stats.num_features}) in both layouts, so its shape cannot tell which '
-      'axis holds the output features; read the wrong way, the TrAct gradient '
-      'is silently wrong. Say it: channels_first=True for PyTorch / Equinox '
-      f'kernels {_CHANNELS_FIRST_LAYOUT} (Equinox Linear weight (out, in)), '
-      f'channels_first=False for Flax kernels {_FLAX_LAYOUT} (Dense kernel '
-      '(in, out)). For Equinox layers, tract_optax.equinox.apply_tract reads '
-      'the layout off the layer.'
+      f'{stats.num_features}) in both layouts, so its shape cannot tell which axis holds '
+      'the outputs. Pass channels_first=True for PyTorch / Equinox kernels '
+      f'{_CHANNELS_FIRST_LAYOUT}, channels_first=False for Flax kernels {_FLAX_LAYOUT}.'
+      + docs_link.see('numerics', 'Layout')
     )
   if flax or first:
     return first
@@ -209,61 +206,6 @@ def resolve_layout(
     "computed from this layer's input with its kernel size, padding and "
     'feature groups?'
   )
-
-
-def _batched_statistic_message(name: Optional[str], owner: str = 'tract_kernel') -> str:
-  where = f' for {name!r}' if name else ''
-  return (
-    f'{owner}{where} runs inside jax.vmap with a statistic that differs from lane to lane '
-    "(each example's own). Compute the statistic of the whole batch outside the vmap "
-    '(Equinox: tract_optax.equinox.apply_tract(layer, x) on the batch, or TractLayer), or '
-    "name the vmap's axis and pass axis_name='batch'; per_lane_stats=True is for "
-    'independent models.' + docs_link.see('routes', 'One statistic per step')
-  )
-
-
-_SHARED_KERNEL_MESSAGE = (
-  '{owner}{where}: per_lane_stats=True with a kernel shared by the lanes (jax.grad of a '
-  "jax.vmap): the summed gradient would mix every lane's statistic with every "
-  "lane's gradient. Give each lane its own kernel (jax.vmap over stacked kernels), or "
-  'drop per_lane_stats.'
-)
-
-
-@functools.cache
-def _lane_guard(name: Optional[str], per_lane_stats: bool, owner: str = 'tract_kernel'):
-  """Identity on ``stats`` whose batching rule refuses a statistic split by a vmap.
-
-  ``jax.vmap`` over a function that wraps a kernel would otherwise give every
-  lane its own statistic silently. The rule sees which inputs are batched: a
-  batched statistic is refused, unless ``per_lane_stats`` and the kernel is
-  batched too (each lane its own model: ``vmap(grad)`` over stacked kernels).
-  A batched statistic with an unbatched kernel (``grad`` of a ``vmap``) sums
-  ``P_j G_i`` over all lane pairs, so it is refused even with
-  ``per_lane_stats``. An unbatched statistic (an ensemble on shared data)
-  passes. ``kernel`` only tells the rule its batching.
-  """
-
-  @jax.custom_batching.custom_vmap
-  def guard(kernel, stats):
-    del kernel
-    return stats
-
-  @guard.def_vmap
-  def rule(axis_size, in_batched, kernel, stats):
-    del axis_size, kernel
-    if any(jax.tree_util.tree_leaves(in_batched[1])):
-      if not per_lane_stats:
-        raise ValueError(_batched_statistic_message(name, owner))
-      if not any(jax.tree_util.tree_leaves(in_batched[0])):
-        where = f' for {name!r}' if name else ''
-        raise ValueError(
-          _SHARED_KERNEL_MESSAGE.format(owner=owner, where=where)
-          + docs_link.see('routes', 'One statistic per step')
-        )
-    return stats, in_batched[1]
-
-  return guard
 
 
 def _tract_backward_functions() -> Tuple[object, ...]:
@@ -291,14 +233,10 @@ def check_not_wrapped(kernel, owner: str, name: Optional[str]) -> None:
 
 
 _FORWARD_MODE_MESSAGE = (
-  'tract_kernel{where}: forward-mode differentiation (jax.jvp, jax.jacfwd, '
-  'jax.linearize) with respect to a TrAct-wrapped kernel is not defined: '
-  "TrAct replaces only the reverse-mode gradient of the first layer's kernel "
-  '(a custom VJP). For Jacobian-vector products, Hessians and other '
-  'second-order quantities differentiate the plain model, with the stored '
-  'kernel and without tract_kernel / apply_tract. (Forward-over-reverse, '
-  "jax.jvp of jax.grad, runs through it but gives P H v, TrAct's "
-  'preconditioner applied to the Hessian, not H v.)'
+  'tract_kernel{where}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.linearize) '
+  'through a TrAct-wrapped kernel is not defined: TrAct replaces only the reverse-mode '
+  'gradient. For JVPs and Hessians differentiate the plain model (jvp of grad through it '
+  'gives P H v, not H v).' + docs_link.see('limits', 'Forward-mode differentiation')
 )
 
 
@@ -417,7 +355,7 @@ def tract_kernel(
     # In the forward pass, where the named axes are bound (a vmap's axis is
     # not bound any more when its backward pass is traced).
     stats = all_reduce_stats(stats, reduce_over)
-  stats = _lane_guard(name, bool(per_lane_stats))(jax.lax.stop_gradient(kernel), stats)
+  stats = lanes.lane_guard(name, bool(per_lane_stats))(jax.lax.stop_gradient(kernel), stats)
   dtype = jnp.promote_types(
     jnp.result_type(*[leaf for leaf in jax.tree_util.tree_leaves(stats)]), jnp.float32
   )

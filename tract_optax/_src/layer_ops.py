@@ -29,7 +29,7 @@ import numpy as np
 
 from tract_optax._src import axes as axes_lib
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import gradient_route, jax_compat
+from tract_optax._src import gradient_route, jax_compat, lanes
 from tract_optax._src import stats as stats_lib
 from tract_optax._src.precondition import precondition_layer
 from tract_optax._src.stats import TractStats, all_reduce_stats
@@ -167,7 +167,7 @@ def _call(
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats_of(jax.lax.stop_gradient(x)))
   if reduce_over is not None:
     stats = all_reduce_stats(stats, reduce_over)
-  stats = gradient_route._lane_guard(layer.name, bool(per_lane_stats), owner)(
+  stats = lanes.lane_guard(layer.name, bool(per_lane_stats), owner)(
     jax.lax.stop_gradient(kernel), stats
   )
   dtype = jnp.promote_types(stats_lib.stats_dtype(stats.count.dtype), jnp.float32)

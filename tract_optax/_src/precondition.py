@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from tract_optax._src import docs_link
 from tract_optax._src import ridge as ridge_lib
 from tract_optax._src.stats import TractStats
 
@@ -258,9 +259,7 @@ def _report(context: _Context, condition, largest, ridges, valid, factored, nonf
       f'is NaN. The system A^T A / N + ridge I has largest eigenvalue ~{top:.3g} '
       f'against a ridge of {ridge:.3g}: {context.dtype_name} rounding of the '
       f'statistic (eps {context.eps:.1g} x {top:.3g} = {context.eps * top:.2g}) '
-      'reaches the ridge, so the rounded system is not positive definite. The '
-      'usual cause is unscaled inputs (e.g. raw 0..255 pixels) with an absolute '
-      f'lambda or a tiny lambda; {_cure(context.relative)}.',
+      f'reaches the ridge; {_cure(context.relative)}.' + docs_link.see('lambda', 'Conditioning'),
       ConditioningWarning,
       stacklevel=2,
     )

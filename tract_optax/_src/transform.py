@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tract_optax._src import amortize, docs_link, tract_state
+from tract_optax._src import amortize, docs_link, lanes, tract_state
 from tract_optax._src import axes as axes_lib
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import ridge as ridge_lib
@@ -262,6 +262,7 @@ def tract(
   refresh_every: Optional[int] = None,
   stats_decay: Optional[float] = None,
   check_condition: Optional[bool] = None,
+  per_lane_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """TrAct: first-layer kernel gradients preconditioned by their input statistic.
 
@@ -306,7 +307,8 @@ def tract(
       refuses to run without it (or ``local_stats=True``).
     local_stats: inside ``pmap``/``shard_map``, precondition each device with
       the statistic of its own part of the batch, on purpose (what the PyTorch
-      reference does under DDP). Not exact for the whole batch.
+      reference does under DDP). Not exact for the whole batch. Also for an
+      ensemble under a named ``jax.vmap`` (one model per lane).
     relative_lam: use the ridge ``lam * trace(A^T A / N) / n`` per feature
       group: for a given gradient of the pre-activations, TrAct's change of
       them no longer depends on the input's scale, and the solve stays well
@@ -337,6 +339,11 @@ def tract(
       only, True inside ``jit``, ``pmap`` and ``shard_map`` too
       (``jax.debug.callback``), False never (not even the run-time check of
       a traced ``lam``).
+    per_lane_stats: under ``jax.vmap`` of ``update`` (an ensemble of models,
+      one per lane, each with its own data), precondition each lane with its
+      own statistic. Without it a statistic that differs from lane to lane (a
+      per-example split of one model's batch) is refused, as on the gradient
+      route; with it, gradients shared by the lanes are refused too.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -399,13 +406,16 @@ def tract(
       )
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     for module, stats in stats_by_path.items():
+      name = paths_lib.format_path(module)
+      gradient = jax.lax.stop_gradient(leaves[positions[module]])
+      stats = lanes.lane_guard(name, per_lane_stats, 'tract')(gradient, stats)
       solved = precondition(
         leaves[positions[module]],
         stats,
         lam_value,
         relative_lam=relative_lam,
         check_condition=check_condition,
-        name=paths_lib.format_path(module),
+        name=name,
       )
       if module in filled:  # amortised: NaN until the kept statistic is first refreshed
         solved = jnp.where(filled[module], solved, jnp.nan)

@@ -18,6 +18,7 @@ from flax import nnx
 import tract_optax
 from tract_optax import linen as tract_linen
 from tract_optax import nnx as tract_nnx
+from tract_optax._src import first_layer
 from tract_optax._src import stats as stats_lib
 
 
@@ -28,7 +29,8 @@ def _normal(shape, seed=0):
 def _linen(model, *args, **kwargs):
   variables = model.init(jax.random.key(0), *args)
   return jax.jit(lambda v, *a: tract_linen.apply_with_stats(model, v, *a, **kwargs))(
-      variables, *args)
+    variables, *args
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -51,8 +53,9 @@ class TimeEmbedding(nn.Module):
   @nn.compact
   def __call__(self, image, t):
     h = nn.Conv(8, (3, 3), name='stem')(image)
-    freqs = jnp.concatenate([jnp.sin(t[:, None] * jnp.arange(4)),
-                             jnp.cos(t[:, None] * jnp.arange(4))], -1)
+    freqs = jnp.concatenate(
+      [jnp.sin(t[:, None] * jnp.arange(4)), jnp.cos(t[:, None] * jnp.arange(4))], -1
+    )
     return nn.Dense(2, name='head')(h.mean((1, 2)) + nn.Dense(8, name='time')(freqs))
 
 
@@ -79,36 +82,48 @@ def test_linen_conditioning_dense_before_the_stem_is_refused_with_candidates():
   image, label = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4)
   # The label embedding is called first, but the stem reads the image: the
   # suggestion names the stem (it used to name the first candidate called).
-  with pytest.raises(ValueError, match=r"Several Conv/Dense layers take input computed "
-                     r"from data alone: 'label_embed' \(nn.Dense, input float32\[2,4\]\), "
-                     r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\).*The first of them that "
-                     r"reads the model's largest input \(args\[0\], float32\[2,6,6,3\]\) is "
-                     r"'stem': if it is the image stem, pass layers=\['stem'\]\."):
+  with pytest.raises(
+    ValueError,
+    match=r'Several Conv/Dense layers take input computed '
+    r"from data alone: 'label_embed' \(nn.Dense, input float32\[2,4\]\), "
+    r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\).*The first of them that "
+    r"reads the model's largest input \(args\[0\], float32\[2,6,6,3\]\) is "
+    r"'stem': if it is the image stem, pass layers=\['stem'\]\.",
+  ):
     _linen(ConditionedCNN(), image, label)
   _, stats = _linen(ConditionedCNN(), image, label, layers=['stem'])
   assert list(stats) == [('stem',)]
 
 
 def test_linen_time_embedding_is_a_second_candidate():
-  with pytest.raises(ValueError, match=r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\), "
-                     r"'time' \(nn.Dense, input float32\[2,8\]\).*pass layers=\['stem'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"'stem' \(nn.Conv, input float32\[2,6,6,3\]\), "
+    r"'time' \(nn.Dense, input float32\[2,8\]\).*pass layers=\['stem'\]",
+  ):
     _linen(TimeEmbedding(), _normal((2, 6, 6, 3)), jnp.arange(2.0))
 
 
 def test_linen_parameter_dependent_stem_input_is_refused():
-  with pytest.raises(ValueError, match=r"Every Conv/Dense layer called takes an input "
-                     r"that depends on parameters, so none is a first layer.*: 'stem' "
-                     r"\(nn.Conv, input float32\[2,6,6,3\]\), 'head' .*To precondition a "
-                     r"layer anyway, name it with layers=\[\.\.\.\]"):
+  with pytest.raises(
+    ValueError,
+    match=r'Every Conv/Dense layer called takes an input '
+    r"that depends on parameters, so none is a first layer.*: 'stem' "
+    r"\(nn.Conv, input float32\[2,6,6,3\]\), 'head' .*To precondition a "
+    r'layer anyway, name it with layers=\[\.\.\.\]',
+  ):
     _linen(LearnedNormalization(), _normal((2, 6, 6, 3)))
 
 
 def test_linen_first_called_layer_reading_parameters_is_refused():
-  with pytest.raises(ValueError, match=r"The first Conv/Dense layer called, "
-                     r"'token_proj', takes an input that depends on parameters.*"
-                     r"only layer with data-only input is 'stem'.*The other 2 Conv/Dense "
-                     r"layers called take parameter-dependent input \('token_proj', 'head'\)"
-                     r".*pass layers=\['stem'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r'The first Conv/Dense layer called, '
+    r"'token_proj', takes an input that depends on parameters.*"
+    r"only layer with data-only input is 'stem'.*The other 2 Conv/Dense "
+    r"layers called take parameter-dependent input \('token_proj', 'head'\)"
+    r".*pass layers=\['stem'\]",
+  ):
     _linen(TokenFirst(), _normal((2, 6, 6, 3)), jnp.zeros((2, 5), jnp.int32))
 
 
@@ -137,8 +152,7 @@ class ScaledInputConv(nn.Conv):
     return super().__call__(x / 2)
 
 
-@pytest.mark.parametrize('layer_cls,method', [(StdConv, 'param'),
-                                              (ScaledInputConv, '__call__')])
+@pytest.mark.parametrize('layer_cls,method', [(StdConv, 'param'), (ScaledInputConv, '__call__')])
 @pytest.mark.parametrize('explicit', [False, True])
 def test_linen_reparameterised_subclasses_are_refused(layer_cls, method, explicit):
   class Model(nn.Module):
@@ -147,9 +161,12 @@ def test_linen_reparameterised_subclasses_are_refused(layer_cls, method, explici
       return nn.Dense(2, name='head')(layer_cls(4, (3, 3), name='stem')(x).mean((1, 2)))
 
   kwargs = {'layers': ['stem']} if explicit else {}
-  with pytest.raises(ValueError, match=rf"'stem' is a nn.{layer_cls.__name__}: its class "
-                     rf"{layer_cls.__name__} overrides {method}\(\) of Conv.*linear in its "
-                     r"stored kernel.*@tract_optax.mark_linear_kernel"):
+  with pytest.raises(
+    ValueError,
+    match=rf"'stem' is a nn.{layer_cls.__name__}: its class "
+    rf'{layer_cls.__name__} overrides {method}\(\) of Conv.*linear in the '
+    r'stored kernel.*@tract_optax.mark_linear_kernel',
+  ):
     _linen(Model(), _normal((2, 6, 6, 3)), **kwargs)
 
 
@@ -197,10 +214,13 @@ def test_nnx_conditioning_linear_is_refused_and_model_untouched():
   model = NNXConditioned(nnx.Rngs(0))
   before = nnx.state(model)
   image, label = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4)
-  with pytest.raises(ValueError, match=r"Several Conv/Linear layers take input "
-                     r"computed from data alone: 'stem' \(nnx.Conv, input float32\[2,6,6,3\]\), "
-                     r"'label_embed' \(nnx.Linear, input float32\[2,4\]\).*"
-                     r"pass layers=\['stem'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r'Several Conv/Linear layers take input '
+    r"computed from data alone: 'stem' \(nnx.Conv, input float32\[2,6,6,3\]\), "
+    r"'label_embed' \(nnx.Linear, input float32\[2,4\]\).*"
+    r"pass layers=\['stem'\]",
+  ):
     tract_nnx.apply_with_stats(model, image, label)
   _, stats = tract_nnx.apply_with_stats(model, image, label, layers=['stem'])
   assert list(stats) == [('stem',)]
@@ -211,8 +231,11 @@ def test_nnx_conditioning_linear_is_refused_and_model_untouched():
 def test_nnx_parameter_dependent_input_is_refused_without_touching_batch_stats():
   model = NNXNormalized(nnx.Rngs(0))
   before = nnx.state(model, nnx.BatchStat)
-  with pytest.raises(ValueError, match=r"Every Conv/Linear layer called takes an input "
-                     r"that depends on parameters"):
+  with pytest.raises(
+    ValueError,
+    match=r'Every Conv/Linear layer called takes an input '
+    r'that depends on parameters',
+  ):
     tract_nnx.apply_with_stats(model, _normal((2, 6, 6, 3)))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
 
@@ -230,8 +253,11 @@ class NNXStdConv(nnx.Conv):
 def test_nnx_reparameterised_subclass_is_refused_and_marked_one_accepted():
   layer = NNXStdConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
   x = _normal((2, 6, 6, 3))
-  with pytest.raises(ValueError, match=r"is a nnx.NNXStdConv: its class NNXStdConv "
-                     r"overrides __call__\(\) of Conv"):
+  with pytest.raises(
+    ValueError,
+    match=r'is a nnx.NNXStdConv: its class NNXStdConv '
+    r'overrides __call__\(\) of Conv',
+  ):
     tract_nnx.apply_with_stats(layer, x)
   marked = tract_optax.mark_linear_kernel(type('Marked', (nnx.Conv,), {}))
   _, stats = tract_nnx.apply_with_stats(marked(3, 4, (3, 3), rngs=nnx.Rngs(0)), x)
@@ -242,12 +268,15 @@ def test_nnx_reparameterised_subclass_is_refused_and_marked_one_accepted():
 # Conv geometry for the manual route
 
 
-@pytest.mark.parametrize('make', [
+@pytest.mark.parametrize(
+  'make',
+  [
     lambda: nn.Conv(4, (3, 3)),
     lambda: nn.Conv(4, (7, 7), strides=2, padding=[(3, 3), (3, 3)]),
     lambda: nn.Conv(4, (3, 3), kernel_dilation=2, feature_group_count=3, padding='CIRCULAR'),
     lambda: nnx.Conv(3, 6, (5, 5), strides=2, padding='VALID', rngs=nnx.Rngs(0)),
-])
+  ],
+)
 def test_conv_settings_give_the_statistic_the_capture_computes(make):
   layer = make()
   x = _normal((2, 9, 9, 3))
@@ -257,18 +286,20 @@ def test_conv_settings_give_the_statistic_the_capture_computes(make):
     captured = tract_linen.layer_input_stats(layer, x)
   else:
     captured = tract_nnx.layer_input_stats(layer, x)
-  np.testing.assert_allclose(stats_lib.to_moment(manual).moment,
-                             stats_lib.to_moment(captured).moment,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    stats_lib.to_moment(manual).moment, stats_lib.to_moment(captured).moment, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_conv_stats_default_padding_is_flax_conv_default():
   x = _normal((2, 6, 6, 3))
   default_conv = nn.Conv(4, (3, 3))
   assert tract_optax.conv_settings(default_conv)['padding'] == 'SAME'
-  np.testing.assert_allclose(tract_optax.conv_stats(x, (3, 3)).moment,
-                             tract_linen.layer_input_stats(default_conv, x).moment,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    tract_optax.conv_stats(x, (3, 3)).moment,
+    tract_linen.layer_input_stats(default_conv, x).moment,
+    rtol=1e-6,
+  )
 
 
 def test_conv_settings_refuses_what_is_not_a_conv():
@@ -300,12 +331,12 @@ def test_nnx_marked_subclass_records_the_input_the_flax_layer_receives():
   layer = marked(3, 2, rngs=nnx.Rngs(0))
   x = _normal((16, 3)) * 255.0
   _, stats = tract_nnx.apply_with_stats(layer, x)
-  np.testing.assert_allclose(stats[()].moment, tract_optax.dense_stats(x / 255.0).moment,
-                             rtol=1e-5)
+  np.testing.assert_allclose(stats[()].moment, tract_optax.dense_stats(x / 255.0).moment, rtol=1e-5)
   grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, x) ** 2))(layer)
   plain = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
-  expected = tract_optax.precondition(plain['kernel'].value,
-                                      tract_optax.dense_stats(x / 255.0), 0.1)
+  expected = tract_optax.precondition(
+    plain['kernel'].value, tract_optax.dense_stats(x / 255.0), 0.1
+  )
   np.testing.assert_allclose(grads['kernel'].value, expected, rtol=2e-5, atol=1e-6)
   assert type(layer) is marked
 
@@ -318,16 +349,20 @@ def _same_patch_rows(images):
   """float64 rows of every 3x3 'SAME' patch, features in Flax order (kh, kw, c)."""
   padded = np.pad(np.float64(images), ((0, 0), (1, 1), (1, 1), (0, 0)))
   batch, height, width, _ = images.shape
-  rows = [padded[:, i:i + 3, j:j + 3, :].reshape(batch, -1)
-          for i in range(height) for j in range(width)]
+  rows = [
+    padded[:, i : i + 3, j : j + 3, :].reshape(batch, -1)
+    for i in range(height)
+    for j in range(width)
+  ]
   return np.stack(rows, 1).reshape(batch * height * width, -1)
 
 
 def _tract_solve(rows, grad, lam=0.1):
   rows, grad = np.float64(rows), np.float64(grad)
   moment = rows.T @ rows / len(rows)
-  return np.linalg.solve(moment + lam * np.eye(len(moment)),
-                         grad.reshape(len(moment), -1)).reshape(grad.shape)
+  return np.linalg.solve(moment + lam * np.eye(len(moment)), grad.reshape(len(moment), -1)).reshape(
+    grad.shape
+  )
 
 
 def _relative(value, expected):
@@ -335,8 +370,9 @@ def _relative(value, expected):
 
 
 def _sinusoid(t):
-  return jnp.concatenate([jnp.sin(t[:, None] * jnp.arange(1.0, 5.0)),
-                          jnp.cos(t[:, None] * jnp.arange(1.0, 5.0))], -1)
+  return jnp.concatenate(
+    [jnp.sin(t[:, None] * jnp.arange(1.0, 5.0)), jnp.cos(t[:, None] * jnp.arange(1.0, 5.0))], -1
+  )
 
 
 class TinyUNet(nn.Module):
@@ -363,20 +399,26 @@ def test_linen_unet_refusal_suggests_the_stem_not_the_time_mlp_and_summarises():
     tract_linen.apply_with_stats(model, variables, image, t)
   message = str(info.value).split('\n')[0]
   assert message.startswith(
-      "Several Conv/Dense layers take input computed from data alone: 'time_0' (nn.Dense, "
-      "input float32[2,8]), 'stem' (nn.Conv, input float32[2,8,8,3])"), message
-  assert ("The other 8 Conv/Dense layers called take parameter-dependent input "
-          "('time_1', 'block_0', 'block_1', ...).") in message, message
+    "Several Conv/Dense layers take input computed from data alone: 'time_0' (nn.Dense, "
+    "input float32[2,8]), 'stem' (nn.Conv, input float32[2,8,8,3])"
+  ), message
+  assert (
+    'The other 8 Conv/Dense layers called take parameter-dependent input '
+    "('time_1', 'block_0', 'block_1', ...)."
+  ) in message, message
   assert message.endswith(
-      "The first of them that reads the model's largest input (args[0], float32[2,8,8,3]) "
-      "is 'stem': if it is the image stem, pass layers=['stem']."), message
+    "The first of them that reads the model's largest input (args[0], float32[2,8,8,3]) "
+    "is 'stem': if it is the image stem, pass layers=['stem']. "
+    'See docs/first_layer.md#found-by-definition.'
+  ), message
   assert 'block_5' not in message and "layers=['time_0']" not in message
   assert len(message) < 700, len(message)
   # Following the advice preconditions the stem with the image's statistic.
   _, stats = tract_linen.apply_with_stats(model, variables, image, t, layers=['stem'])
   rows = _same_patch_rows(image)
-  np.testing.assert_allclose(stats[('stem',)].moment, rows.T @ rows / len(rows),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    stats[('stem',)].moment, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6
+  )
 
 
 class NNXTinyUNet(nnx.Module):
@@ -399,10 +441,14 @@ def test_nnx_unet_refusal_suggests_the_layer_reading_the_image_keyword():
     tract_nnx.apply_tract(model, jnp.array([0.1, 0.7]), image=_normal((2, 8, 8, 3)))
   message = str(info.value)
   assert "'time' (nnx.Linear, input float32[2,8]), 'stem' (nnx.Conv, input " in message
-  assert ("The other 4 Conv/Linear layers called take parameter-dependent input "
-          "('blocks/0', 'blocks/1', 'blocks/2', ...)") in message, message
-  assert ("reads the model's largest input (kwargs['image'], float32[2,8,8,3]) is 'stem': "
-          "if it is the image stem, pass layers=['stem'].") in message, message
+  assert (
+    'The other 4 Conv/Linear layers called take parameter-dependent input '
+    "('blocks/0', 'blocks/1', 'blocks/2', ...)"
+  ) in message, message
+  assert (
+    "reads the model's largest input (kwargs['image'], float32[2,8,8,3]) is 'stem': "
+    "if it is the image stem, pass layers=['stem']."
+  ) in message, message
 
 
 class TwoScaledInputs(nn.Module):
@@ -417,9 +463,12 @@ class TwoScaledInputs(nn.Module):
 
 def test_refusal_says_when_no_candidate_reads_the_largest_input():
   image, label, t = _normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4), jnp.ones(2)
-  with pytest.raises(ValueError, match=r"Several Conv/Dense layers .*'label_embed' .*'time' .*"
-                     r"None of them reads the model's largest input \(args\[0\], "
-                     r"float32\[2,6,6,3\]\); name the image stem explicitly"):
+  with pytest.raises(
+    ValueError,
+    match=r"Several Conv/Dense layers .*'label_embed' .*'time' .*"
+    r"None of them reads the model's largest input \(args\[0\], "
+    r'float32\[2,6,6,3\]\); name the image stem explicitly',
+  ):
     _linen(TwoScaledInputs(), image, label, t)
 
 
@@ -429,8 +478,11 @@ def test_refusal_without_an_array_argument_of_three_dimensions():
     def __call__(self, a, b):
       return nn.Dense(2, name='a_embed')(a) + nn.Dense(2, name='b_embed')(b)
 
-  with pytest.raises(ValueError, match=r"'a_embed' .*'b_embed' .*no array argument of 3 or "
-                     r"more dimensions to suggest one by"):
+  with pytest.raises(
+    ValueError,
+    match=r"'a_embed' .*'b_embed' .*no array argument of 3 or "
+    r'more dimensions to suggest one by',
+  ):
     _linen(TwoVectors(), _normal((4, 3)), _normal((4, 5), seed=1))
 
 
@@ -459,10 +511,11 @@ class NNXBranchingModel(nnx.Module):
     return self.head(self.stem(image).mean((1, 2)))
 
 
-_ABSTRACT_PROBE = (r"Automatic first-layer selection \(layers=None\) failed: it traces the "
-                   r"forward pass abstractly .*turns an array into a Python value there.*"
-                   r"Name the layer to precondition with layers=\[\.\.\.\] \(e\.g\. "
-                   r"layers=\['stem'\]\): that skips the probe")
+_ABSTRACT_PROBE = (
+  r'Automatic first-layer selection \(layers=None\) traces the model abstractly, '
+  r'and the model turns an array into a Python value.*'
+  r"Name the layer with layers=\[\.\.\.\] \(e\.g\. layers=\['stem'\]\) to skip the probe"
+)
 
 
 def test_linen_eager_data_dependent_branch_names_the_abstract_probe_and_layers():
@@ -475,13 +528,12 @@ def test_linen_eager_data_dependent_branch_names_the_abstract_probe_and_layers()
 
   def loss(params, **kwargs):
     out = tract_linen.apply_tract(model, {'params': params}, image, **kwargs)
-    return jnp.sum(out ** 2)
+    return jnp.sum(out**2)
 
   with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
     jax.grad(loss)(variables['params'])
   grads = jax.grad(functools.partial(loss, layers=['stem']))(variables['params'])
-  plain = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, image) ** 2))(
-      variables['params'])
+  plain = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, image) ** 2))(variables['params'])
   expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0), plain['stem']['kernel'])
   assert _relative(grads['stem']['kernel'], expected) < 1e-4
 
@@ -491,11 +543,9 @@ def test_nnx_eager_data_dependent_branch_names_the_abstract_probe_and_layers():
   model = NNXBranchingModel(nnx.Rngs(0))
   with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
     nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image) ** 2))(model)
-  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image, layers=['stem']) ** 2))(
-      model)
+  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image, layers=['stem']) ** 2))(model)
   plain = nnx.grad(lambda m: jnp.sum(m(image) ** 2))(model)
-  expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0),
-                          plain['stem']['kernel'][...])
+  expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0), plain['stem']['kernel'][...])
   assert _relative(grads['stem']['kernel'][...], expected) < 1e-4
 
 
@@ -513,8 +563,14 @@ class ScanCell(nn.Module):
 class ScanRNN(nn.Module):
   @nn.compact
   def __call__(self, xs):  # (T, B, F)
-    scan = nn.scan(ScanCell, variable_broadcast='params', split_rngs={'params': False},
-                   variable_axes={tract_linen.COLLECTION: 0}, in_axes=0, out_axes=0)
+    scan = nn.scan(
+      ScanCell,
+      variable_broadcast='params',
+      split_rngs={'params': False},
+      variable_axes={tract_linen.COLLECTION: 0},
+      in_axes=0,
+      out_axes=0,
+    )
     h, _ = scan(name='cell')(jnp.zeros((xs.shape[1], 4)), xs)
     return nn.Dense(2, name='head')(h)
 
@@ -528,8 +584,10 @@ def test_linen_automatic_selection_through_nn_scan():
   _, stats = _linen(model, xs)
   assert list(stats) == [('cell', 'inp')]
   rows = np.float64(xs).reshape(-1, 6)  # every step's rows together
-  np.testing.assert_allclose(stats[('cell', 'inp')].moment, rows.T @ rows / len(rows),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    stats[('cell', 'inp')].moment, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6
+  )
+
   def loss(params, apply):
     return jnp.sum(apply({'params': params}) ** 2)
 
@@ -538,8 +596,9 @@ def test_linen_automatic_selection_through_nn_scan():
   plain = grad(variables['params'], lambda v: model.apply(v, xs))
   expected = _tract_solve(rows, plain['cell']['inp']['kernel'])
   assert _relative(grads['cell']['inp']['kernel'], expected) < 1e-4
-  np.testing.assert_allclose(grads['cell']['rec']['kernel'], plain['cell']['rec']['kernel'],
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    grads['cell']['rec']['kernel'], plain['cell']['rec']['kernel'], rtol=1e-5, atol=1e-7
+  )
 
 
 class NNXScanRNN(nnx.Module):
@@ -566,5 +625,142 @@ def test_nnx_automatic_selection_through_nnx_scan():
   _, stats = tract_nnx.apply_with_stats(model, xs)
   assert list(stats) == [('inp',)]
   rows = np.float64(xs).reshape(-1, 6)
-  np.testing.assert_allclose(stats[('inp',)].moment, rows.T @ rows / len(rows),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    stats[('inp',)].moment, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6
+  )
+
+
+# ----------------------------------------------------------------------------
+# The model traced once: the probe's choice is cached by structure and shapes
+
+
+def _counting_linen(runs, stem_first=True):
+  class Net(nn.Module):
+    """Two square layers in a row; the flag says which one is called first."""
+
+    first_is_stem: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      runs.append('call')
+      stem, other = nn.Dense(4, name='stem'), nn.Dense(4, name='other')
+      first, second = (stem, other) if self.first_is_stem else (other, stem)
+      out = nn.Dense(2, name='head')(second(nn.relu(first(x))))
+      runs.append('end')  # the pass ran to the end of the model
+      return out
+
+  return Net(first_is_stem=stem_first)
+
+
+def _runs_in_trace(runs, fn, *args):
+  """(model calls, model calls that ran to the end) in one new trace of ``fn``."""
+  runs.clear()
+  jax.make_jaxpr(fn)(*args)  # a new function each time: a new trace
+  return runs.count('call'), runs.count('end')
+
+
+def test_linen_model_runs_per_trace():
+  first_layer.clear_cache()
+  runs = []
+  model = _counting_linen(runs)
+  x = _normal((8, 4))
+  params = model.init(jax.random.key(0), x)['params']
+
+  def with_stats(p, x):
+    return tract_linen.apply_with_stats(model, {'params': p}, x)
+
+  def tract(p, x):
+    return tract_linen.apply_tract(model, {'params': p}, x, lam=0.1)
+
+  # the probe (abstract) and the pass; then the pass alone, the choice cached
+  assert _runs_in_trace(runs, lambda p, x: with_stats(p, x), params, x) == (2, 2)
+  assert _runs_in_trace(runs, lambda p, x: with_stats(p, x), params, x) == (1, 1)
+  # the gradient route: the statistics pass ends at the stem, then the main pass
+  assert _runs_in_trace(runs, lambda p, x: tract(p, x), params, x) == (2, 1)
+  # another batch shape is another key: probed again, then cached
+  assert _runs_in_trace(runs, lambda p, x: with_stats(p, x), params, x[:4]) == (2, 2)
+  assert _runs_in_trace(runs, lambda p, x: with_stats(p, x), params, x[:4]) == (1, 1)
+  first_layer.clear_cache()
+  assert _runs_in_trace(runs, lambda p, x: tract(p, x), params, x) == (3, 2)
+
+  def named(p, x):  # layers=: no probe at all
+    return tract_linen.apply_tract(model, {'params': p}, x, layers=['stem'])
+
+  assert _runs_in_trace(runs, named, params, x) == (2, 1)
+
+
+def test_linen_cached_choice_follows_the_module_fields():
+  """Equal structure and shapes, other settings: each gets its own verdict."""
+  first_layer.clear_cache()
+  runs = []
+  x = _normal((8, 4))
+  net = type(_counting_linen(runs))  # one class: the key differs by the field alone
+  variables = net().init(jax.random.key(0), x)  # the same params for both settings
+  for stem_first, expected in [(True, 'stem'), (False, 'other'), (True, 'stem')]:
+    model = net(first_is_stem=stem_first)
+    _, stats = tract_linen.apply_with_stats(model, variables, x)
+    assert list(stats) == [(expected,)]
+
+
+def test_nnx_model_runs_per_trace():
+  first_layer.clear_cache()
+  runs = []
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.stem = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      runs.append('call')
+      out = self.head(nnx.relu(self.stem(x)))
+      runs.append('end')
+      return out
+
+  model = Net()
+  x = _normal((8, 3))
+  graphdef, state = nnx.split(model)
+
+  def with_stats(state, x):
+    return tract_nnx.apply_with_stats(nnx.merge(graphdef, state), x)[1]
+
+  def tract(state, x):
+    return tract_nnx.apply_tract(nnx.merge(graphdef, state), x, lam=0.1)
+
+  assert _runs_in_trace(runs, lambda s, x: with_stats(s, x), state, x) == (2, 2)
+  assert _runs_in_trace(runs, lambda s, x: with_stats(s, x), state, x) == (1, 1)
+  # the gradient route: the statistics pass (on a copy) ends at the stem
+  assert _runs_in_trace(runs, lambda s, x: tract(s, x), state, x) == (2, 1)
+  first_layer.clear_cache()
+  assert _runs_in_trace(runs, lambda s, x: tract(s, x), state, x) == (3, 2)
+  # the gradient is still TrAct's: the cached choice is the stem
+  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, x, lam=0.1) ** 2))(model)
+  plain = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+  expected = tract_optax.precondition(plain['stem']['kernel'][...], tract_optax.dense_stats(x), 0.1)
+  np.testing.assert_allclose(grads['stem']['kernel'][...], expected, rtol=2e-5, atol=1e-6)
+
+
+def test_a_module_that_cannot_be_hashed_is_probed_every_time():
+  first_layer.clear_cache()
+  runs = []
+
+  class Listed(nn.Module):
+    sizes: list  # a list field: the module cannot be hashed, nor its choice cached
+
+    @nn.compact
+    def __call__(self, x):
+      runs.append('call')
+      for index, size in enumerate(self.sizes):
+        x = nn.relu(nn.Dense(size, name=f'dense_{index}')(x))
+      runs.append('end')
+      return x
+
+  model = Listed(sizes=[4, 2])
+  x = _normal((8, 3))
+  params = model.init(jax.random.key(0), x)['params']
+  for _ in range(2):
+    assert _runs_in_trace(
+      runs, lambda p, x: tract_linen.apply_with_stats(model, {'params': p}, x)[1], params, x
+    ) == (2, 2)
+  _, stats = tract_linen.apply_with_stats(model, {'params': params}, x)
+  assert list(stats) == [('dense_0',)]

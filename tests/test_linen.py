@@ -13,7 +13,9 @@ from flax.training import train_state
 import tract_optax
 from tract_optax import linen as tract_linen
 from tract_optax._src import stats as stats_lib
-from tests.reference import patch_rows
+from tests.reference import patch_rows, tract_solve
+
+LAM = 0.1
 
 ATOL = 1e-5
 
@@ -414,6 +416,52 @@ def test_layer_called_twice_combines_all_rows():
   variables = _init(model, a, b)
   _, stats = _run(model, variables, a, b)
   _assert_stats(stats[('shared',)], _dense_stats(jnp.concatenate([a, b])))
+
+
+class Scanned(nn.Module):
+  """The stem called inside nn.scan (its kernel broadcast), then a head."""
+
+  @nn.compact
+  def __call__(self, x):
+    stem = nn.Dense(4, name='stem')
+
+    def body(layer, carry, xs):
+      return carry, layer(xs)
+
+    scan = nn.scan(
+      body,
+      variable_broadcast='params',
+      variable_axes={tract_linen.COLLECTION: 0},
+      split_rngs={'params': False},
+    )
+    return nn.Dense(2, name='head')(scan(stem, None, jnp.stack([x, x]))[1].mean(0))
+
+
+@pytest.mark.parametrize(
+  ('model', 'inputs', 'rows'),
+  [
+    (Twice(), lambda a, b: (a, b), lambda a, b: jnp.concatenate([a, b])),
+    (Scanned(), lambda a, b: (a,), lambda a, b: jnp.concatenate([a, a])),
+  ],
+  ids=['twice', 'scanned'],
+)
+def test_apply_tract_of_a_layer_called_again_later_uses_all_its_rows(model, inputs, rows):
+  """The statistics pass ends after a layer's first call: a later call is caught in
+  the main pass and both run in full; inside a lifted scan it runs in full at once."""
+  a, b = _normal((6, 4)), _normal((2, 4), seed=1)
+  params = _init(model, *inputs(a, b))['params']
+  name = 'shared' if 'shared' in params else 'stem'
+
+  def loss(p, apply):
+    return jnp.sum(jnp.tanh(apply({'params': p}, *inputs(a, b))) ** 2)
+
+  grads = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
+    params, lambda v, *x: tract_linen.apply_tract(model, v, *x, lam=LAM)
+  )
+  plain = jax.grad(loss)(params, model.apply)
+  expected = tract_solve(rows(a, b), plain[name]['kernel'], LAM)
+  np.testing.assert_allclose(grads[name]['kernel'], expected, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[name]['bias'], plain[name]['bias'], rtol=1e-5, atol=1e-7)
 
 
 @tract_optax.mark_linear_kernel

@@ -11,7 +11,7 @@ import tract_optax
 from tract_optax import nnx as tract_nnx
 from tract_optax._src import nnx as nnx_impl
 from tract_optax._src import stats as stats_lib
-from tests.reference import patch_rows
+from tests.reference import patch_rows, tract_solve
 
 ATOL = 1e-5
 
@@ -21,8 +21,9 @@ ModuleList = getattr(nnx, 'List', list)
 
 HAS_CAPTURE = hasattr(nnx, 'capture')
 needs_capture = pytest.mark.skipif(
-    not HAS_CAPTURE, reason='nnx.capture is new in Flax 0.12.6; older Flax '
-    'only has the sow/pop fallback route')
+  not HAS_CAPTURE,
+  reason='nnx.capture is new in Flax 0.12.6; older Flax only has the sow/pop fallback route',
+)
 
 
 @pytest.fixture(params=[pytest.param('capture', marks=needs_capture), 'pop'])
@@ -79,11 +80,16 @@ def _structure(model):
   """
   graphdef, state = nnx.split(model)
   variables = jax.tree_util.tree_leaves_with_path(
-      state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
-  return (str(graphdef),
-          [(jax.tree_util.keystr(path), type(variable), jnp.shape(variable[...]))
-           for path, variable in variables],
-          type(model.backbone.stem))
+    state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable)
+  )
+  return (
+    str(graphdef),
+    [
+      (jax.tree_util.keystr(path), type(variable), jnp.shape(variable[...]))
+      for path, variable in variables
+    ],
+    type(model.backbone.stem),
+  )
 
 
 class Backbone(nnx.Module):
@@ -126,9 +132,15 @@ def test_auto_selects_first_conv_eagerly(net, route):
   assert _structure(model) == before
 
 
-@pytest.mark.parametrize('layers', [
-    [('backbone', 'layers', 0)], ['backbone/layers/0'], 'backbone/layers/0',
-    [['backbone', 'layers', '0']]])
+@pytest.mark.parametrize(
+  'layers',
+  [
+    [('backbone', 'layers', 0)],
+    ['backbone/layers/0'],
+    'backbone/layers/0',
+    [['backbone', 'layers', '0']],
+  ],
+)
 def test_named_nested_layer_matches_its_independent_input(net, layers, route):
   model, x = net
   _, stats = _run(model, x, layers=layers)
@@ -141,8 +153,9 @@ def test_paths_match_the_kernels_in_gradients(net):
   model, x = net
   layers = [('backbone', 'stem'), ('backbone', 'layers', 1), ('head',)]
   loss_fn = lambda m, x: jnp.sum(m(x) ** 2)
-  _, grads, stats = nnx.jit(lambda m, x: tract_nnx.value_and_grad_with_stats(
-      loss_fn, m, x, layers=layers))(model, x)
+  _, grads, stats = nnx.jit(
+    lambda m, x: tract_nnx.value_and_grad_with_stats(loss_fn, m, x, layers=layers)
+  )(model, x)
   assert set(stats) == set(layers)
   for path in layers:
     node = grads
@@ -152,7 +165,8 @@ def test_paths_match_the_kernels_in_gradients(net):
   # and tract finds them: preconditioning all three works
   tx = tract_optax.tract(0.1)
   jax.jit(lambda g, s: tx.update(g, tx.init(None), tract_stats=s))(
-      nnx.state(grads, nnx.Param), stats)
+    nnx.state(grads, nnx.Param), stats
+  )
 
 
 def test_root_module_is_a_layer(route):
@@ -168,11 +182,11 @@ def test_root_module_is_a_layer(route):
 
 
 CONV_CASES = [
-    dict(kernel_size=(3, 3), strides=2, padding='SAME'),
-    dict(kernel_size=(2, 3), strides=(2, 1), padding='CIRCULAR', kernel_dilation=(1, 2)),
-    dict(kernel_size=(3, 3), padding='REFLECT', feature_group_count=2),
-    dict(kernel_size=(3, 2), strides=2, padding=((2, 0), 1)),
-    dict(kernel_size=(4,), padding='CAUSAL', kernel_dilation=2),
+  dict(kernel_size=(3, 3), strides=2, padding='SAME'),
+  dict(kernel_size=(2, 3), strides=(2, 1), padding='CIRCULAR', kernel_dilation=(1, 2)),
+  dict(kernel_size=(3, 3), padding='REFLECT', feature_group_count=2),
+  dict(kernel_size=(3, 2), strides=2, padding=((2, 0), 1)),
+  dict(kernel_size=(4,), padding='CAUSAL', kernel_dilation=2),
 ]
 
 
@@ -184,33 +198,45 @@ def test_conv_settings_match_numpy_patch_matrix(settings):
   out, stats = _run(conv, x)
   as_tuple = lambda v: (v,) * ndim if isinstance(v, int) else tuple(v)
   groups = settings.get('feature_group_count', 1)
-  rows = patch_rows(np.asarray(x), settings['kernel_size'],
-                    as_tuple(settings.get('strides', 1)), settings['padding'],
-                    as_tuple(settings.get('kernel_dilation', 1)), groups)
+  rows = patch_rows(
+    np.asarray(x),
+    settings['kernel_size'],
+    as_tuple(settings.get('strides', 1)),
+    settings['padding'],
+    as_tuple(settings.get('kernel_dilation', 1)),
+    groups,
+  )
   kernel = np.asarray(conv.kernel[...], np.float64)
   weights = kernel.reshape(-1, groups, kernel.shape[-1] // groups)
   expected_out = np.concatenate([rows[g] @ weights[:, g] for g in range(groups)], -1)
-  np.testing.assert_allclose(np.asarray(out).reshape(-1, kernel.shape[-1]),
-                             expected_out + np.asarray(conv.bias[...]), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(out).reshape(-1, kernel.shape[-1]),
+    expected_out + np.asarray(conv.bias[...]),
+    atol=1e-4,
+  )
   got = stats_lib.to_moment(stats[()])
   moment = np.einsum('gNi,gNj->gij', rows, rows) / rows.shape[1]
   assert float(got.count) == rows.shape[1]
-  np.testing.assert_allclose(np.asarray(got.moment).reshape(moment.shape), moment,
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(got.moment).reshape(moment.shape), moment, atol=1e-5, rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize('axis', [-1, (-2, -1), (-1, 1)])
 def test_linear_general_rows_reproduce_output(axis):
   x = _normal((2, 3, 4, 5))
   axes = tuple(sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)))
-  layer = _build(lambda rngs: nnx.LinearGeneral(
-      tuple(x.shape[a] for a in axes), 6, axis=axis, rngs=rngs))
+  layer = _build(
+    lambda rngs: nnx.LinearGeneral(tuple(x.shape[a] for a in axes), 6, axis=axis, rngs=rngs)
+  )
   out, stats = _run(layer, x)
   rows = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
   rows = rows.reshape(-1, int(np.prod([x.shape[a] for a in axes])))
   np.testing.assert_allclose(
-      (rows @ layer.kernel[...].reshape(rows.shape[1], -1)).ravel(),
-      (out - layer.bias[...]).ravel(), atol=1e-5)
+    (rows @ layer.kernel[...].reshape(rows.shape[1], -1)).ravel(),
+    (out - layer.bias[...]).ravel(),
+    atol=1e-5,
+  )
   _assert_stats(stats[()], tract_optax.stats_from_rows(rows))
 
 
@@ -234,7 +260,8 @@ def test_jit_value_and_grad_and_optimizer_step_by_hand(net):
   @nnx.jit
   def train_step(model, optimizer, x, y):
     (loss, out), grads, stats = tract_nnx.value_and_grad_with_stats(
-        loss_fn, model, x, y, has_aux=True)
+      loss_fn, model, x, y, has_aux=True
+    )
     optimizer.update(model, grads, tract_stats=stats)
     return loss, out, stats
 
@@ -249,8 +276,7 @@ def test_jit_value_and_grad_and_optimizer_step_by_hand(net):
     params, grads = nnx.state(reference, nnx.Param), nnx.state(grads, nnx.Param)
     plain = grads['backbone']['stem']['kernel'][...]
     stem_stats = tract_optax.conv_stats(x, (3, 3), 2, 'SAME')  # the stem's input: x
-    grads['backbone']['stem']['kernel'][...] = tract_optax.precondition(
-        plain, stem_stats, lam)
+    grads['backbone']['stem']['kernel'][...] = tract_optax.precondition(plain, stem_stats, lam)
     expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
     return loss, out, expected, plain, grads['backbone']['stem']['kernel'][...]
 
@@ -258,11 +284,15 @@ def test_jit_value_and_grad_and_optimizer_step_by_hand(net):
   assert not np.allclose(tract_kernel, plain, atol=1e-3)  # TrAct changed the step
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   np.testing.assert_allclose(out, ref_out, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               nnx.state(model, nnx.Param), expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), nnx.state(model, nnx.Param), expected
+  )
   # BatchNorm running statistics were updated as in a plain step
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               nnx.state(model, nnx.BatchStat), nnx.state(reference, nnx.BatchStat))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    nnx.state(model, nnx.BatchStat),
+    nnx.state(reference, nnx.BatchStat),
+  )
 
 
 def test_no_leftovers_after_errors(net, route):
@@ -279,8 +309,9 @@ def test_no_leftovers_after_errors(net, route):
   with pytest.raises(RuntimeError, match='boom'):
     tract_nnx.capture_stats(fails_after_the_stem)(model, x)
   assert _structure(model) == before
-  modules = nnx.iter_modules(model) if hasattr(nnx, 'iter_modules') else (
-      model.iter_modules())  # Flax before 0.12
+  modules = (
+    nnx.iter_modules(model) if hasattr(nnx, 'iter_modules') else (model.iter_modules())
+  )  # Flax before 0.12
   for _, module in modules:
     assert not hasattr(module, '__captures__')
     assert not hasattr(module, 'tract_input_stats')
@@ -300,12 +331,14 @@ def test_remat_inside_the_model(route):
   model, x = _build(Remat), _normal((2, 5, 5, 3))
   before = str(nnx.graphdef(model))
   loss_fn = lambda m, x, scale=1.0: scale * jnp.sum(m(x))
-  _, grads, stats = nnx.jit(lambda m, x: tract_nnx.value_and_grad_with_stats(
-      loss_fn, m, x, scale=2.0))(model, x)  # keyword arguments reach loss_fn
+  _, grads, stats = nnx.jit(
+    lambda m, x: tract_nnx.value_and_grad_with_stats(loss_fn, m, x, scale=2.0)
+  )(model, x)  # keyword arguments reach loss_fn
   _assert_stats(stats[('stem',)], _conv_stats(x, (3, 3), padding='SAME'))
   plain = nnx.jit(nnx.grad(lambda m, x: loss_fn(m, x, scale=2.0)))(model, x)
-  jax.tree.map(np.testing.assert_array_equal, nnx.state(grads, nnx.Param),
-               nnx.state(plain, nnx.Param))
+  jax.tree.map(
+    np.testing.assert_array_equal, nnx.state(grads, nnx.Param), nnx.state(plain, nnx.Param)
+  )
   assert str(nnx.graphdef(model)) == before
 
 
@@ -332,6 +365,7 @@ class ScanNet(nnx.Module):
     @nnx.scan(in_axes=(self.axes, nnx.Carry), out_axes=nnx.Carry, length=4)
     def body(cell, carry):
       return jnp.tanh(cell(carry))
+
     return body(self.cell, x)
 
 
@@ -363,11 +397,15 @@ def test_scan_with_per_iteration_kernels_raises():
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
       def body(cell, carry):
         return cell(carry)
+
       return body(self.cells, x)
 
   model = _build(Stacked)
-  with pytest.raises(ValueError, match=r"'cells' runs inside scan/vmap with one kernel "
-                     r"per iteration \(kernel \(4, 3, 3\), each iteration sees \(3, 3\)\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'cells' runs inside scan/vmap with one kernel "
+    r'per iteration \(kernel \(4, 3, 3\), each iteration sees \(3, 3\)\)',
+  ):
     _run(model, _normal((2, 3)), layers=['cells'])
 
 
@@ -428,11 +466,15 @@ def test_layer_input_not_found_raises():
       return self.lin(features_in)
 
   model = _build(Keywords)
-  with pytest.raises(TypeError, match=r"Cannot find the input of layer '<root>': "
-                     r'call it with the input as its first argument'):
+  with pytest.raises(
+    TypeError,
+    match=r"Cannot find the input of layer '<root>': "
+    r'call it with the input as its first argument',
+  ):
     tract_nnx.apply_with_stats(model, layers=[()], features_in=_normal((2, 4)))
-  out, stats = tract_nnx.apply_with_stats(_build(lambda r: nnx.Linear(4, 3, rngs=r)),
-                                          inputs=_normal((8, 4)))
+  out, stats = tract_nnx.apply_with_stats(
+    _build(lambda r: nnx.Linear(4, 3, rngs=r)), inputs=_normal((8, 4))
+  )
   _assert_stats(stats[()], _dense_stats(_normal((8, 4))))
 
 
@@ -450,22 +492,31 @@ def test_marked_subclass_with_a_keyword_only_call_records_the_base_input():
 def test_named_layer_never_called_raises(net):
   model, x = net
   forward = tract_nnx.capture_stats(lambda m, x: m.backbone(x), layers=['head'])
-  with pytest.raises(ValueError, match=r"'head' were never called.*Conv/Dense layers "
-                     r"called: 'backbone/stem', 'backbone/layers/0', 'backbone/layers/1'"):
+  with pytest.raises(
+    ValueError,
+    match=r"'head' were never called.*Conv/Dense layers "
+    r"called: 'backbone/stem', 'backbone/layers/0', 'backbone/layers/1'",
+  ):
     forward(model, x)
 
 
 def test_path_not_in_model_raises(net):
   model, x = net
-  with pytest.raises(ValueError, match=r"no submodule at path 'backbone/nope'.*"
-                     r"'backbone/layers/0', 'backbone/layers/1', 'backbone/stem', 'head'"):
+  with pytest.raises(
+    ValueError,
+    match=r"no submodule at path 'backbone/nope'.*"
+    r"'backbone/layers/0', 'backbone/layers/1', 'backbone/stem', 'head'",
+  ):
     tract_nnx.apply_with_stats(model, x, layers=['backbone/nope'])
 
 
 def test_named_module_that_is_no_layer_raises(net):
   model, x = net
-  with pytest.raises(ValueError, match=r"'backbone' is a nnx.Backbone: it is not a "
-                     r"Linear or Conv layer"):
+  with pytest.raises(
+    ValueError,
+    match=r"'backbone' is a nnx.Backbone: it is not a "
+    r'Linear or Conv layer',
+  ):
     tract_nnx.apply_with_stats(model, x, layers=['backbone'])
   assert type(model.backbone) is Backbone
 
@@ -476,20 +527,41 @@ def test_no_layer_called_raises():
     tract_nnx.apply_with_stats(model, _normal((2, 3)))
 
 
-@pytest.mark.parametrize('make,shape,message', [
-    (lambda r: nnx.ConvTranspose(2, 2, (3, 3), rngs=r), (1, 5, 5, 2),
-     r'nnx.ConvTranspose: its kernel does not map input rows'),
-    (lambda r: nnx.Einsum('ab,bc->ac', (3, 4), rngs=r), (2, 3),
-     r'nnx.Einsum: its kernel does not map'),
-    (lambda r: nnx.Conv(2, 2, (3, 3), input_dilation=2, padding=1, rngs=r),
-     (1, 5, 5, 2), r'input_dilation=2 \(a transposed convolution\) is not supported'),
-    (lambda r: nnx.Conv(2, 2, (1, 1), mask=jnp.ones((1, 1, 2, 2)), rngs=r),
-     (1, 5, 5, 2), r'a masked kernel \(mask=\.\.\.\) is not supported'),
-    (lambda r: nnx.LinearGeneral(5, (2, 3), rngs=r), (4, 5),
-     r'nnx.LinearGeneral: its kernel has 2 output feature axes'),
-    (lambda r: nnx.LinearGeneral(5, 2, batch_axis={0: 4}, rngs=r), (4, 5),
-     r'batch axes \(0,\) give one kernel per batch entry'),
-])
+@pytest.mark.parametrize(
+  'make,shape,message',
+  [
+    (
+      lambda r: nnx.ConvTranspose(2, 2, (3, 3), rngs=r),
+      (1, 5, 5, 2),
+      r'nnx.ConvTranspose: its kernel does not map input rows',
+    ),
+    (
+      lambda r: nnx.Einsum('ab,bc->ac', (3, 4), rngs=r),
+      (2, 3),
+      r'nnx.Einsum: its kernel does not map',
+    ),
+    (
+      lambda r: nnx.Conv(2, 2, (3, 3), input_dilation=2, padding=1, rngs=r),
+      (1, 5, 5, 2),
+      r'input_dilation=2 \(a transposed convolution\) is not supported',
+    ),
+    (
+      lambda r: nnx.Conv(2, 2, (1, 1), mask=jnp.ones((1, 1, 2, 2)), rngs=r),
+      (1, 5, 5, 2),
+      r'a masked kernel \(mask=\.\.\.\) is not supported',
+    ),
+    (
+      lambda r: nnx.LinearGeneral(5, (2, 3), rngs=r),
+      (4, 5),
+      r'nnx.LinearGeneral: its kernel has 2 output feature axes',
+    ),
+    (
+      lambda r: nnx.LinearGeneral(5, 2, batch_axis={0: 4}, rngs=r),
+      (4, 5),
+      r'batch axes \(0,\) give one kernel per batch entry',
+    ),
+  ],
+)
 def test_unsupported_first_layer_raises(make, shape, message):
   layer = make(nnx.Rngs(0))  # not _build: Flax 0.11 leaves an abstract mask
   with pytest.raises(ValueError, match=message + r'.*TrAct supports'):
@@ -509,3 +581,36 @@ def test_ambiguous_layers_raise(net):
   model, x = net
   with pytest.raises(TypeError, match=r"layers=\('backbone', 'stem'\) is ambiguous"):
     tract_nnx.apply_with_stats(model, x, layers=('backbone', 'stem'))
+
+
+class SharedTwice(nnx.Module):
+  """A shared layer called twice, state (batch statistics, dropout RNG) in between."""
+
+  def __init__(self):
+    self.shared = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    self.norm = nnx.BatchNorm(3, rngs=nnx.Rngs(1))
+    self.drop = nnx.Dropout(0.5)
+
+  def __call__(self, a, b, rngs):
+    h = self.drop(self.norm(self.shared(a)), rngs=rngs)
+    return jnp.sum(jnp.tanh(h) ** 2) + jnp.sum(self.shared(b).mean(0) ** 2)
+
+
+def test_apply_tract_of_a_layer_called_again_later_runs_in_full_and_sets_state_back():
+  """The statistics pass ends after the first call; the main pass meets the second,
+  sets the model and the Rngs back, and both passes run in full: the kernel gets
+  TrAct of all rows, and state advances exactly as in one plain call."""
+  a, b = _normal((6, 4)), _normal((2, 4), seed=1)
+  model, plain = SharedTwice(), SharedTwice()
+  rngs, plain_rngs = nnx.Rngs(dropout=5), nnx.Rngs(dropout=5)
+  grads = nnx.grad(lambda m, r: tract_nnx.apply_tract(m, a, b, r, lam=0.1))(model, rngs)
+  plain_grads = nnx.grad(lambda m, r: m(a, b, r))(plain, plain_rngs)
+  expected = tract_solve(jnp.concatenate([a, b]), plain_grads['shared']['kernel'][...], 0.1)
+  np.testing.assert_allclose(grads['shared']['kernel'][...], expected, rtol=2e-5, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(plain))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    nnx.state(rngs, nnx.RngCount),
+    nnx.state(plain_rngs, nnx.RngCount),
+  )  # advanced once, as by one plain call
+  assert type(model.shared) is nnx.Linear

@@ -24,7 +24,7 @@ from tract_optax import linen as tract_linen
 from tract_optax import nnx as tract_nnx
 
 LAM = 0.1
-FIX = r'Apply TrAct to a plain layer \(without the wrapper\), or select another layer'
+FIX = r'Apply TrAct to a plain layer, or select another with layers=\[\.\.\.\]'
 
 
 def _data(shape, seed=0):

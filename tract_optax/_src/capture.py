@@ -14,17 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from tract_optax._src import conv as conv_lib
+from tract_optax._src import docs_link
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
+from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
 
-Path = Tuple[Any, ...]
 LayersLike = Union[None, str, Sequence[Union[str, Tuple[Any, ...]]]]
 
-SUPPORTED = (
-  'Dense/Linear (kernel (n_in, n_out)), DenseGeneral/LinearGeneral (one '
-  'output feature axis, no batch axes) and Conv'
-)
+SUPPORTED = 'Dense/Linear, DenseGeneral/LinearGeneral (one output axis, no batch axes) and Conv'
+
+
+def _name(path: ModulePath) -> str:
+  return paths_lib.format_path(paths_lib.normalize_path(path))
 
 
 #: Class attribute set by :func:`mark_linear_kernel`.
@@ -136,22 +138,22 @@ def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str
   return None
 
 
-def check_linear_kernel(path: Path, type_name: str, layer: Any, bases: Tuple[type, ...]) -> None:
+def check_linear_kernel(
+  path: ModulePath, type_name: str, layer: Any, bases: Tuple[type, ...]
+) -> None:
   """Raises if ``layer`` may not use its stored kernel linearly."""
   reason = nonlinear_kernel_reason(layer, bases)
   if reason is None:
     return
   raise ValueError(
-    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
-    f"a {type_name}: {reason}. TrAct's closed-form update assumes the "
-    'layer output is linear in its stored kernel, or the update is wrong. '
-    'If this class does use the kernel linearly, decorate it with '
-    '@tract_optax.mark_linear_kernel; otherwise select another layer with '
-    'layers=[...].'
+    f'The layer {_name(path)!r} is a {type_name}: {reason}. If it does use '
+    'the kernel linearly, decorate the class with @tract_optax.mark_linear_kernel; '
+    'otherwise select another layer with layers=[...].'
+    + docs_link.see('first_layer', 'The linearity guard')
   )
 
 
-def transformed_kernel(path: Path, type_name: str, wrapper: str) -> ValueError:
+def transformed_kernel(path: ModulePath, type_name: str, wrapper: str) -> ValueError:
   """The error for a layer whose kernel a wrapper transforms before the layer uses it.
 
   Flax's reparameterisation wrappers (``SpectralNorm``, ``WeightNorm``,
@@ -168,13 +170,10 @@ def transformed_kernel(path: Path, type_name: str, wrapper: str) -> ValueError:
     The ``ValueError`` to raise.
   """
   return ValueError(
-    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
-    f'a {type_name} wrapped by {wrapper}, which transforms the stored kernel '
-    'before the layer uses it (a reparameterisation such as spectral or weight '
-    'normalisation, weight standardisation or a mask), so the layer output is '
-    "not linear in the stored kernel and TrAct's closed-form update would be "
-    'wrong. Apply TrAct to a plain layer (without the wrapper), or select '
-    'another layer with layers=[...].'
+    f'The layer {_name(path)!r} is a {type_name} wrapped by {wrapper}, which '
+    'transforms the stored kernel, so the output is not linear in the stored kernel. '
+    'Apply TrAct to a plain layer, or select another with layers=[...].'
+    + docs_link.see('first_layer', 'Reparameterised kernels')
   )
 
 
@@ -239,7 +238,7 @@ def conv_settings(conv: Any) -> Dict[str, Any]:
   return read_conv_settings(conv, (), type(conv).__name__)
 
 
-def read_conv_settings(conv: Any, path: Path, type_name: str) -> Dict[str, Any]:
+def read_conv_settings(conv: Any, path: ModulePath, type_name: str) -> Dict[str, Any]:
   """:func:`conv_settings` with the layer's path and type for messages."""
   kernel_size = conv.kernel_size
   kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -288,28 +287,28 @@ def normalize_layers(layers: LayersLike) -> Optional[List[Tuple[str, ...]]]:
   return [paths_lib.normalize_path(path) for path in layers]
 
 
-def format_paths(paths: Sequence[Path]) -> str:
+def format_paths(paths: Sequence[ModulePath]) -> str:
   return (
     ', '.join(repr(paths_lib.format_path(paths_lib.normalize_path(p))) for p in paths) or 'none'
   )
 
 
-def unsupported_layer(path: Path, type_name: str, reason: str) -> ValueError:
+def unsupported_layer(path: ModulePath, type_name: str, reason: str) -> ValueError:
   return ValueError(
-    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} is '
-    f'a {type_name}: {reason} TrAct supports {SUPPORTED}; pass layers=[...] '
-    'to select a supported layer explicitly.'
+    f'The layer {_name(path)!r} is a {type_name}: {reason} TrAct supports '
+    f'{SUPPORTED}; select one with layers=[...].'
+    + docs_link.see('first_layer', 'Layers TrAct supports')
   )
 
 
-def not_called(missing: Sequence[Path], called: Sequence[Path]) -> ValueError:
+def not_called(missing: Sequence[ModulePath], called: Sequence[ModulePath]) -> ValueError:
   return ValueError(
     f'The selected layer(s) {format_paths(missing)} were never called in the '
     f'forward pass. Conv/Dense layers called: {format_paths(called)}.'
   )
 
 
-def check_selection(selected: Sequence[Path], recorded, called: Sequence[Path]) -> None:
+def check_selection(selected: Sequence[ModulePath], recorded, called: Sequence[ModulePath]) -> None:
   """Raises if the forward pass did not call the layers that were asked for.
 
   Args:
@@ -322,14 +321,14 @@ def check_selection(selected: Sequence[Path], recorded, called: Sequence[Path]) 
     raise not_called(missing, called)
 
 
-def missing_input(path: Path) -> TypeError:
+def missing_input(path: ModulePath) -> TypeError:
   return TypeError(
     f'Cannot find the input of layer {format_paths([path])}: call it with the '
     'input as its first argument (or as inputs=...).'
   )
 
 
-def call_input(path: Path, args, kwargs):
+def call_input(path: ModulePath, args, kwargs):
   """The input of a layer call: the first positional argument or ``inputs=``."""
   if args:
     return args[0]
@@ -352,23 +351,17 @@ def spatial_ints(value, size: int) -> Tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def conv_layer_stats(
-  path: Path, type_name: str, x: jax.Array, conv: Any, *, precision, max_chunk_bytes
+def conv_stats_from_settings(
+  x: jax.Array, settings: Dict[str, Any], *, precision, max_chunk_bytes
 ) -> TractStats:
-  """Statistic of one call of a Flax ``Conv`` layer, Linen or NNX.
-
-  Both kinds name their settings alike (``kernel_size``, ``strides``,
-  ``padding``, ``input_dilation``, ``kernel_dilation``, ``feature_group_count``,
-  ``mask``), so they are read from the layer here, once for both.
-  """
-  settings = read_conv_settings(conv, path, type_name)
+  """Statistic of one convolution call from its :func:`conv_settings` geometry."""
   return conv_lib.conv_stats(
     as_float(x), **settings, precision=precision, max_chunk_bytes=max_chunk_bytes
   )
 
 
 def general_layer_stats(
-  path: Path, type_name: str, x: jax.Array, *, axis, num_out_axes: int, batch_axes, precision
+  path: ModulePath, type_name: str, x: jax.Array, *, axis, num_out_axes: int, batch_axes, precision
 ) -> TractStats:
   """Statistic of one call of a ``DenseGeneral`` / ``LinearGeneral`` layer.
 
@@ -441,19 +434,17 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
   return TractStats(moment=stats_lib.safe_divide(weighted, total), rows=None, count=total)
 
 
-def per_iteration_kernel(path: Path, outer_shape, inner_shape) -> ValueError:
+def per_iteration_kernel(path: ModulePath, outer_shape, inner_shape) -> ValueError:
   return ValueError(
-    f'The layer {paths_lib.format_path(paths_lib.normalize_path(path))!r} '
-    f'runs inside scan/vmap with one kernel per iteration (kernel '
-    f'{outer_shape}, each iteration sees {inner_shape}). tract preconditions '
-    'a kernel as one (n, m) matrix, so per-iteration kernels are not '
-    'supported; share the kernel across the transform (broadcast its '
-    'params) or select another layer.'
+    f'The layer {_name(path)!r} runs inside scan/vmap with one kernel per '
+    f'iteration (kernel {outer_shape}, each iteration sees {inner_shape}). Share '
+    'the kernel across the transform (broadcast its params) or select another layer.'
+    + docs_link.see('first_layer', 'Layers TrAct supports')
   )
 
 
 def combine_calls(
-  path: Path, calls: Sequence[TractStats], outer_shape, inner_shape, precision
+  path: ModulePath, calls: Sequence[TractStats], outer_shape, inner_shape, precision
 ) -> TractStats:
   """The statistic of all calls of one layer, lifted axes merged."""
   merged = []

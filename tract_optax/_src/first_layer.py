@@ -32,18 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from tract_optax._src import capture as _capture
+from tract_optax._src import docs_link
 from tract_optax._src import paths as paths_lib
-
-Path = Tuple[Any, ...]
+from tract_optax._src.paths import ModulePath
 
 DATA, PARAMS, UNKNOWN = 'data only', 'parameters', 'unknown'
 
@@ -64,8 +63,8 @@ _CONCRETIZATION_ERRORS = tuple(
   if hasattr(jax.errors, name)
 )
 
-_PROBES: Dict[int, DependencyProbe] = {}
-_probe_ids = itertools.count()
+#: Choices kept by :func:`cached_choice` (keys are hashable structure only).
+CACHE_SIZE = 256
 
 
 @dataclasses.dataclass
@@ -81,7 +80,7 @@ class LayerCall:
       input; ``None`` while the marker's JVP rule has not run for this call.
   """
 
-  path: Path
+  path: ModulePath
   type_name: str
   input_type: str = ''
   reached: Optional[bool] = None
@@ -135,17 +134,17 @@ def _zero_tangent(x):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _marker(x, token, probe_id: int, index: int):
-  del token, probe_id, index
+def _marker(x, token, probe: DependencyProbe, index: int):
+  del token, probe, index
   return x
 
 
-def _marker_jvp(probe_id, index, primals, tangents):
+def _marker_jvp(probe, index, primals, tangents):
+  """Reports to ``probe`` (a static argument: no registry) whether a tangent came."""
   x, _ = primals
   x_tangent, _ = tangents
-  probe = _PROBES.get(probe_id)
   data_only = isinstance(x_tangent, SymbolicZero)
-  if probe is not None and index < len(probe.calls):
+  if index < len(probe.calls):
     probe.calls[index].reached = not data_only
   if data_only:
     x_tangent = _zero_tangent(x)
@@ -192,24 +191,15 @@ class DependencyProbe:
   def __init__(self):
     self.calls: List[LayerCall] = []
     self.token = None
-    self._id = next(_probe_ids)
 
-  def __enter__(self):
-    _PROBES[self._id] = self
-    return self
-
-  def __exit__(self, *exc):
-    _PROBES.pop(self._id, None)
-    return False
-
-  def mark(self, x, path: Path, type_name: str):
+  def mark(self, x, path: ModulePath, type_name: str):
     index = len(self.calls)
     self.calls.append(LayerCall(path, type_name, _type_text(x)))
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
       # Integer inputs carry no tangent: they are data (or indices) by nature.
       self.calls[index].reached = False
       return x
-    return _marker(x, self.token, self._id, index)
+    return _marker(x, self.token, self, index)
 
   def _trace_jvp(self, forward, primals) -> List[LayerCall]:
     """Runs ``forward(primals, token)`` abstractly under ``jvp`` in ``primals``
@@ -226,8 +216,7 @@ class DependencyProbe:
 
     self.calls = []
     try:
-      with self:
-        jax.eval_shape(jvp_of_forward, primals, jnp.zeros([], jnp.float32))
+      jax.eval_shape(jvp_of_forward, primals, jnp.zeros([], jnp.float32))
     finally:
       self.token = None
     return self.calls
@@ -268,7 +257,7 @@ class DependencyProbe:
     except _CONCRETIZATION_ERRORS as error:
       raise _abstract_probe_error(self.calls) from error
 
-  def input_readers(self, run, params, inputs) -> Optional[Tuple[str, List[Path]]]:
+  def input_readers(self, run, params, inputs) -> Optional[Tuple[str, List[ModulePath]]]:
     """The model's largest input and the layers whose input depends on it.
 
     Traces ``run`` again, abstractly, with ``jvp`` in the largest inexact
@@ -294,13 +283,13 @@ class DependencyProbe:
       calls = self._trace_jvp(forward, [leaves[index]])
     except Exception:  # only a suggestion: never hide the refusal behind it
       return None
-    readers: List[Path] = []
+    readers: List[ModulePath] = []
     for call in calls:
       if call.reached and call.path not in readers:
         readers.append(call.path)
     return description, readers
 
-  def select(self, run, params, inputs, kind: str = 'Conv/Dense') -> Path:
+  def select(self, run, params, inputs, kind: str = 'Conv/Dense') -> ModulePath:
     """The first layer, by :func:`choose`'s rule, of ``run(params, inputs, token)``.
 
     Args:
@@ -324,26 +313,26 @@ def _abstract_probe_error(calls: Sequence[LayerCall]) -> TypeError:
   seen = list(dict.fromkeys(call.path for call in calls))
   before = f' Layers called before it failed: {_capture.format_paths(seen)}.' if seen else ''
   return TypeError(
-    'Automatic first-layer selection (layers=None) failed: it traces the '
-    'forward pass abstractly (jax.eval_shape under jax.jvp, no computation) to '
-    'find the layer whose input depends on no parameter, and the model turns an '
-    'array into a Python value there (float(), int(), bool(), a Python `if` on '
-    'an array, np.asarray), which an eager call allows but the probe cannot run. '
-    'Name the layer to precondition with layers=[...] (e.g. '
-    "layers=['stem']): that skips the probe. (Under jax.jit the model itself "
-    'cannot do this either: use jnp.where or jax.lax.cond.)' + before
+    'Automatic first-layer selection (layers=None) traces the model abstractly, and '
+    'the model turns an array into a Python value (float(), bool(), an `if` on an '
+    "array). Name the layer with layers=[...] (e.g. layers=['stem']) to skip the probe."
+    + before
+    + docs_link.see('first_layer', 'When the probe cannot run')
   )
 
 
-def _text(path: Path) -> str:
+_SEE_DEFINITION = docs_link.see('first_layer', 'Found by definition')
+
+
+def _text(path: ModulePath) -> str:
   return _capture.format_paths([path])
 
 
-def _verdicts(calls: Sequence[LayerCall]) -> Dict[Path, str]:
+def _verdicts(calls: Sequence[LayerCall]) -> Dict[ModulePath, str]:
   """Each layer's verdict, in first-call order: parameters if any call's input
   depends on them, data only if every call seen by the rule is data-only,
   unknown if the rule saw none of its calls."""
-  seen: Dict[Path, List[str]] = {}
+  seen: Dict[ModulePath, List[str]] = {}
   for call in calls:
     seen.setdefault(call.path, []).append(call.input_depends_on)
   status = {}
@@ -360,8 +349,8 @@ def _verdicts(calls: Sequence[LayerCall]) -> Dict[Path, str]:
 def choose(
   calls: Sequence[LayerCall],
   kind: str = 'Conv/Dense',
-  input_readers: Optional[Callable[[], Optional[Tuple[str, List[Path]]]]] = None,
-) -> Path:
+  input_readers: Optional[Callable[[], Optional[Tuple[str, List[ModulePath]]]]] = None,
+) -> ModulePath:
   """The first layer among the probed calls, or an error that lists candidates.
 
   Args:
@@ -389,9 +378,10 @@ def choose(
   status = _verdicts(calls)
   if not status:
     raise ValueError(
-      f'No {kind} layer was called in the forward pass, so there is no first layer to precondition.'
+      f'No {kind} layer was called in the forward pass, so there is no first layer '
+      'to precondition.' + _SEE_DEFINITION
     )
-  types: Dict[Path, str] = {}
+  types: Dict[ModulePath, str] = {}
   for call in calls:
     types.setdefault(call.path, f'{call.type_name}, input {call.input_type}')
   candidates = [p for p, s in status.items() if s == DATA]
@@ -400,13 +390,13 @@ def choose(
   if len(candidates) == 1 and not unknown and candidates[0] == first:
     return first
 
-  def described(paths: Sequence[Path]) -> str:
+  def described(paths: Sequence[ModulePath]) -> str:
     listed = [f'{_text(p)} ({types[p]})' for p in paths[:MAX_LISTED_CANDIDATES]]
     if len(paths) > MAX_LISTED_CANDIDATES:
       listed.append(f'and {len(paths) - MAX_LISTED_CANDIDATES} more')
     return ', '.join(listed)
 
-  def others(excluded: Sequence[Path]) -> str:
+  def others(excluded: Sequence[ModulePath]) -> str:
     rest = [p for p in status if p not in excluded]
     if not rest:
       return ''
@@ -423,7 +413,7 @@ def choose(
       return f' The other {kind} layer called, {named}, takes {what}.'
     return f' The other {len(rest)} {kind} layers called take {what} ({named}{more}).'
 
-  def suggestion(pool: Sequence[Path]) -> str:
+  def suggestion(pool: Sequence[ModulePath]) -> str:
     found = input_readers() if input_readers is not None else None
     if found is None:
       return (
@@ -451,6 +441,7 @@ def choose(
       + (f' Layers with data-only input: {described(candidates)}.' if candidates else '')
       + others(unknown + candidates)
       + suggestion(unknown + candidates)
+      + _SEE_DEFINITION
     )
   if not candidates:
     raise ValueError(
@@ -460,6 +451,7 @@ def choose(
       + others(list(status)[:MAX_LISTED_CANDIDATES])
       + ' To precondition a layer anyway, name it with layers=[...].'
       + suggestion(list(status))
+      + _SEE_DEFINITION
     )
   if len(candidates) > 1:
     raise ValueError(
@@ -468,6 +460,7 @@ def choose(
       'embedding); TrAct cannot tell which is the image stem.'
       + others(candidates)
       + suggestion(candidates)
+      + _SEE_DEFINITION
     )
   name = paths_lib.format_path(paths_lib.normalize_path(candidates[0]))
   raise ValueError(
@@ -476,4 +469,77 @@ def choose(
     f'data-only input is {described(candidates)}.'
     + others(candidates)
     + f' If {name!r} is the image stem, pass layers=[{name!r}].'
+    + _SEE_DEFINITION
   )
+
+
+class Uncacheable(TypeError):
+  """A value in a cache key that cannot be hashed (the choice is then not cached)."""
+
+
+def leaf_spec(leaf: Any) -> Hashable:
+  """What the probe's verdict may depend on in one leaf: an array's shape and
+  type, any other value itself.
+
+  Raises:
+    Uncacheable: for a value that is no array and cannot be hashed.
+
+  Example:
+    >>> leaf_spec(jnp.ones((2, 3)))
+    ((2, 3), dtype('float32'), False)
+    >>> leaf_spec('train')
+    'train'
+  """
+  if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+    return (tuple(leaf.shape), jnp.dtype(leaf.dtype), bool(getattr(leaf, 'weak_type', False)))
+  try:
+    hash(leaf)
+  except TypeError:
+    raise Uncacheable(type(leaf).__name__) from None
+  return leaf
+
+
+def tree_spec(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> Hashable:
+  """A hashable key of ``tree``'s structure and its leaves' :func:`leaf_spec`."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+  return treedef, tuple(leaf_spec(leaf) for leaf in leaves)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _choice_cell(key: Hashable) -> List[ModulePath]:
+  """The (mutable) cell holding the choice for ``key``; empty until chosen."""
+  del key
+  return []
+
+
+def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePath]) -> ModulePath:
+  """The first layer for a model structure and input types, chosen once.
+
+  The verdict of the probe depends only on the model's code and settings and
+  the structure, shapes and dtypes of its parameters and inputs, never on
+  their values, so it is kept in a bounded cache keyed by exactly those
+  (``key()``, e.g. a Linen module, which hashes by its fields, and
+  :func:`tree_spec` of its variables and arguments): a later trace with the
+  same key does not probe again. A refusal is never cached; a key that cannot
+  be hashed (a module holding a list) probes every time.
+
+  Args:
+    key: builds the hashable key; may raise :class:`Uncacheable`.
+    choose_now: runs the probe.
+
+  Returns:
+    The chosen layer's path.
+  """
+  try:
+    built = key()
+    cell = _choice_cell(built)
+  except (Uncacheable, TypeError):  # an unhashable field: probe every time
+    return choose_now()
+  if not cell:
+    cell.append(choose_now())
+  return cell[0]
+
+
+def clear_cache() -> None:
+  """Forgets every cached choice (for benchmarks measuring a first trace)."""
+  _choice_cell.cache_clear()

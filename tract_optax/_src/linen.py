@@ -45,10 +45,11 @@ from flax.training import train_state
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import first_layer, gradient_route
+from tract_optax._src import first_layer, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
 from tract_optax._src import transform as transform_lib
+from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
 
 COLLECTION = 'tract_stats'
@@ -57,13 +58,34 @@ COLLECTION = 'tract_stats'
 
 _SOW_NAME = 'tract_input_stats'
 
-ModulePath = Tuple[str, ...]
 
-#: Layers whose input statistic this module computes.
-SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
-#: Layers with a kernel that are recognised (for auto-selection and errors) but
-#: rejected: their kernel is not a single ``(n, m)`` map of input rows.
-_KERNEL_LAYERS = SUPPORTED_LAYERS + (nn.ConvLocal, nn.ConvTranspose, nn.Einsum)
+def _dense_general_axes(layer: nn.DenseGeneral) -> Tuple[Any, int, Tuple[int, ...]]:
+  features, batch_dims = layer.features, layer.batch_dims
+  num_out_axes = 1 if isinstance(features, int) else len(tuple(features))
+  return (
+    layer.axis,
+    num_out_axes,
+    (batch_dims,) if isinstance(batch_dims, int) else tuple(batch_dims),
+  )
+
+
+_NOT_ROWS = 'its kernel does not map input rows to output rows.'
+
+#: The Linen layers TrAct computes statistics for, and those it recognises but
+#: rejects (their kernel is not one ``(n, m)`` map of input rows).
+LAYERS = layer_core.LayerTable(
+  prefix='nn',
+  conv=((nn.Conv, _capture.read_conv_settings),),
+  dense=(nn.Dense,),
+  general=((nn.DenseGeneral, _dense_general_axes),),
+  rejected=(
+    (nn.ConvLocal, 'its kernel is not shared across positions (one per output position).'),
+    (nn.ConvTranspose, _NOT_ROWS),
+    (nn.Einsum, _NOT_ROWS),
+  ),
+)
+SUPPORTED_LAYERS = LAYERS.supported
+_KERNEL_LAYERS = LAYERS.kernel_layers
 #: Flax wrappers that hand the layer they hold a transformed kernel (through a
 #: lifted ``map_variables``); named in the refusal when they are active.
 _KERNEL_WRAPPERS = (nn.SpectralNorm, nn.WeightNorm)
@@ -131,42 +153,10 @@ def layer_input_stats(
     ((27, 27), 32.0)
   """
   path = tuple(module.path) if module.scope is not None else ()
-  _check_not_mapped(module, path, f'nn.{type(module).__name__}')
-  return _layer_stats(module, x, precision=precision, max_chunk_bytes=max_chunk_bytes)
-
-
-def _layer_stats(module: nn.Module, x, *, precision, max_chunk_bytes) -> TractStats:
-  """:func:`layer_input_stats` once the caller has checked for wrappers."""
-  path = tuple(module.path) if module.scope is not None else ()
-  type_name = f'nn.{type(module).__name__}'
-  if isinstance(module, SUPPORTED_LAYERS):
-    _capture.check_linear_kernel(path, type_name, module, SUPPORTED_LAYERS)
-    x = _capture.multiplied_input(x, module)  # what the product sees (dtype=...)
-  if isinstance(module, nn.Conv):
-    return _capture.conv_layer_stats(
-      path, type_name, x, module, precision=precision, max_chunk_bytes=max_chunk_bytes
-    )
-  if isinstance(module, nn.Dense):
-    return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
-  if isinstance(module, nn.DenseGeneral):
-    features = module.features
-    batch_dims = module.batch_dims
-    return _capture.general_layer_stats(
-      path,
-      type_name,
-      x,
-      axis=module.axis,
-      num_out_axes=1 if isinstance(features, int) else len(tuple(features)),
-      batch_axes=(batch_dims,) if isinstance(batch_dims, int) else tuple(batch_dims),
-      precision=precision,
-    )
-  if isinstance(module, nn.ConvLocal):
-    reason = 'its kernel is not shared across positions (one per output position).'
-  elif isinstance(module, _KERNEL_LAYERS):
-    reason = 'its kernel does not map input rows to output rows.'
-  else:
-    reason = 'it is not a Dense or Conv layer.'
-  raise _capture.unsupported_layer(path, type_name, reason)
+  _check_not_mapped(module, path, LAYERS.type_name(module))
+  return layer_core.layer_input_stats(
+    LAYERS, module, x, path=path, precision=precision, max_chunk_bytes=max_chunk_bytes
+  )
 
 
 def _lookup(tree, path: ModulePath):
@@ -178,18 +168,25 @@ def _lookup(tree, path: ModulePath):
   return node
 
 
-class _Recorder:
-  """Python-side bookkeeping of one ``apply_with_stats`` call (static only)."""
+def _lifted(module: nn.Module) -> bool:
+  """Whether ``module`` runs inside a lifted transform (``nn.scan``, ``nn.remat``, ...).
 
-  def __init__(self, selected: List[ModulePath], precision, max_chunk_bytes, params=None):
-    self.selected = selected
-    self.precision = precision
-    self.max_chunk_bytes = max_chunk_bytes
+  Lifted transforms record themselves in the scope's ``debug_path`` (e.g.
+  ``('scan(blocks)', 'Dense_0')``), which otherwise equals the module path.
+  """
+  debug_path = getattr(module.scope, 'debug_path', None)
+  return debug_path is None or tuple(str(e) for e in debug_path) != tuple(module.path)
+
+
+class _Recorder(layer_core.Recorder):
+  """The interceptor of one statistics pass (static only)."""
+
+  def __init__(
+    self, selected: List[ModulePath], precision, max_chunk_bytes, params=None, stop_early=False
+  ):
+    super().__init__(LAYERS, selected, precision, max_chunk_bytes, stop_early)
     self.params = {} if params is None else params  # the kernels as given to apply
     self.wrappers: List[str] = []  # active nn.SpectralNorm / nn.WeightNorm calls
-    self.called: List[ModulePath] = []  # kernel layers called, in order
-    self.recorded: List[ModulePath] = []  # layers with sown statistics
-    self.kernel_shapes: Dict[ModulePath, Tuple[int, ...]] = {}
     self.active: List[list] = []  # [path, superseded] frames
 
   def __call__(self, next_fun, args, kwargs, context):
@@ -203,8 +200,7 @@ class _Recorder:
         return next_fun(*args, **kwargs)
       finally:
         self.wrappers.pop()
-    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
-      self.called.append(path)
+    self.saw_call(module, path)
     if path not in self.selected:
       return next_fun(*args, **kwargs)
     self._check_not_wrapped(module, path)  # before the call: a wrapper's own
@@ -255,15 +251,13 @@ class _Recorder:
         f"transform. Add it to the transform's variable_axes, e.g. "
         f'variable_axes={{{COLLECTION!r}: 0, ...}}.'
       )
-    stats = _layer_stats(
-      module, inputs, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
-    )
+    stats = self.stats(module, path, inputs)
     module.sow(COLLECTION, _SOW_NAME, stats)
-    if module.has_variable('params', 'kernel'):
-      kernel = module.get_variable('params', 'kernel')
-      self.kernel_shapes[path] = tuple(jnp.shape(meta.unbox(kernel)))
-    if path not in self.recorded:
-      self.recorded.append(path)
+    kernel_shape = None
+    if module.has_variable('params', paths_lib.KERNEL_NAME):
+      kernel_shape = tuple(jnp.shape(meta.unbox(module.get_variable('params', 'kernel'))))
+    self.recorded_call(path, kernel_shape)
+    self.keep(path, stats, transformed=self.stop_early and _lifted(module))
 
   def collect(self, sown, variables) -> Dict[ModulePath, TractStats]:
     """``{path: TractStats}`` from the sown collection, lifted axes merged."""
@@ -280,13 +274,8 @@ class _Recorder:
       calls = entry[_SOW_NAME]
       kernel = _lookup(params, path + (paths_lib.KERNEL_NAME,))
       outer = None if kernel is None else tuple(jnp.shape(meta.unbox(kernel)))
-      result[path] = _capture.combine_calls(
-        path, calls, outer, self.kernel_shapes.get(path), self.precision
-      )
+      result[path] = self.combined(path, calls, outer)
     return result
-
-  def check_selection(self) -> None:
-    _capture.check_selection(self.selected, self.recorded, self.called)
 
 
 def _strip_collection(mutated):
@@ -348,7 +337,7 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
       or not isinstance(layer, _KERNEL_LAYERS)
     ):
       return next_fun(*call_args, **call_kwargs)
-    path = tuple(layer.path)
+    path = tuple(context.module.path)
     if path in active:  # a subclass calling super().__call__: marked already
       return next_fun(*call_args, **call_kwargs)
     active.append(path)
@@ -372,6 +361,19 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
       module.apply(probed, *probed_args, **probed_kwargs)
 
   return probe.select(run, params, (args, apply_kwargs), 'Conv/Dense')
+
+
+def first_layer_of(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
+  """The first layer of ``module``, probed once per structure and input types.
+
+  The key is the module (Linen modules hash by their fields) and the tree
+  structure, shapes and dtypes of its variables and call arguments (other
+  values by themselves); see :func:`tract_optax.first_layer.cached_choice`.
+  """
+  return first_layer.cached_choice(
+    lambda: (module, first_layer.tree_spec((variables, args, apply_kwargs))),
+    lambda: _probe_first_layer(module, variables, args, apply_kwargs),
+  )
 
 
 def apply_with_stats(
@@ -434,20 +436,61 @@ def apply_with_stats(
     ([('layers_0',)], (3, 3))
   """
   module = as_module(module, 'apply_with_stats')
+  selected = _selection(module, variables, args, apply_kwargs, layers)
+  recorder = _Recorder(selected, precision, max_chunk_bytes, params=_params_of(variables))
+  return _recorded_pass(module, variables, args, apply_kwargs, recorder)
+
+
+def _params_of(variables) -> Any:
+  return variables.get('params', {}) if hasattr(variables, 'get') else {}
+
+
+def _selection(module, variables, args, apply_kwargs, layers) -> List[ModulePath]:
   selected = _capture.normalize_layers(layers)
   if selected is None:
-    selected = [_probe_first_layer(module, variables, args, apply_kwargs)]
-  params = variables.get('params', {}) if hasattr(variables, 'get') else {}
-  recorder = _Recorder(selected, precision, max_chunk_bytes, params=params)
+    return [first_layer_of(module, variables, args, apply_kwargs)]
+  return selected
+
+
+def _recorded_pass(module: nn.Module, variables, args, apply_kwargs, recorder: _Recorder):
+  """``module.apply`` under ``recorder``: ``(apply's output, tract_stats)``; the
+  output is None when the recorder ended the pass early."""
+  apply_kwargs = dict(apply_kwargs)
   user_mutable = apply_kwargs.pop('mutable', False)
   mutable = scope_lib.union_filters(user_mutable, COLLECTION)
-  with nn.intercept_methods(recorder):
-    output, mutated = module.apply(variables, *args, mutable=mutable, **apply_kwargs)
+  try:
+    with nn.intercept_methods(recorder):
+      output, mutated = module.apply(variables, *args, mutable=mutable, **apply_kwargs)
+  except layer_core.EnoughCalls:
+    return None, recorder.collect_direct()
   recorder.check_selection()
   tract_stats = recorder.collect(mutated.get(COLLECTION, {}), variables)
   if user_mutable is False:
     return output, tract_stats
   return (output, _strip_collection(mutated)), tract_stats
+
+
+class _CallCounter(layer_core.CallLimit):
+  """Interceptor raising :class:`~layer_core.MoreCalls` past ``limits[path]``
+  calls (counted outermost: a subclass's ``super().__call__`` is the same call)."""
+
+  def __init__(self, limits: Dict[ModulePath, int]):
+    super().__init__(limits)
+    self.active: List[ModulePath] = []
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    if path not in self.limits or path in self.active:
+      return next_fun(*args, **kwargs)
+    self.count(path)
+    self.active.append(path)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self.active.pop()
 
 
 def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.Array]):
@@ -482,6 +525,7 @@ def apply_tract(
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   check_condition: Optional[bool] = None,
+  per_lane_stats: bool = False,
   **apply_kwargs,
 ):
   """``apply`` whose gradient gives the first layer's kernel its TrAct gradient.
@@ -494,11 +538,14 @@ def apply_tract(
   hands any optimizer, Flax's own ``TrainState`` and any accumulation scheme
   TrAct gradients: no ``tract_stats``, no ``tract`` in the chain.
 
-  It traces the forward pass twice: once to compute the statistics (as
-  :func:`apply_with_stats`, whose selection and checks it shares), once with
-  the kernels wrapped by :func:`tract_optax.tract_kernel`. Under ``jit`` the
-  first pass costs only what leads to the selected layers' inputs (XLA drops
-  the rest); run eagerly, it is a second forward pass.
+  The statistics come from a first pass (as :func:`apply_with_stats`, whose
+  selection and checks it shares), traced without tangents and ended right
+  after the selected layers' first calls, so it costs only what leads to
+  their inputs; the main pass, with the kernels wrapped by
+  :func:`tract_optax.tract_kernel`, checks that they are called no more
+  (a layer called again later, e.g. a shared stem, makes both passes run in
+  full). Without ``layers``, the first layer is probed once per model
+  structure and input types (see ``docs/first_layer.md``).
 
   Args:
     module_or_apply_fn: the Linen module, or its bound ``apply``
@@ -519,6 +566,11 @@ def apply_tract(
     precision: matmul precision of the statistics.
     max_chunk_bytes: patch bytes materialised at once for convolutions.
     check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    per_lane_stats: under ``jax.vmap`` over independent models, each with its
+      own kernel and its own data (an ensemble: ``vmap(grad(loss))`` over
+      stacked parameters), precondition each lane with its own statistic; see
+      :func:`tract_optax.tract_kernel`. Without it a per-lane statistic is
+      refused.
     **apply_kwargs: everything else ``apply`` takes (``rngs``, ``mutable``,
       ``method``, ...) and keyword arguments of the method.
 
@@ -547,30 +599,39 @@ def apply_tract(
   """
   module = as_module(module_or_apply_fn, 'apply_tract')
   gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
-  _, tract_stats = apply_with_stats(
-    module,
-    variables,
-    *args,
-    layers=layers,
-    precision=precision,
-    max_chunk_bytes=max_chunk_bytes,
-    **apply_kwargs,
+  selected = _selection(module, variables, args, apply_kwargs, layers)
+  wrap = functools.partial(
+    gradient_route.tract_kernel,
+    lam=lam,
+    axis_name=axis_name,
+    local_stats=local_stats,
+    relative_lam=relative_lam,
+    channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
+    check_condition=check_condition,
+    per_lane_stats=per_lane_stats,
   )
-  params = variables['params']
-  for path, stats in tract_stats.items():
-    wrap = functools.partial(
-      gradient_route.tract_kernel,
-      stats=stats,
-      lam=lam,
-      axis_name=axis_name,
-      local_stats=local_stats,
-      relative_lam=relative_lam,
-      channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
-      check_condition=check_condition,
-      name=paths_lib.format_path(path),
+  # The statistics pass is traced without tangents (the statistic is of inputs,
+  # gradients stopped) and ends right after the selected layers' first calls;
+  # the main pass checks that they are called no more, else both run in full.
+  stopped = jax.lax.stop_gradient(variables)
+  for stop_early in (True, False):
+    recorder = _Recorder(
+      selected, precision, max_chunk_bytes, params=_params_of(stopped), stop_early=stop_early
     )
-    params = _replace_kernel(params, path, wrap)
-  return module.apply(_with_entry(variables, 'params', params), *args, **apply_kwargs)
+    _, tract_stats = _recorded_pass(module, stopped, args, apply_kwargs, recorder)
+    params = variables['params']
+    for path, stats in tract_stats.items():
+      name = paths_lib.format_path(path)
+      params = _replace_kernel(params, path, functools.partial(wrap, stats=stats, name=name))
+    wrapped = _with_entry(variables, 'params', params)
+    if not recorder.ended_early:
+      return module.apply(wrapped, *args, **apply_kwargs)
+    try:
+      with nn.intercept_methods(_CallCounter(recorder.limits())):
+        return module.apply(wrapped, *args, **apply_kwargs)
+    except layer_core.MoreCalls:
+      continue  # a layer called again later: its statistic needs the whole pass
+  raise AssertionError('unreachable: the full statistics pass never stops early')
 
 
 class TractTrainState(train_state.TrainState):

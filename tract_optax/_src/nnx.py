@@ -37,16 +37,16 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import first_layer, gradient_route
+from tract_optax._src import first_layer, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
+from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
-
-Path = Tuple[Any, ...]
 
 _SOW_NAME = 'tract_input_stats'
 
@@ -54,11 +54,25 @@ _SOW_NAME = 'tract_input_stats'
 #: ``nnx.pop`` (the route for Flax before 0.12.6). Tests switch it off.
 USE_CAPTURE = hasattr(nnx, 'capture')
 
-#: Layers whose input statistic this module computes.
-SUPPORTED_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
-#: Layers with a kernel that are recognised (for auto-selection and errors) but
-#: rejected: their kernel is not a single ``(n, m)`` map of input rows.
-_KERNEL_LAYERS = SUPPORTED_LAYERS + (nnx.ConvTranspose, nnx.Einsum)
+
+def _linear_general_axes(layer: nnx.LinearGeneral) -> Tuple[Any, int, Tuple[int, ...]]:
+  return layer.axis, len(tuple(layer.out_features)), tuple(layer.batch_axis)
+
+
+_NOT_ROWS = 'its kernel does not map input rows to output rows.'
+
+#: The NNX layers TrAct computes statistics for, and those it recognises but
+#: rejects (their kernel is not one ``(n, m)`` map of input rows).
+LAYERS = layer_core.LayerTable(
+  prefix='nnx',
+  conv=((nnx.Conv, _capture.read_conv_settings),),
+  dense=(nnx.Linear,),
+  general=((nnx.LinearGeneral, _linear_general_axes),),
+  rejected=((nnx.ConvTranspose, _NOT_ROWS), (nnx.Einsum, _NOT_ROWS)),
+  kind='Linear or Conv',
+)
+SUPPORTED_LAYERS = LAYERS.supported
+_KERNEL_LAYERS = LAYERS.kernel_layers
 #: Flax wrappers that rewrite the kernel of the layer they hold (their
 #: ``layer_instance``) before each call (those this Flax has).
 _KERNEL_WRAPPERS = tuple(
@@ -106,7 +120,7 @@ def _raw(variable):
   return getattr(variable, 'raw_value', None)
 
 
-def _wrapper_of(by_path: Dict[Path, Any], path: Path) -> Optional[str]:
+def _wrapper_of(by_path: Dict[ModulePath, Any], path: ModulePath) -> Optional[str]:
   """The innermost Flax reparameterisation wrapper holding the module at ``path``."""
   for end in range(len(path) - 1, -1, -1):
     holder = by_path.get(tuple(path[:end]))
@@ -120,7 +134,7 @@ def layer_input_stats(
   layer: nnx.Module,
   x: jax.Array,
   *,
-  path: Path = (),
+  path: ModulePath = (),
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
 ) -> TractStats:
@@ -154,31 +168,9 @@ def layer_input_stats(
     >>> s.moment.shape, float(s.count)
     ((27, 27), 32.0)
   """
-  type_name = f'nnx.{type(layer).__name__}'
-  if isinstance(layer, SUPPORTED_LAYERS):
-    _capture.check_linear_kernel(path, type_name, layer, SUPPORTED_LAYERS)
-    x = _capture.multiplied_input(x, layer)  # what the product sees (dtype=...)
-  if isinstance(layer, nnx.Conv):
-    return _capture.conv_layer_stats(
-      path, type_name, x, layer, precision=precision, max_chunk_bytes=max_chunk_bytes
-    )
-  if isinstance(layer, nnx.Linear):
-    return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
-  if isinstance(layer, nnx.LinearGeneral):
-    return _capture.general_layer_stats(
-      path,
-      type_name,
-      x,
-      axis=layer.axis,
-      num_out_axes=len(tuple(layer.out_features)),
-      batch_axes=tuple(layer.batch_axis),
-      precision=precision,
-    )
-  if isinstance(layer, _KERNEL_LAYERS):
-    reason = 'its kernel does not map input rows to output rows.'
-  else:
-    reason = 'it is not a Linear or Conv layer.'
-  raise _capture.unsupported_layer(path, type_name, reason)
+  return layer_core.layer_input_stats(
+    LAYERS, layer, x, path=path, precision=precision, max_chunk_bytes=max_chunk_bytes
+  )
 
 
 _active = threading.local()
@@ -189,7 +181,7 @@ def _active_recorder() -> Optional[_Recorder]:
   return stack[-1] if stack else None
 
 
-def _reporting_call(call, path: Path):
+def _reporting_call(call, path: ModulePath):
   """``call`` (an unbound ``__call__``) that first reports to the active recorder."""
 
   def __call__(self, *args, **kwargs):
@@ -202,7 +194,7 @@ def _reporting_call(call, path: Path):
 
 
 @functools.cache
-def _reporting_base(base: type, path: Path) -> type:
+def _reporting_base(base: type, path: ModulePath) -> type:
   """A subclass of the Flax layer ``base`` whose ``__call__`` reports its input."""
   namespace = {
     '__call__': _reporting_call(base.__call__, path),
@@ -214,7 +206,7 @@ def _reporting_base(base: type, path: Path) -> type:
 
 
 @functools.cache
-def _hooked_class(cls: type, path: Path) -> type:
+def _hooked_class(cls: type, path: ModulePath) -> type:
   """``cls`` with the Flax layer's own ``__call__`` reporting to the recorder.
 
   The report sits between ``cls`` and the Flax base class in the method
@@ -248,21 +240,22 @@ def _store(module: nnx.Module, stats: TractStats) -> None:
     _set(current, tuple(_get(current)) + (stats,))
 
 
-def _kernel_layers(model: nnx.Module) -> Dict[Path, nnx.Module]:
-  return {
-    path: module for path, module in _iter_modules(model) if isinstance(module, _KERNEL_LAYERS)
-  }
+def _kernel_layers(by_path: Dict[ModulePath, nnx.Module]) -> Dict[ModulePath, nnx.Module]:
+  """The modules with a kernel among ``by_path`` (path -> module)."""
+  return {path: module for path, module in by_path.items() if isinstance(module, _KERNEL_LAYERS)}
 
 
-def _resolve(model: nnx.Module, selected) -> List[Tuple[Path, nnx.Module]]:
+def _resolve(
+  by_path: Dict[ModulePath, nnx.Module], selected
+) -> List[Tuple[ModulePath, nnx.Module]]:
   """The (path, module) of each selected name (paths as ``nnx.state`` has them)."""
-  by_name = {paths_lib.normalize_path(p): (p, m) for p, m in _iter_modules(model)}
+  by_name = {paths_lib.normalize_path(p): (p, m) for p, m in by_path.items()}
   resolved = []
   for name in selected:
     if name not in by_name:
       raise ValueError(
         f'The model has no submodule at path {paths_lib.format_path(name)!r}. '
-        f'Its Conv/Linear layers: {_capture.format_paths(list(_kernel_layers(model)))}.'
+        f'Its Conv/Linear layers: {_capture.format_paths(list(_kernel_layers(by_path)))}.'
       )
     resolved.append(by_name[name])
   return resolved
@@ -271,7 +264,7 @@ def _resolve(model: nnx.Module, selected) -> List[Tuple[Path, nnx.Module]]:
 class _Hooks:
   """Swaps the classes of some modules for hooked ones, and back."""
 
-  def __init__(self, modules: Dict[Path, nnx.Module]):
+  def __init__(self, modules: Dict[ModulePath, nnx.Module]):
     self.modules = modules
 
   def hook(self) -> None:
@@ -296,11 +289,11 @@ class _ProbeRecorder(_Hooks):
   """Marks the input of every Conv/Linear call for the dependency probe."""
 
   def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe):
-    super().__init__(_kernel_layers(model))
+    super().__init__(_kernel_layers(dict(_iter_modules(model))))
     self.probe = probe
 
   def observe(self, module, path, args, kwargs):
-    type_name = f'nnx.{type(module).__name__}'
+    type_name = LAYERS.type_name(module)
     if args:
       return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
     if 'inputs' in kwargs:
@@ -308,13 +301,42 @@ class _ProbeRecorder(_Hooks):
     raise _capture.missing_input(path)
 
 
-def _probe_first_layer(fn, model: nnx.Module, args, kwargs) -> Path:
-  """The first layer of ``model`` by :mod:`tract_optax.first_layer`'s rule.
+def _call_model(model, *args, **kwargs):
+  """``model(*args, **kwargs)``: one function object, so cache keys match."""
+  return model(*args, **kwargs)
 
-  Runs ``fn`` on a copy of the model, abstractly: the model is untouched.
+
+def _graph_spec(node: Any) -> Any:
+  """Hashable structure of an NNX graph node: its GraphDef and state types."""
+  graphdef, state = nnx.split(node)
+  return graphdef, first_layer.tree_spec(state)
+
+
+def _inputs_spec(inputs: Any) -> Any:
+  """Hashable structure of ``(args, kwargs)``; a graph node (``nnx.Rngs``) by its own."""
+  is_node = nnx.graph.is_graph_node
+  leaves, treedef = jax.tree_util.tree_flatten(inputs, is_leaf=is_node)
+  specs = [_graph_spec(v) if is_node(v) else first_layer.leaf_spec(v) for v in leaves]
+  return treedef, tuple(specs)
+
+
+def first_layer_of(fn, graphdef, state, args, kwargs) -> ModulePath:
+  """The first layer of the model ``nnx.merge(graphdef, state)`` called by
+  ``fn``, probed once per structure and input types (see
+  :func:`tract_optax.first_layer.cached_choice`)."""
+  return first_layer.cached_choice(
+    lambda: (fn, graphdef, first_layer.tree_spec(state), _inputs_spec((args, kwargs))),
+    lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
+  )
+
+
+def _probe_first_layer(fn, graphdef, state, args, kwargs) -> ModulePath:
+  """The first layer of the model by :mod:`tract_optax.first_layer`'s rule.
+
+  Runs ``fn`` on a copy of the model (``graphdef`` and ``state``, as
+  ``nnx.split`` gives them), abstractly: the model is untouched.
   """
-  # two filters give exactly three parts; nnx.split's type is variadic
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+  params, rest = nnx.split_state(state, nnx.Param, ...)
   rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
   probe = first_layer.DependencyProbe()
 
@@ -342,38 +364,39 @@ def _stack() -> list:
   return _active.stack
 
 
-class _Recorder(_Hooks):
+class _Recorder(layer_core.Recorder):
   """Which layers to watch, and what happened in one forward pass."""
 
-  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes):
-    self.precision = precision
-    self.max_chunk_bytes = max_chunk_bytes
-    modules = _kernel_layers(model)
-    resolved = _resolve(model, selected)
-    self.selected: List[Path] = [path for path, _ in resolved]
+  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes, stop_early=False):
     by_path = dict(_iter_modules(model))
+    resolved = _resolve(by_path, selected)
+    selected_paths = [path for path, _ in resolved]
+    super().__init__(LAYERS, selected_paths, precision, max_chunk_bytes, stop_early)
     for path, module in resolved:  # refused before the pass: the model is untouched
       wrapper = _wrapper_of(by_path, path)
       if wrapper is not None:
-        raise _capture.transformed_kernel(path, f'nnx.{type(module).__name__}', wrapper)
+        raise _capture.transformed_kernel(path, LAYERS.type_name(module), wrapper)
+    modules = _kernel_layers(by_path)
     modules.update(resolved)
-    super().__init__(modules)
+    self.hooks = _Hooks(modules)
     # the stored kernels before the pass: one set anew before a layer's call
     # was computed by a module holding it (a reparameterisation)
     self.stored = {path: _raw(getattr(module, 'kernel', None)) for path, module in resolved}
-    self.called: List[Path] = []
-    self.recorded: List[Path] = []
-    self.kernel_shapes: Dict[Path, Tuple[int, ...]] = {}
+
+  def hook(self) -> None:
+    self.hooks.hook()
+
+  def unhook(self) -> None:
+    self.hooks.unhook()
 
   def observe(self, module, path, args, kwargs):
-    if isinstance(module, _KERNEL_LAYERS) and path not in self.called:
-      self.called.append(path)
+    self.saw_call(module, path)
     if path in self.selected:
       self._record(module, path, args, kwargs)
     return args, kwargs
 
   def _check_kernel_unchanged(self, module, path) -> None:
-    if module is not self.modules.get(path) or self.stored.get(path) is None:
+    if module is not self.hooks.modules.get(path) or self.stored.get(path) is None:
       return  # inside an NNX transform the layer is a copy with values of its own
     if _raw(getattr(module, 'kernel', None)) is not self.stored[path]:
       raise _capture.transformed_kernel(
@@ -384,16 +407,13 @@ class _Recorder(_Hooks):
 
   def _record(self, module, path, args, kwargs) -> None:
     inputs = _capture.call_input(path, args, kwargs)
-    stats = layer_input_stats(  # refuses unmarked subclasses first: the sharper reason
-      module, inputs, path=path, precision=self.precision, max_chunk_bytes=self.max_chunk_bytes
-    )
+    stats = self.stats(module, path, inputs)  # refuses unmarked subclasses first
     self._check_kernel_unchanged(module, path)
     _store(module, stats)
     kernel = getattr(module, 'kernel', None)
-    if kernel is not None:
-      self.kernel_shapes[path] = tuple(_get(kernel).shape)
-    if path not in self.recorded:
-      self.recorded.append(path)
+    self.recorded_call(path, None if kernel is None else tuple(_get(kernel).shape))
+    # inside an NNX transform the layer is a copy: its statistic must leave it
+    self.keep(path, stats, transformed=module is not self.hooks.modules.get(path))
 
   def annotate(self, error: Exception) -> None:
     """Adds a hint to an error raised after statistics were sown."""
@@ -403,10 +423,7 @@ class _Recorder(_Hooks):
         f'{_capture.format_paths(self.recorded)} before this error. ' + _TRANSFORM_HINT
       )
 
-  def check_selection(self) -> None:
-    _capture.check_selection(self.selected, self.recorded, self.called)
-
-  def collect(self, sown) -> Dict[Path, TractStats]:
+  def collect(self, sown) -> Dict[ModulePath, TractStats]:
     result = {}
     for path in self.recorded:
       node = sown
@@ -418,11 +435,9 @@ class _Recorder(_Hooks):
           )
         node = node[name]
       calls = _get(node)
-      kernel = getattr(self.modules[path], 'kernel', None)
+      kernel = getattr(self.hooks.modules[path], 'kernel', None)
       outer = None if kernel is None else tuple(_get(kernel).shape)
-      result[path] = _capture.combine_calls(
-        path, calls, outer, self.kernel_shapes.get(path), self.precision
-      )
+      result[path] = self.combined(path, calls, outer)
     return result
 
 
@@ -461,7 +476,7 @@ def capture_stats(
   layers: _capture.LayersLike = None,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-) -> Callable[..., Tuple[Any, Dict[Path, TractStats]]]:
+) -> Callable[..., Tuple[Any, Dict[ModulePath, TractStats]]]:
   """Wraps ``fn(model, *args, **kwargs)`` to also return TrAct statistics.
 
   Args:
@@ -510,36 +525,48 @@ def capture_stats(
   def wrapped(model, *args, **kwargs):
     chosen = selected
     if chosen is None:
-      chosen = [paths_lib.normalize_path(_probe_first_layer(fn, model, args, kwargs))]
+      graphdef, state = nnx.split(model)
+      chosen = [paths_lib.normalize_path(first_layer_of(fn, graphdef, state, args, kwargs))]
     recorder = _Recorder(model, chosen, precision, max_chunk_bytes)
-    use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
-    recorder.hook()
-    _stack().append(recorder)
-    try:
-      if use_capture:
-        try:
-          result, sown = nnx.capture(fn, TractInputStats)(model, *args, **kwargs)
-        except Exception as error:
-          _drop_captures(model)
-          recorder.annotate(error)
-          raise
-      else:
-        registered = _registered_nodes(model)
-        try:
-          result = fn(model, *args, **kwargs)
-        except Exception as error:
-          recorder.annotate(error)
-          raise
-        finally:
-          sown = nnx.pop(model, TractInputStats)
-          _unregister_popped(registered)
-    finally:
-      _stack().pop()
-      recorder.unhook()
-    recorder.check_selection()
-    return result, recorder.collect(sown)
+    return _captured_call(fn, model, args, kwargs, recorder)
 
   return wrapped
+
+
+def _captured_call(fn, model, args, kwargs, recorder: _Recorder):
+  """``fn(model, *args, **kwargs)`` with ``recorder`` hooked: ``(result,
+  tract_stats)``; the result is None when the recorder ended the pass early."""
+  use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
+  recorder.hook()
+  _stack().append(recorder)
+  try:
+    if use_capture:
+      try:
+        result, sown = nnx.capture(fn, TractInputStats)(model, *args, **kwargs)
+      except layer_core.EnoughCalls:
+        _drop_captures(model)
+        return None, recorder.collect_direct()
+      except Exception as error:
+        _drop_captures(model)
+        recorder.annotate(error)
+        raise
+    else:
+      registered = _registered_nodes(model)
+      try:
+        result = fn(model, *args, **kwargs)
+      except layer_core.EnoughCalls:
+        return None, recorder.collect_direct()
+      except Exception as error:
+        recorder.annotate(error)
+        raise
+      finally:
+        sown = nnx.pop(model, TractInputStats)
+        _unregister_popped(registered)
+  finally:
+    _stack().pop()
+    recorder.unhook()
+  recorder.check_selection()
+  return result, recorder.collect(sown)
 
 
 def apply_with_stats(
@@ -549,7 +576,7 @@ def apply_with_stats(
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   **kwargs,
-) -> Tuple[Any, Dict[Path, TractStats]]:
+) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``model(*args, **kwargs)`` and the TrAct statistics of chosen layers.
 
   Args:
@@ -575,10 +602,7 @@ def apply_with_stats(
     [()]
   """
   forward = capture_stats(
-    lambda m, *a, **k: m(*a, **k),
-    layers=layers,
-    precision=precision,
-    max_chunk_bytes=max_chunk_bytes,
+    _call_model, layers=layers, precision=precision, max_chunk_bytes=max_chunk_bytes
   )
   return forward(model, *args, **kwargs)
 
@@ -593,7 +617,7 @@ def value_and_grad_with_stats(
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   **kwargs,
-) -> Tuple[Any, Any, Dict[Path, TractStats]]:
+) -> Tuple[Any, Any, Dict[ModulePath, TractStats]]:
   """``nnx.value_and_grad`` of ``loss_fn(model, *args, **kwargs)``, with statistics.
 
   Args:
@@ -653,6 +677,13 @@ def _copy(node: Any) -> Any:
   return nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v, state))
 
 
+def _stopped(value: Any) -> Any:
+  """``value`` with its gradient stopped if it is a float array."""
+  if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+    return jax.lax.stop_gradient(value)
+  return value
+
+
 def _copy_graph_nodes(tree: Any) -> Any:
   """``tree`` with every NNX graph node in it copied (see :func:`_copy`).
 
@@ -674,6 +705,7 @@ def apply_tract(
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   check_condition: Optional[bool] = None,
+  per_lane_stats: bool = False,
   **kwargs,
 ) -> Any:
   """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
@@ -703,6 +735,11 @@ def apply_tract(
     precision: matmul precision of the statistics.
     max_chunk_bytes: patch bytes materialised at once for convolutions.
     check_condition: warn inside ``jit`` when a solve is ill-conditioned.
+    per_lane_stats: under ``jax.vmap`` over independent models, each with its
+      own kernel and its own data (an ensemble: ``vmap(grad(loss))`` over
+      stacked parameters), precondition each lane with its own statistic; see
+      :func:`tract_optax.tract_kernel`. Without it a per-lane statistic is
+      refused.
     **kwargs: keyword arguments of ``model.__call__``.
 
   Returns:
@@ -724,39 +761,93 @@ def apply_tract(
     >>> _ = optimizer.update(model, grads)
   """
   gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
-  forward = capture_stats(
-    lambda m, *a, **k: m(*a, **k),
-    layers=layers,
-    precision=precision,
-    max_chunk_bytes=max_chunk_bytes,
-  )
-  # The statistics pass runs on copies: of the model and of graph nodes among
-  # the arguments (an nnx.Rngs), so that the call below draws the same random
-  # numbers and leaves the same state as a plain call.
-  copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
-  _, tract_stats = forward(_copy(model), *copied_args, **copied_kwargs)
+  # One split serves the probe (when it runs) and the copy the statistics pass
+  # runs on: copies of the model and of graph nodes among the arguments (an
+  # nnx.Rngs), so that the call below draws the same random numbers and leaves
+  # the same state as a plain call. The copy's values have their gradients
+  # stopped: the statistic is of inputs, and its pass is traced without tangents.
+  # It ends right after the selected layers' first calls; the main pass checks
+  # that they are called no more, else the model and the arguments are set back
+  # and both passes run in full.
+  graphdef, state = nnx.split(model)
+  if layers is None:
+    layers = [first_layer_of(_call_model, graphdef, state, args, kwargs)]
+  selected = _capture.normalize_layers(layers) or []
   by_path = dict(_iter_modules(model))
+  resolved = _resolve(by_path, selected)
+  # a model hooked by an outer capture cannot be counted: no early end then
+  stop_early = not any(hasattr(type(module), '_tract_original_class') for _, module in resolved)
+  wrap = functools.partial(
+    gradient_route.tract_kernel,
+    lam=lam,
+    axis_name=axis_name,
+    local_stats=local_stats,
+    relative_lam=relative_lam,
+    channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
+    check_condition=check_condition,
+    per_lane_stats=per_lane_stats,
+  )
+  saved = None
+  for attempt in (stop_early, False):
+    copy = nnx.merge(graphdef, jax.tree_util.tree_map(_stopped, state))
+    copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
+    recorder = _Recorder(copy, selected, precision, max_chunk_bytes, stop_early=attempt)
+    _, tract_stats = _captured_call(_call_model, copy, copied_args, copied_kwargs, recorder)
+    if not recorder.ended_early:
+      return _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, None)
+    saved = (jax.tree_util.tree_map(lambda v: v, state), _copy_graph_nodes((args, kwargs)))
+    try:
+      return _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, recorder.limits())
+    except layer_core.MoreCalls:
+      nnx.update(model, saved[0])  # set back what the aborted pass changed
+      _restore_graph_nodes((args, kwargs), saved[1])
+  raise AssertionError('unreachable: the full statistics pass never ends early')
+
+
+class _CallCounter(_Hooks):
+  """Raises :class:`~layer_core.MoreCalls` when a hooked layer is called more
+  often than its limit."""
+
+  def __init__(self, modules: Dict[ModulePath, nnx.Module], limits: Dict[ModulePath, int]):
+    super().__init__(modules)
+    self.limit = layer_core.CallLimit(limits)
+
+  def observe(self, module, path, args, kwargs):
+    del module
+    self.limit.count(path)
+    return args, kwargs
+
+
+def _restore_graph_nodes(tree: Any, saved: Any) -> None:
+  """Sets each NNX graph node in ``tree`` back to its copy in ``saved``."""
+  is_node = nnx.graph.is_graph_node
+  nodes = jax.tree_util.tree_leaves(tree, is_leaf=is_node)
+  copies = jax.tree_util.tree_leaves(saved, is_leaf=is_node)
+  for node, copy in zip(nodes, copies, strict=True):
+    if is_node(node):
+      nnx.update(node, nnx.state(copy))
+
+
+def _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, limits) -> Any:
+  """``model(*args, **kwargs)`` with the selected kernels TrAct-wrapped; with
+  ``limits``, a layer called more often raises :class:`~layer_core.MoreCalls`."""
+  counter = None
+  if limits is not None:
+    counter = _CallCounter({path: by_path[path] for path in limits}, limits)
+    counter.hook()
+    _stack().append(counter)
   originals = []
   try:
     for path, stats in tract_stats.items():
       kernel = by_path[path].kernel
       value = _get(kernel)
       originals.append((kernel, value))
-      _set(
-        kernel,
-        gradient_route.tract_kernel(
-          value,
-          stats,
-          lam=lam,
-          axis_name=axis_name,
-          local_stats=local_stats,
-          relative_lam=relative_lam,
-          channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
-          check_condition=check_condition,
-          name=paths_lib.format_path(paths_lib.normalize_path(path)),
-        ),
-      )
+      name = paths_lib.format_path(paths_lib.normalize_path(path))
+      _set(kernel, wrap(value, stats, name=name))
     return model(*args, **kwargs)
   finally:
     for kernel, value in reversed(originals):
       _set(kernel, value)
+    if counter is not None:
+      _stack().pop()
+      counter.unhook()

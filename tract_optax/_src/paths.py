@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 
-ModulePath = Tuple[str, ...]
+#: A module path: names, e.g. ``('backbone', 'stem')`` (NNX's paths, before
+#: :func:`normalize_path`, hold list indices as ints). The one path type.
+ModulePath = Tuple[Any, ...]
 PathLike = Union[str, Tuple[Any, ...]]
 
 KERNEL_NAME = 'kernel'

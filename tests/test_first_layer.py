@@ -764,3 +764,23 @@ def test_a_module_that_cannot_be_hashed_is_probed_every_time():
     ) == (2, 2)
   _, stats = tract_linen.apply_with_stats(model, {'params': params}, x)
   assert list(stats) == [('dense_0',)]
+
+
+class CustomStem(nn.Module):
+  """A stem of the user's own: self.param and lax.conv, then a Flax Conv."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('stem_kernel', nn.initializers.lecun_normal(), (3, 3, 3, 4))
+    x = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return nn.Dense(2, name='head')(nn.Conv(4, (3, 3), name='conv')(x).mean((1, 2)))
+
+
+def test_a_custom_stem_is_named_as_unseen_not_a_conv_after_it_as_the_stem():
+  with pytest.raises(ValueError) as refused:
+    _linen(CustomStem(), _normal((2, 6, 6, 3)))
+  message = str(refused.value)
+  assert 'A stem of your own (self.param with lax.conv or a matmul) is not seen' in message
+  assert 'tract_optax.conv / tract_optax.dense' in message
+  assert "reads the model's largest input" not in message  # the conv reads the stem's output

@@ -641,3 +641,15 @@ def test_apply_gradients_without_stats_for_tract_raises():
       apply_fn=None, params=params, tx=tract_optax.tract(0.1))
   with pytest.raises(TypeError, match='received no tract_stats'):
     state.apply_gradients(grads=params)
+
+
+def test_a_call_without_variables_names_them():
+  # The Hugging Face calling style, apply_tract(state.apply_fn, **batch), leaves out the
+  # variables: a message that shows where they go, not Python's bare TypeError.
+  model = nn.Dense(2)
+  x = jnp.ones((4, 3))
+  for function in (tract_linen.apply_tract, tract_linen.apply_with_stats):
+    with pytest.raises(TypeError, match=r"takes the variables as its second argument, as apply "
+                       r"does: .*\(module_or_apply_fn, \{'params': params\}, \*inputs, "
+                       r'\*\*kwargs\)'):
+      function(model.apply, inputs=x)

@@ -449,8 +449,9 @@ def choose(
       'so none is a first layer (e.g. a learned scale or normalisation runs '
       f'before the stem): {described(list(status)[:MAX_LISTED_CANDIDATES])}.'
       + others(list(status)[:MAX_LISTED_CANDIDATES])
-      + ' To precondition a layer anyway, name it with layers=[...].'
-      + suggestion(list(status))
+      + ' A stem of your own (self.param with lax.conv or a matmul) is not seen: compute '
+      'it with tract_optax.conv / tract_optax.dense. To precondition a layer '
+      'anyway, name it with layers=[...].'
       + _SEE_DEFINITION
     )
   if len(candidates) > 1:

@@ -45,7 +45,7 @@ from flax.training import train_state
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import first_layer, gradient_route, layer_core
+from tract_optax._src import docs_link, first_layer, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
 from tract_optax._src import transform as transform_lib
@@ -323,6 +323,26 @@ def as_module(module_or_apply_fn: ModuleOrApply, owner: str) -> nn.Module:
   raise TypeError(f'{needed}; got {module_or_apply_fn!r}.')
 
 
+class _NoVariables:
+  """Default of ``variables``: a call that forgot them gets a message, not Python's."""
+
+  def __repr__(self) -> str:
+    return '<no variables>'
+
+
+_NO_VARIABLES: Any = _NoVariables()
+
+
+def require_variables(variables: Any, owner: str) -> None:
+  """Refuses a call without the variables (e.g. ``apply_tract(state.apply_fn, **batch)``)."""
+  if variables is _NO_VARIABLES:
+    raise TypeError(
+      f'{owner} takes the variables as its second argument, as apply does: '
+      f"{owner}(module_or_apply_fn, {{'params': params}}, *inputs, **kwargs); keyword "
+      'inputs (**batch) go after them.' + docs_link.see('limits', 'Hugging Face Flax models')
+    )
+
+
 def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
   """The first layer of ``module`` by :mod:`tract_optax.first_layer`'s rule."""
   probe = first_layer.DependencyProbe()
@@ -378,7 +398,7 @@ def first_layer_of(module: nn.Module, variables, args, apply_kwargs) -> ModulePa
 
 def apply_with_stats(
   module: ModuleOrApply,
-  variables,
+  variables: Any = _NO_VARIABLES,
   *args,
   layers: _capture.LayersLike = None,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
@@ -436,6 +456,7 @@ def apply_with_stats(
     ([('layers_0',)], (3, 3))
   """
   module = as_module(module, 'apply_with_stats')
+  require_variables(variables, 'apply_with_stats')
   selected = _selection(module, variables, args, apply_kwargs, layers)
   recorder = _Recorder(selected, precision, max_chunk_bytes, params=_params_of(variables))
   return _recorded_pass(module, variables, args, apply_kwargs, recorder)
@@ -515,7 +536,7 @@ def _with_entry(tree, key, value):
 
 def apply_tract(
   module_or_apply_fn: ModuleOrApply,
-  variables,
+  variables: Any = _NO_VARIABLES,
   *args,
   lam: Union[float, jax.Array] = 0.1,
   layers: _capture.LayersLike = None,
@@ -598,6 +619,7 @@ def apply_tract(
     True
   """
   module = as_module(module_or_apply_fn, 'apply_tract')
+  require_variables(variables, 'apply_tract')
   gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
   selected = _selection(module, variables, args, apply_kwargs, layers)
   wrap = functools.partial(

@@ -23,6 +23,8 @@ from typing import Dict, Mapping, Sequence, cast
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.typing import DTypeLike
 
 from tract_optax._src import docs_link
 from tract_optax._src import paths as paths_lib
@@ -42,7 +44,7 @@ def _gib(num_bytes: float) -> str:
   return f'{num_bytes / 2**30:.3g} GiB' if num_bytes >= 2**30 else f'{num_bytes / 2**20:.3g} MiB'
 
 
-def _check_size(path: paths_lib.ModulePath, n: int, dtype) -> None:
+def _check_size(path: paths_lib.ModulePath, n: int, dtype: DTypeLike) -> None:
   if n <= MAX_AMORTIZED_FEATURES:
     return
   itemsize = jnp.dtype(dtype).itemsize
@@ -59,7 +61,7 @@ def cache_key(path: paths_lib.ModulePath) -> str:
   return '/'.join(path)
 
 
-def init_cache(params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
+def init_cache(params: optax.Params, layers: Sequence[paths_lib.ModulePath]) -> Cache:
   """Zero moments (count 0: never refreshed) sized from each layer's kernel.
 
   Raises:

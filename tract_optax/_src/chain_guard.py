@@ -11,12 +11,13 @@ user vouches for.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import optax
 
 from tract_optax._src import docs_link
+from tract_optax._src.stats import TractStats
 from tract_optax._src.tract_state import TractState
 
 _SEE_CHAIN = docs_link.see('limits', 'Where `tract` sits in the chain')
@@ -47,7 +48,7 @@ _NOT_FIRST = (
 class AllowedBeforeTractState(NamedTuple):
   """State of ``allow_before_tract``: the wrapped transformation's state."""
 
-  inner_state: Any
+  inner_state: optax.OptState
 
 
 def allow_before_tract(
@@ -75,36 +76,41 @@ def allow_before_tract(
   """
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> AllowedBeforeTractState:
     return AllowedBeforeTractState(inner.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: AllowedBeforeTractState,
+    params: Optional[optax.Params] = None,
+    **extra_args: Any,
+  ) -> Tuple[optax.Updates, AllowedBeforeTractState]:
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     return updates, AllowedBeforeTractState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_tract(node) -> bool:
+def _is_tract(node: object) -> bool:
   return isinstance(node, TractState)
 
 
-def _vouched(node) -> bool:
+def _vouched(node: object) -> bool:
   return isinstance(node, AllowedBeforeTractState)
 
 
-def tract_states(opt_state) -> List[TractState]:
+def tract_states(opt_state: optax.OptState) -> List[TractState]:
   """Every ``TractState`` inside an optimizer state, in flattening order."""
   return [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_tract) if _is_tract(s)]
 
 
-def _children(node) -> list:
+def _children(node: object) -> List[Any]:
   """The direct children of a pytree node, in its flattening order."""
   children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda child: child is not node)
   return children
 
 
-def _is_sequence_of_members(node) -> bool:
+def _is_sequence_of_members(node: object) -> bool:
   """Whether ``node`` is the state of a chain: members in order of application.
 
   ``optax.chain`` keeps a plain tuple, ``optax.named_chain`` an ``OrderedDict``
@@ -114,7 +120,7 @@ def _is_sequence_of_members(node) -> bool:
   return type(node) is tuple or isinstance(node, collections.OrderedDict)  # pylint: disable=unidiomatic-typecheck
 
 
-def _per_coordinate(leaf) -> bool:
+def _per_coordinate(leaf: object) -> bool:
   """Whether a state leaf carries per-coordinate state: an array of rank >= 1, or a key.
 
   Counts, step sizes and flags are scalars; a momentum, second moment,
@@ -129,7 +135,7 @@ def _per_coordinate(leaf) -> bool:
   return len(shape) >= 1 or is_key
 
 
-def _carries_state(member) -> bool:
+def _carries_state(member: optax.OptState) -> bool:
   """Whether a chain member keeps per-coordinate state (not under allow_before_tract)."""
   return any(
     _per_coordinate(leaf)
@@ -138,7 +144,7 @@ def _carries_state(member) -> bool:
   )
 
 
-def _member_before_tract(node) -> Optional[Tuple[int, Any]]:
+def _member_before_tract(node: object) -> Optional[Tuple[int, optax.OptState]]:
   """The first chain member ahead of a ``tract`` that carries state, or None.
 
   Walks the state tree: in a chain's state (see ``_is_sequence_of_members``)
@@ -163,7 +169,7 @@ def _member_before_tract(node) -> Optional[Tuple[int, Any]]:
   return None
 
 
-def _describe(member) -> str:
+def _describe(member: optax.OptState) -> str:
   """The name of the state type in ``member`` that carries state, for a message."""
   named = [
     node
@@ -174,11 +180,11 @@ def _describe(member) -> str:
 
 
 def check_opt_state(
-  opt_state,
+  opt_state: optax.OptState,
   *,
-  tract_stats,
+  tract_stats: Optional[Mapping[Any, TractStats]],
   owner: str,
-  init: Optional[Callable[[], Any]] = None,
+  init: Optional[Callable[[], optax.OptState]] = None,
   tx: Optional[optax.GradientTransformation] = None,
 ) -> None:
   """Refuses what a whole optimizer state shows to be wrong.

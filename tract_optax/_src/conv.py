@@ -68,7 +68,7 @@ _NAMED_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID', 'CAUSAL') + tuple(_MODE_PADDIN
 # ----------------------------------------------------------------------------
 
 
-def _is_integer(value) -> TypeGuard[SupportsIndex]:
+def _is_integer(value: object) -> TypeGuard[SupportsIndex]:
   """Whether ``value`` is an integer (Python or numpy), booleans excluded."""
   if isinstance(value, (bool, np.bool_)):
     return False
@@ -81,7 +81,7 @@ def _is_integer(value) -> TypeGuard[SupportsIndex]:
   )
 
 
-def _is_sequence(value) -> TypeGuard[Iterable[Any]]:
+def _is_sequence(value: object) -> TypeGuard[Iterable[Any]]:
   return not isinstance(value, (str, bytes)) and hasattr(value, '__iter__')
 
 
@@ -133,7 +133,7 @@ def _spatial_ints(
   return values
 
 
-def _padding_entry(entry, index: int, padding) -> Tuple[int, int]:
+def _padding_entry(entry: object, index: int, padding: object) -> Tuple[int, int]:
   """One spatial dimension's ``(low, high)`` from an int or a pair."""
   if _is_integer(entry):
     return (operator.index(entry),) * 2
@@ -180,7 +180,7 @@ def _canonical_padding(padding: PaddingLike, num_spatial: int) -> Union[str, Pad
   return tuple(_padding_entry(e, i, padding) for i, e in enumerate(entries))
 
 
-def _group_count(feature_group_count) -> int:
+def _group_count(feature_group_count: object) -> int:
   if not _is_integer(feature_group_count):
     raise TypeError(f'feature_group_count={feature_group_count!r} must be an int.')
   groups = operator.index(feature_group_count)
@@ -275,7 +275,12 @@ class ConvGeometry:
 
 
 def _resolve(
-  shape, kernel_size, strides, padding, dilation, feature_group_count
+  shape: Sequence[int],
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq,
+  padding: PaddingLike,
+  dilation: IntOrSeq,
+  feature_group_count: int,
 ) -> Tuple[ConvGeometry, Optional[str], Pads]:
   """Validates arguments against an input shape; shapes only, no data.
 
@@ -334,7 +339,7 @@ def _resolve(
 
 
 def conv_geometry(
-  x,
+  x: Union[jax.typing.ArrayLike, jax.ShapeDtypeStruct],
   kernel_size: IntOrSeq,
   strides: IntOrSeq = 1,
   padding: PaddingLike = 'SAME',
@@ -364,7 +369,13 @@ def conv_geometry(
 
 
 def _prepare(
-  x, kernel_size, strides, padding, dilation, feature_group_count, where: str = 'conv_stats'
+  x: jax.Array,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq,
+  padding: PaddingLike,
+  dilation: IntOrSeq,
+  feature_group_count: int,
+  where: str = 'conv_stats',
 ) -> Tuple[jax.Array, ConvGeometry]:
   """Validates arguments; returns (batched, mode-padded x, ConvGeometry).
 
@@ -574,7 +585,7 @@ def _gram_by_image_chunks(
   chunks = padded.reshape((num_chunks, per_chunk) + padded.shape[1:])
   chunk_geometry = dataclasses.replace(geometry, batch=per_chunk)
 
-  def add_chunk(total, images):
+  def add_chunk(total: jax.Array, images: jax.Array) -> Tuple[jax.Array, None]:
     return total + _gram_of_all(images, chunk_geometry, route, precision), None
 
   n = geometry.num_features
@@ -611,7 +622,7 @@ def _gram_by_bands(
   slice_size = (1, band_geometry.extent[0]) + padded.shape[2:]
   positions_per_row = math.prod(geometry.out_spatial[1:])
 
-  def add_band(total, step):
+  def add_band(total: jax.Array, step: jax.Array) -> Tuple[jax.Array, None]:
     image, band = jnp.divmod(step, num_bands)
     start = [image, band * band_rows * stride] + [0] * (padded.ndim - 2)
     piece = jax.lax.dynamic_slice(padded, start, slice_size)
@@ -654,7 +665,7 @@ def _gram_by_image_chunks_any_batch(
     reachable = jnp.pad(padded, [(0, per_chunk - 1)] + [(0, 0)] * (padded.ndim - 1))
   chunk_geometry = dataclasses.replace(geometry, batch=per_chunk)
 
-  def add_chunk(index, total):
+  def add_chunk(index: jax.Array, total: jax.Array) -> jax.Array:
     images = jax.lax.dynamic_slice_in_dim(reachable, index * per_chunk, per_chunk, axis=0)
     return total + _gram_of_all(images, chunk_geometry, route, precision)
 
@@ -699,7 +710,7 @@ def _chunked_gram(
   return _gram_by_bands(padded, geometry, route, precision, max_band_rows)
 
 
-def _validated_budget(max_chunk_bytes) -> Optional[int]:
+def _validated_budget(max_chunk_bytes: object) -> Optional[int]:
   """``max_chunk_bytes`` as an int of at least 1, or None."""
   if max_chunk_bytes is None:
     return None
@@ -720,7 +731,13 @@ def _validated_budget(max_chunk_bytes) -> Optional[int]:
 
 
 def _patches(
-  x, kernel_size, strides, padding, dilation, feature_group_count, route: Optional[str]
+  x: jax.Array,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq,
+  padding: PaddingLike,
+  dilation: IntOrSeq,
+  feature_group_count: int,
+  route: Optional[str],
 ) -> jax.Array:
   """``conv_patches`` by ``route`` (one of ``ROUTES``; None: the best)."""
   x, geometry = _prepare(
@@ -732,14 +749,14 @@ def _patches(
 
 
 def _stats(
-  x,
-  kernel_size,
-  strides,
-  padding,
-  dilation,
-  feature_group_count,
-  precision,
-  max_chunk_bytes,
+  x: jax.Array,
+  kernel_size: IntOrSeq,
+  strides: IntOrSeq,
+  padding: PaddingLike,
+  dilation: IntOrSeq,
+  feature_group_count: int,
+  precision: stats_lib.PrecisionLike,
+  max_chunk_bytes: Optional[int],
   route: Optional[str],
   form: Optional[str] = None,
 ) -> stats_lib.TractStats:

@@ -41,7 +41,7 @@ Layer = Union[eqx.nn.Linear, eqx.nn.Conv]
 _PAD_MODES = {'REFLECT': 'reflect', 'REPLICATE': 'edge', 'CIRCULAR': 'wrap'}
 
 
-def _check_layer(layer: Any, owner: str) -> None:
+def _check_layer(layer: object, owner: str) -> None:
   """Refuses anything but an Equinox Linear or Conv computed as Equinox does."""
   for base in (eqx.nn.Linear, eqx.nn.Conv):
     if isinstance(layer, base):
@@ -356,7 +356,7 @@ class TractLayer(eqx.Module):
       )
     _check_layer(self.layer, 'TractLayer')
 
-  def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, key: Optional[jax.Array] = None) -> jax.Array:
     """The layer's output for ``x`` (one example, or with leading batch axes)."""
     del key
     layer = self.layer

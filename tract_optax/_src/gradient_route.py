@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -98,17 +98,23 @@ def _from_flax_layout(kernel: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tract_identity(settings: _Settings, kernel, stats, lam):
+def _tract_identity(
+  settings: _Settings, kernel: jax.Array, stats: TractStats, lam: jax.Array
+) -> jax.Array:
   del settings, stats, lam
   return kernel
 
 
-def _forward(settings, kernel, stats, lam):
+def _forward(
+  settings: _Settings, kernel: jax.Array, stats: TractStats, lam: jax.Array
+) -> Tuple[jax.Array, Tuple[TractStats, jax.Array]]:
   del settings
   return kernel, (stats, lam)
 
 
-def _backward(settings, residuals, cotangent):
+def _backward(
+  settings: _Settings, residuals: Tuple[TractStats, jax.Array], cotangent: jax.Array
+) -> Tuple[jax.Array, TractStats, jax.Array]:
   stats, lam = residuals  # already all-reduced in the forward pass
   grad = _to_flax_layout(cotangent) if settings.channels_first else cotangent
   solved = precondition(
@@ -142,7 +148,10 @@ def _fits(kernel_shape: Tuple[int, ...], stats: TractStats, channels_first: bool
 
 
 def resolve_layout(
-  kernel_shape, stats: TractStats, channels_first: Optional[bool], owner: str = 'tract_kernel'
+  kernel_shape: Sequence[int],
+  stats: TractStats,
+  channels_first: Optional[bool],
+  owner: str = 'tract_kernel',
 ) -> bool:
   """Whether the kernel is channels-first, checked against the statistic.
 
@@ -215,7 +224,7 @@ def _tract_backward_functions() -> Tuple[object, ...]:
   return (_backward, layer_ops.backward_function())
 
 
-def check_not_wrapped(kernel, owner: str, name: Optional[str]) -> None:
+def check_not_wrapped(kernel: jax.Array, owner: str, name: Optional[str]) -> None:
   """Refuses a kernel that is already the output of a TrAct custom VJP.
 
   Raises:
@@ -245,7 +254,7 @@ def _forward_mode_error(name: Optional[str]) -> TypeError:
 
 
 def check_settings(
-  lam, axis_name: axes_lib.AxisName, local_stats: bool, owner: str
+  lam: Union[float, jax.Array], axis_name: axes_lib.AxisName, local_stats: bool, owner: str
 ) -> axes_lib.AxisName:
   """Checks the gradient route's settings up front; returns the axes to reduce.
 

@@ -21,7 +21,7 @@ when a JAX release moves it, and each tested against the installed JAX in
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Optional, Tuple
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import jax
 
@@ -84,7 +84,7 @@ def bound_axis_names() -> Optional[Tuple[Hashable, ...]]:
   return None
 
 
-def custom_vjp_backward(value) -> Optional[Callable]:
+def custom_vjp_backward(value: object) -> Optional[Callable[..., Any]]:
   """The backward function of the ``jax.custom_vjp`` that produced ``value``, if any.
 
   Reads the trace: under reverse-mode differentiation ``value`` is a
@@ -119,7 +119,7 @@ def custom_vjp_backward(value) -> Optional[Callable]:
   return None
 
 
-def _unwrapped(backward) -> Optional[Callable]:
+def _unwrapped(backward: object) -> Optional[Callable[..., Any]]:
   """The function a custom VJP's (possibly ``vmap``-wrapped) backward was made from."""
   for _ in range(4):
     core = getattr(backward, 'f', None)
@@ -134,7 +134,7 @@ def _unwrapped(backward) -> Optional[Callable]:
   return None
 
 
-def is_forward_mode_tracer(value) -> bool:
+def is_forward_mode_tracer(value: object) -> bool:
   """Whether ``value`` carries a forward-mode (JVP) tangent.
 
   With JAX's direct linearisation (the default since JAX 0.5) reverse mode

@@ -12,11 +12,12 @@ the statistic through :func:`lane_guard`, whose batching rule sees which inputs
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 
 from tract_optax._src import docs_link
+from tract_optax._src.stats import TractStats
 
 
 def _batched_statistic_message(name: Optional[str], owner: str = 'tract_kernel') -> str:
@@ -39,7 +40,9 @@ _SHARED_KERNEL_MESSAGE = (
 
 
 @functools.cache
-def lane_guard(name: Optional[str], per_lane_stats: bool, owner: str = 'tract_kernel') -> Callable:
+def lane_guard(
+  name: Optional[str], per_lane_stats: bool, owner: str = 'tract_kernel'
+) -> Callable[[jax.Array, TractStats], TractStats]:
   """Identity on ``stats`` whose batching rule refuses a statistic split by a vmap.
 
   ``jax.vmap`` over a function that wraps a kernel would otherwise give every
@@ -66,12 +69,17 @@ def lane_guard(name: Optional[str], per_lane_stats: bool, owner: str = 'tract_ke
   """
 
   @jax.custom_batching.custom_vmap
-  def guard(kernel, stats):
+  def guard(kernel: jax.Array, stats: TractStats) -> TractStats:
     del kernel
     return stats
 
   @guard.def_vmap
-  def rule(axis_size, in_batched, kernel, stats):
+  def rule(
+    axis_size: int,
+    in_batched: Tuple[bool, Any],  # per argument: batched? (for stats, a tree of bools)
+    kernel: jax.Array,
+    stats: TractStats,
+  ) -> Tuple[TractStats, Any]:
     del axis_size, kernel
     if any(jax.tree_util.tree_leaves(in_batched[1])):
       if not per_lane_stats:

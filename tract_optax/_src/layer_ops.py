@@ -21,7 +21,7 @@ form's cancellation; otherwise the moment form of
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ class _Layer(NamedTuple):
   lhs_dilation: Tuple[int, ...]
   rhs_dilation: Tuple[int, ...]
   groups: int
-  precision: Any
+  precision: stats_lib.PrecisionLike
   relative_lam: bool
   check_condition: Optional[bool]
   name: Optional[str]
@@ -85,17 +85,27 @@ def _output_rows(layer: _Layer, out: jax.Array) -> jax.Array:
   return out.reshape(-1, out.shape[-1])
 
 
+#: What the forward pass keeps for the backward pass: ``x, kernel, stats, lam``.
+_Residuals = Tuple[jax.Array, jax.Array, TractStats, jax.Array]
+#: The backward pass's cotangents of ``x, kernel, stats, lam`` (the last two zero).
+_Cotangents = Tuple[jax.Array, jax.Array, TractStats, jax.Array]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer_op(layer: _Layer, x, kernel, stats, lam):
+def _layer_op(
+  layer: _Layer, x: jax.Array, kernel: jax.Array, stats: TractStats, lam: jax.Array
+) -> jax.Array:
   del stats, lam
   return _apply(layer, x, kernel)
 
 
-def _forward(layer: _Layer, x, kernel, stats, lam):
+def _forward(
+  layer: _Layer, x: jax.Array, kernel: jax.Array, stats: TractStats, lam: jax.Array
+) -> Tuple[jax.Array, _Residuals]:
   return _apply(layer, x, kernel), (x, kernel, stats, lam)
 
 
-def _backward(layer: _Layer, residuals, cotangent):
+def _backward(layer: _Layer, residuals: _Residuals, cotangent: jax.Array) -> _Cotangents:
   x, kernel, stats, lam = residuals
   _, vjp = jax.vjp(functools.partial(_apply, layer), x, kernel)
   grad_x, grad_kernel = vjp(cotangent)
@@ -119,13 +129,13 @@ def _backward(layer: _Layer, residuals, cotangent):
 _layer_op.defvjp(_forward, _backward)
 
 
-def backward_function() -> Any:
+def backward_function() -> Callable[[_Layer, _Residuals, jax.Array], _Cotangents]:
   """The layer ops' backward function (for the wrapped-twice check)."""
   return _backward
 
 
 def _conv_stats(
-  x: jax.Array, kernel_shape: Tuple[int, ...], layer: _Layer, precision
+  x: jax.Array, kernel_shape: Tuple[int, ...], layer: _Layer, precision: stats_lib.PrecisionLike
 ) -> TractStats:
   """The statistic of the patches the convolution's kernel multiplies."""
   dnums = layer.dimension_numbers
@@ -148,17 +158,17 @@ def _conv_stats(
 
 
 def _call(
-  x,
-  kernel,
+  x: jax.Array,
+  kernel: jax.Array,
   layer: _Layer,
-  stats_of,
+  stats_of: Callable[[jax.Array], TractStats],
   *,
-  lam,
-  axis_name,
+  lam: Union[float, jax.Array],
+  axis_name: axes_lib.AxisName,
   local_stats: bool,
   per_lane_stats: bool,
   owner: str,
-):
+) -> jax.Array:
   """Shared by ``dense`` and ``conv``: checks, statistic, guards, the op."""
   reduce_over = gradient_route.check_settings(lam, axis_name, local_stats, owner)
   if jax_compat.is_forward_mode_tracer(kernel):
@@ -256,7 +266,7 @@ def conv(
   padding: Padding,
   lhs_dilation: Optional[Sequence[int]] = None,
   rhs_dilation: Optional[Sequence[int]] = None,
-  dimension_numbers: Any = None,
+  dimension_numbers: jax.lax.ConvGeneralDilatedDimensionNumbers = None,
   feature_group_count: int = 1,
   *,
   lam: Union[float, jax.Array] = 0.1,

@@ -38,12 +38,13 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import NamedTuple, Optional, Union, cast
+from typing import Any, NamedTuple, Optional, Tuple, Union, cast
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from tract_optax._src import docs_link
 from tract_optax._src import ridge as ridge_lib
@@ -56,26 +57,32 @@ CONDITION_TOLERANCE = 1e-3
 
 _POWER_ITERATIONS = 16
 
+#: What a solve returns, per feature group: the solution, the system solved, its
+#: lower Cholesky factor.
+_Solved = Tuple[jax.Array, jax.Array, jax.Array]
+#: What the conditioning report reads, per feature group (see ``_report``).
+_Checked = Tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
 
 class ConditioningWarning(UserWarning):
   """The TrAct system is too ill-conditioned for its float type."""
 
 
-def _solve_moment(moment: jax.Array, grad: jax.Array, lam):
+def _solve_moment(moment: jax.Array, grad: jax.Array, lam: jax.Array) -> _Solved:
   n = moment.shape[-1]
   system = moment + lam * jnp.eye(n, dtype=moment.dtype)
   factor = jsl.cho_factor(system, lower=True)
   return jsl.cho_solve(factor, grad), system, factor[0]
 
 
-def _solve_woodbury(rows: jax.Array, count, grad: jax.Array, lam):
+def _solve_woodbury(rows: jax.Array, count: jax.Array, grad: jax.Array, lam: jax.Array) -> _Solved:
   """Woodbury solve plus one step of iterative refinement (see the module notes)."""
   num_rows = rows.shape[0]
   outer = jnp.matmul(rows, rows.T, precision=_HIGHEST)
   system = outer + (count * lam) * jnp.eye(num_rows, dtype=rows.dtype)
   factor = jsl.cho_factor(system, lower=True)
 
-  def woodbury(rhs):
+  def woodbury(rhs: jax.Array) -> jax.Array:
     projected = jnp.matmul(rows, rhs, precision=_HIGHEST)
     correction = jnp.matmul(rows.T, jsl.cho_solve(factor, projected), precision=_HIGHEST)
     return (rhs - correction) / lam
@@ -90,7 +97,9 @@ def _solve_woodbury(rows: jax.Array, count, grad: jax.Array, lam):
   return solved + woodbury(residual), system, factor[0]
 
 
-def _solve_identity(rows: jax.Array, count, cotangent: jax.Array, lam):
+def _solve_identity(
+  rows: jax.Array, count: jax.Array, cotangent: jax.Array, lam: jax.Array
+) -> _Solved:
   """``A^T (A A^T / N + lam I)^{-1} d``: the TrAct gradient from the output cotangent.
 
   Equal to ``(A^T A / N + lam I)^{-1} A^T d`` (push-through identity) without
@@ -146,7 +155,7 @@ def condition_estimate(
 def _smallest_eigenvalue(system: jax.Array, factor: jax.Array) -> jax.Array:
   """Inverse-iteration estimate, with the lower Cholesky ``factor`` of ``system``."""
 
-  def inverse(_, v):
+  def inverse(_: jax.Array, v: jax.Array) -> jax.Array:
     return _normalized(jsl.cho_solve((factor, True), v))
 
   bottom = jax.lax.fori_loop(0, _POWER_ITERATIONS, inverse, _start(system.shape[-1], system.dtype))
@@ -157,7 +166,7 @@ def _normalized(v: jax.Array) -> jax.Array:
   return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(v.dtype).tiny)
 
 
-def _start(size: int, dtype) -> jax.Array:
+def _start(size: int, dtype: DTypeLike) -> jax.Array:
   return _normalized(1.0 + jnp.arange(size, dtype=dtype) / size)
 
 
@@ -174,7 +183,7 @@ def largest_eigenvalue(system: jax.Array) -> jax.Array:
   if size == 0:
     return jnp.zeros([], system.dtype)
 
-  def power(_, v):
+  def power(_: jax.Array, v: jax.Array) -> jax.Array:
     return _normalized(jnp.matmul(system, v, precision=_HIGHEST))
 
   top = jax.lax.fori_loop(0, _POWER_ITERATIONS, power, _start(size, system.dtype))
@@ -187,7 +196,7 @@ _largest_eigenvalues = jax.jit(jax.vmap(largest_eigenvalue))
 _condition_estimates = jax.jit(jax.vmap(condition_estimate))
 
 
-def _is_concrete(*values) -> bool:
+def _is_concrete(*values: Any) -> bool:
   return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values))
 
 
@@ -208,7 +217,15 @@ def _cure(relative: bool) -> str:
   )
 
 
-def _report(context: _Context, condition, largest, ridges, valid, factored, nonfinite) -> None:
+def _report(
+  context: _Context,
+  condition: ArrayLike,
+  largest: ArrayLike,
+  ridges: ArrayLike,
+  valid: ArrayLike,
+  factored: ArrayLike,
+  nonfinite: ArrayLike,
+) -> None:
   """Warns about the worst feature group's solve, if it was bad (host side).
 
   Args:
@@ -413,7 +430,15 @@ def precondition_layer(
 
 
 @functools.partial(jax.jit, static_argnames=('relative_lam', 'check'))
-def _solve(grad_kernel, stats: TractStats, lam, cotangent, *, relative_lam: bool, check: bool):
+def _solve(
+  grad_kernel: jax.Array,
+  stats: TractStats,
+  lam: Union[float, jax.Array],
+  cotangent: Optional[jax.Array],
+  *,
+  relative_lam: bool,
+  check: bool,
+) -> Tuple[jax.Array, Optional[_Checked]]:
   """The solve (and, with ``check``, the numbers the report needs), compiled once per shape."""
   shape = grad_kernel.shape
   n, m = math.prod(shape[:-1]), shape[-1]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from tract_optax._src import docs_link
 from tract_optax._src import stats as stats_lib
@@ -47,14 +48,14 @@ def _range_message(name: str, value: float) -> str:
   )
 
 
-def _message(name: str, value: Any) -> str:
+def _message(name: str, value: object) -> str:
   return (
     f'{name} must be a finite number > 0 (the ridge strength lambda; the '
     f'paper uses 0.1); got {value!r}.'
   )
 
 
-def validate_lam(lam: Any, name: str = 'lam') -> bool:
+def validate_lam(lam: object, name: str = 'lam') -> bool:
   """Raises ``ValueError`` unless ``lam`` is a schedule or a finite number > 0.
 
   A schedule is evaluated at ``PROBE_STEPS``; a traced value (inside
@@ -109,7 +110,7 @@ def validate_lam(lam: Any, name: str = 'lam') -> bool:
   return True
 
 
-def _probe_schedule(schedule: Callable, name: str) -> bool:
+def _probe_schedule(schedule: Callable[[jax.Array], object], name: str) -> bool:
   """Evaluates a schedule at ``PROBE_STEPS``; raises at a value <= 0.
 
   Returns False if the schedule cannot be evaluated outside a trace.
@@ -136,7 +137,7 @@ def _probe_schedule(schedule: Callable, name: str) -> bool:
   return True
 
 
-def _raise_if_invalid(name: str, value) -> None:
+def _raise_if_invalid(name: str, value: ArrayLike) -> None:
   """The run-time half of ``refuse_traced_invalid`` (a host callback)."""
   values = np.asarray(value, np.float64).ravel()
   ok = np.isfinite(values) & (values >= SMALLEST_LAM) & (values <= LARGEST_LAM)
@@ -150,7 +151,7 @@ def _raise_if_invalid(name: str, value) -> None:
     )
 
 
-def refuse_traced_invalid(lam: Any, name: str = 'lam') -> None:
+def refuse_traced_invalid(lam: Union[float, jax.Array], name: str = 'lam') -> None:
   """Refuses, at run time, a traced ``lam`` that is not a normal float32 number > 0.
 
   A value known when ``tract`` is built is checked by ``validate_lam``;
@@ -183,7 +184,9 @@ def refuse_traced_invalid(lam: Any, name: str = 'lam') -> None:
     )
 
 
-def ridge(stats: stats_lib.TractStats, lam, relative: bool, dtype) -> jax.Array:
+def ridge(
+  stats: stats_lib.TractStats, lam: Union[float, jax.Array], relative: bool, dtype: DTypeLike
+) -> jax.Array:
   """The ridge added to ``A^T A / N``, one per feature group: ``(groups,)``.
 
   With ``relative=True`` it is ``lam * trace(A^T A / N) / n`` (falling back to

@@ -46,7 +46,7 @@ class TractState(NamedTuple):
   refreshes: jax.Array
   last_refresh: jax.Array
   due: jax.Array
-  stats_cache: dict
+  stats_cache: amortize.Cache
 
 
 def initial(stats_cache: amortize.Cache) -> TractState:

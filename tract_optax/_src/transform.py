@@ -13,7 +13,7 @@ structure in ``tract_optax._src.chain_guard``, re-exported here.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,14 @@ class _Settings(NamedTuple):
   stats_decay: float
 
 
-def _validate(lam, axis_name, local_stats: bool, layers, refresh_every, stats_decay) -> _Settings:
+def _validate(
+  lam: ScalarOrSchedule,
+  axis_name: AxisName,
+  local_stats: bool,
+  layers: Optional[Sequence[paths_lib.PathLike]],
+  refresh_every: Optional[int],
+  stats_decay: Optional[float],
+) -> _Settings:
   """Checks ``tract``'s arguments at construction; raises naming the bad one."""
   lam_checked = ridge_lib.validate_lam(lam)  # False: a traced value, checked at run time
   if axis_name is not None and local_stats:
@@ -125,7 +132,9 @@ def _normalize_layers(layers: Sequence[paths_lib.PathLike]) -> Tuple[ModulePath,
   return tuple(normalized)
 
 
-def _normalize_stats(tract_stats, amortized: bool) -> Dict[ModulePath, TractStats]:
+def _normalize_stats(
+  tract_stats: Optional[Mapping[Any, TractStats]], amortized: bool
+) -> Dict[ModulePath, TractStats]:
   """``tract_stats`` keyed by normalised module path, each statistic validated."""
   if tract_stats is None:
     if amortized:  # a step that skips the statistic: the kept one is used
@@ -156,7 +165,11 @@ def _normalize_stats(tract_stats, amortized: bool) -> Dict[ModulePath, TractStat
   return normalized
 
 
-def _select(stats_by_path, layers, amortized: bool) -> Dict[ModulePath, TractStats]:
+def _select(
+  stats_by_path: Dict[ModulePath, TractStats],
+  layers: Optional[Tuple[ModulePath, ...]],
+  amortized: bool,
+) -> Dict[ModulePath, TractStats]:
   """Statistics of the layers to precondition, per ``layers``' meaning."""
   if layers is None:
     if not stats_by_path:
@@ -175,7 +188,7 @@ def _select(stats_by_path, layers, amortized: bool) -> Dict[ModulePath, TractSta
 
 
 def _kernel_positions(
-  updates, stats_paths: Sequence[ModulePath], kept_layers: Sequence[ModulePath]
+  updates: optax.Updates, stats_paths: Sequence[ModulePath], kept_layers: Sequence[ModulePath]
 ) -> Dict[ModulePath, int]:
   """The flat leaf index of each named layer's kernel in ``updates``.
 
@@ -201,7 +214,7 @@ def _kernel_positions(
   return positions
 
 
-def _refuse_flattened(tree, path: ModulePath, where: str) -> None:
+def _refuse_flattened(tree: optax.Params, path: ModulePath, where: str) -> None:
   """Refuses a tree that is one array (``optax.flatten`` ravels params and updates)."""
   if not isinstance(tree, jax.Array) and not hasattr(tree, 'shape'):
     return
@@ -213,11 +226,11 @@ def _refuse_flattened(tree, path: ModulePath, where: str) -> None:
   )
 
 
-def _fields_text(names) -> str:
+def _fields_text(names: Iterable[object]) -> str:
   return ', '.join(sorted(str(name) for name in names)) or 'none'
 
 
-def _not_a_state(state, cache_keys: Tuple[str, ...]) -> str:
+def _not_a_state(state: object, cache_keys: Tuple[str, ...]) -> str:
   """The message for a state that is not the ``TractState`` ``init`` made."""
   differs = ''
   if isinstance(state, Mapping):
@@ -238,7 +251,7 @@ def _not_a_state(state, cache_keys: Tuple[str, ...]) -> str:
   )
 
 
-def _check_layout(state, cache_keys: Tuple[str, ...]) -> None:
+def _check_layout(state: object, cache_keys: Tuple[str, ...]) -> None:
   """Refuses a state whose layout is not what this ``tract`` builds."""
   if not isinstance(state, TractState):
     raise TypeError(_not_a_state(state, cache_keys))
@@ -383,12 +396,19 @@ def tract(
   check_traced_lam = check_condition is not False and not lam_checked
   cache_keys = tuple(amortize.cache_key(path) for path in kept_layers)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> TractState:
     if amortized:
       _refuse_flattened(params, kept_layers[0], 'init')
     return tract_state.initial(amortize.init_cache(params, kept_layers) if amortized else {})
 
-  def update_fn(updates, state, params=None, *, tract_stats=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: TractState,
+    params: Optional[optax.Params] = None,
+    *,
+    tract_stats: Optional[Mapping[Any, TractStats]] = None,
+    **extra_args: Any,
+  ) -> Tuple[optax.Updates, TractState]:
     del params, extra_args
     _check_layout(state, cache_keys)
     stats_by_path = _select(_normalize_stats(tract_stats, amortized), layers, amortized)
@@ -426,7 +446,7 @@ def tract(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def stats_due(opt_state) -> jax.Array:
+def stats_due(opt_state: optax.OptState) -> jax.Array:
   """Whether the next update of a ``tract`` refreshes its statistic.
 
   Finds the TrAct state anywhere inside an optimizer state (e.g. of an

@@ -781,6 +781,6 @@ def test_a_custom_stem_is_named_as_unseen_not_a_conv_after_it_as_the_stem():
   with pytest.raises(ValueError) as refused:
     _linen(CustomStem(), _normal((2, 6, 6, 3)))
   message = str(refused.value)
-  assert 'A stem of your own (self.param with lax.conv or a matmul) is not seen' in message
-  assert 'tract_optax.conv / tract_optax.dense' in message
+  assert 'A stem of your own (self.param with lax.conv) is not seen' in message
+  assert 'tract_optax.conv / dense' in message
   assert "reads the model's largest input" not in message  # the conv reads the stem's output

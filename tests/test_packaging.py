@@ -136,6 +136,8 @@ def test_wheel_holds_the_library_typed_and_licensed_and_nothing_else(tmp_path):
   assert 'Requires-Python: >=3.11' in metadata
   requirements = re.findall(r'^Requires-Dist: (.*)$', metadata, re.M)
   assert [r for r in requirements if r.startswith('flax')] == ['flax>=0.11.2; extra == "flax"']
+  haiku = [r for r in requirements if r.startswith('dm-haiku')]
+  assert haiku == ['dm-haiku>=0.0.17; extra == "haiku"']
   core = sorted(r.split('>')[0] for r in requirements if 'extra ==' not in r)
   assert core == ['jax', 'jaxlib', 'numpy', 'optax']
 
@@ -189,12 +191,15 @@ def test_equinox_glue_needs_no_flax():
 
 def test_declared_lower_bounds_are_the_releases_ci_tests():
   # .ci/run installs .ci/lower-bounds.txt and runs the fast tier there: each `>=` bound in
-  # pyproject.toml (core, flax extra, equinox in the test extra) must be one of those pins.
+  # pyproject.toml (core, flax and haiku extras, equinox in the test extra) must be one of
+  # those pins.
   pins = dict(
     line.split('==')
     for line in (ROOT / '.ci' / 'lower-bounds.txt').read_text().splitlines()
     if line and not line.startswith('#')
   )
   pyproject = (ROOT / 'pyproject.toml').read_text()
-  bounds = dict(re.findall(r'"(jax|jaxlib|optax|numpy|flax|equinox)>=([\w.]+)"', pyproject))
+  bounds = dict(
+    re.findall(r'"(jax|jaxlib|optax|numpy|flax|equinox|dm-haiku)>=([\w.]+)"', pyproject)
+  )
   assert bounds == pins

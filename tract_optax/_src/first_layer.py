@@ -33,11 +33,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import (
+  Any,
+  Callable,
+  Dict,
+  Hashable,
+  Iterable,
+  List,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+  Union,
+  cast,
+)
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import docs_link
@@ -45,6 +59,14 @@ from tract_optax._src import paths as paths_lib
 from tract_optax._src.paths import ModulePath
 
 DATA, PARAMS, UNKNOWN = 'data only', 'parameters', 'unknown'
+
+#: A model call's inputs as the probe gets them: ``(args, kwargs)``.
+ModelInputs = Tuple[Sequence[Any], Mapping[str, Any]]
+#: ``run(params, inputs, token)``: a forward pass that calls ``mark`` on every
+#: layer input (``params`` is the parameter pytree, ``inputs`` ``(args, kwargs)``).
+ProbeRun = Callable[[Any, Any, jax.Array], object]
+#: ``forward(values, token)``: what ``_trace_jvp`` differentiates.
+_Forward = Callable[[List[jax.Array], jax.Array], None]
 
 #: Data-only candidates listed one by one in a refusal; the rest are counted.
 MAX_LISTED_CANDIDATES = 8
@@ -63,7 +85,7 @@ _CONCRETIZATION_ERRORS = tuple(
   if hasattr(jax.errors, name)
 )
 
-#: Choices kept by :func:`cached_choice` (keys are hashable structure only).
+#: Choices kept by ``cached_choice`` (keys are hashable structure only).
 CACHE_SIZE = 256
 
 
@@ -87,18 +109,18 @@ class LayerCall:
 
   @property
   def input_depends_on(self) -> str:
-    """:data:`PARAMS`, :data:`DATA` or :data:`UNKNOWN` (for the main trace)."""
+    """``PARAMS``, ``DATA`` or ``UNKNOWN`` (for the main trace)."""
     if self.reached is None:
       return UNKNOWN
     return PARAMS if self.reached else DATA
 
 
-def _type_text(x) -> str:
+def _type_text(x: ArrayLike) -> str:
   shape = ','.join(str(d) for d in jnp.shape(x))
   return f'{jnp.result_type(x).name}[{shape}]'
 
 
-def _varying_axes(x) -> frozenset:
+def _varying_axes(x: ArrayLike) -> frozenset:
   """The ``shard_map`` axes ``x`` varies over, if any.
 
   Its type names them ``vma`` in older jax and ``mat.varying`` in jax 0.10.
@@ -113,7 +135,7 @@ def _varying_axes(x) -> frozenset:
   return frozenset(varying or ())
 
 
-def _zero_tangent(x):
+def _zero_tangent(x: ArrayLike) -> jax.Array:
   """A zero tangent of exactly ``x``'s type, ``shard_map``'s varying axes included.
 
   Under ``shard_map`` with its default checking (``check_vma=True``), a
@@ -134,12 +156,17 @@ def _zero_tangent(x):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _marker(x, token, probe: DependencyProbe, index: int):
+def _marker(x: ArrayLike, token: jax.Array, probe: DependencyProbe, index: int) -> ArrayLike:
   del token, probe, index
   return x
 
 
-def _marker_jvp(probe, index, primals, tangents):
+def _marker_jvp(
+  probe: DependencyProbe,
+  index: int,
+  primals: Tuple[ArrayLike, jax.Array],
+  tangents: Tuple[Union[jax.Array, SymbolicZero], Union[jax.Array, SymbolicZero]],
+) -> Tuple[ArrayLike, jax.Array]:
   """Reports to ``probe`` (a static argument: no registry) whether a tangent came."""
   x, _ = primals
   x_tangent, _ = tangents
@@ -148,17 +175,17 @@ def _marker_jvp(probe, index, primals, tangents):
     probe.calls[index].reached = not data_only
   if data_only:
     x_tangent = _zero_tangent(x)
-  return x, x_tangent
+  return x, cast(jax.Array, x_tangent)  # a symbolic zero was replaced above
 
 
 _marker.defjvp(_marker_jvp, symbolic_zeros=True)
 
 
-def _container(value) -> bool:
+def _container(value: object) -> bool:
   return type(value) in (tuple, list, dict)
 
 
-def _largest_input(inputs) -> Optional[Tuple[int, str]]:
+def _largest_input(inputs: ModelInputs) -> Optional[Tuple[int, str]]:
   """Index (among ``inputs``' leaves) and description of the largest inexact
   array of at least 3 dimensions, or None.
 
@@ -183,16 +210,16 @@ def _largest_input(inputs) -> Optional[Tuple[int, str]]:
 class DependencyProbe:
   """Records, for each Conv/Dense call, whether its input depends on params.
 
-  The glue calls :meth:`mark` on each layer input and uses what it returns
-  in place of the input, inside ``run``, which :meth:`select` (or
-  :meth:`trace`) traces abstractly.
+  The glue calls ``mark`` on each layer input and uses what it returns
+  in place of the input, inside ``run``, which ``select`` (or
+  ``trace``) traces abstractly.
   """
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.calls: List[LayerCall] = []
-    self.token = None
+    self.token: Optional[jax.Array] = None
 
-  def mark(self, x, path: ModulePath, type_name: str):
+  def mark(self, x: ArrayLike, path: ModulePath, type_name: str) -> ArrayLike:
     index = len(self.calls)
     self.calls.append(LayerCall(path, type_name, _type_text(x)))
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -201,16 +228,16 @@ class DependencyProbe:
       return x
     return _marker(x, self.token, self, index)
 
-  def _trace_jvp(self, forward, primals) -> List[LayerCall]:
+  def _trace_jvp(self, forward: _Forward, primals: List[jax.Array]) -> List[LayerCall]:
     """Runs ``forward(primals, token)`` abstractly under ``jvp`` in ``primals``
     (a list of inexact arrays) and the token; returns the calls it marked."""
 
-    def with_token(values, token):
+    def with_token(values: List[jax.Array], token: jax.Array) -> jax.Array:
       self.token = token
       forward(values, token)
       return jnp.zeros([], jnp.float32)
 
-    def jvp_of_forward(values, token):
+    def jvp_of_forward(values: List[jax.Array], token: jax.Array) -> Tuple[jax.Array, jax.Array]:
       tangents = [jnp.zeros_like(v) for v in values]
       return jax.jvp(with_token, (values, token), (tangents, jnp.ones_like(token)))
 
@@ -221,7 +248,7 @@ class DependencyProbe:
       self.token = None
     return self.calls
 
-  def trace(self, run, params, inputs: Any = None) -> List[LayerCall]:
+  def trace(self, run: ProbeRun, params: Any, inputs: Any = None) -> List[LayerCall]:
     """Traces ``run(params, inputs, token)`` abstractly under ``jvp`` in ``params``.
 
     Only inexact leaves of ``params`` are differentiated (others are closed
@@ -229,7 +256,7 @@ class DependencyProbe:
     marker whose rule never ran is reported as unknown, never as data-only.
 
     Args:
-      run: the forward pass, calling :meth:`mark` on every layer input.
+      run: the forward pass, calling ``mark`` on every layer input.
       params: the parameters.
       inputs: the model's inputs, ``(args, kwargs)``, handed to ``run``.
 
@@ -244,7 +271,7 @@ class DependencyProbe:
     inexact = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
     differentiated = [leaf for leaf, flag in zip(leaves, inexact, strict=True) if flag]
 
-    def forward(values, token):
+    def forward(values: Iterable[jax.Array], token: jax.Array) -> None:
       values = iter(values)
       rebuilt = jax.tree_util.tree_unflatten(
         treedef,
@@ -257,7 +284,9 @@ class DependencyProbe:
     except _CONCRETIZATION_ERRORS as error:
       raise _abstract_probe_error(self.calls) from error
 
-  def input_readers(self, run, params, inputs) -> Optional[Tuple[str, List[ModulePath]]]:
+  def input_readers(
+    self, run: ProbeRun, params: Any, inputs: ModelInputs
+  ) -> Optional[Tuple[str, List[ModulePath]]]:
     """The model's largest input and the layers whose input depends on it.
 
     Traces ``run`` again, abstractly, with ``jvp`` in the largest inexact
@@ -274,7 +303,7 @@ class DependencyProbe:
     index, description = found
     leaves, treedef = jax.tree_util.tree_flatten(inputs, is_leaf=lambda v: not _container(v))
 
-    def forward(values, token):
+    def forward(values: List[jax.Array], token: jax.Array) -> None:
       replaced = list(leaves)
       replaced[index] = values[0]
       run(params, jax.tree_util.tree_unflatten(treedef, replaced), token)
@@ -289,11 +318,13 @@ class DependencyProbe:
         readers.append(call.path)
     return description, readers
 
-  def select(self, run, params, inputs, kind: str = 'Conv/Dense') -> ModulePath:
-    """The first layer, by :func:`choose`'s rule, of ``run(params, inputs, token)``.
+  def select(
+    self, run: ProbeRun, params: Any, inputs: ModelInputs, kind: str = 'Conv/Dense'
+  ) -> ModulePath:
+    """The first layer, by ``choose``'s rule, of ``run(params, inputs, token)``.
 
     Args:
-      run: the forward pass, calling :meth:`mark` on every layer input.
+      run: the forward pass, calling ``mark`` on every layer input.
       params: the parameters.
       inputs: ``(args, kwargs)`` of the model call, handed to ``run``.
       kind: how the layers are called in messages (Linen vs NNX names).
@@ -302,8 +333,8 @@ class DependencyProbe:
       The chosen layer's path.
 
     Raises:
-      ValueError: as :func:`choose`.
-      TypeError: as :meth:`trace`.
+      ValueError: as ``choose``.
+      TypeError: as ``trace``.
     """
     calls = self.trace(run, params, inputs)
     return choose(calls, kind, lambda: self.input_readers(run, params, inputs))
@@ -358,7 +389,7 @@ def choose(
     kind: how the layers are called in messages (Linen vs NNX names).
     input_readers: called only to word a refusal: the model's largest input
       argument and the layers reading it (see
-      :meth:`DependencyProbe.input_readers`), or None.
+      ``DependencyProbe.input_readers``), or None.
 
   Returns:
     The path of the one layer whose every call takes data-only input, when it
@@ -446,13 +477,12 @@ def choose(
   if not candidates:
     raise ValueError(
       f'Every {kind} layer called takes an input that depends on parameters, '
-      'so none is a first layer (e.g. a learned scale or normalisation runs '
-      f'before the stem): {described(list(status)[:MAX_LISTED_CANDIDATES])}.'
+      'so none is a first layer (a learned scale before the stem?): '
+      f'{described(list(status)[:MAX_LISTED_CANDIDATES])}.'
       + others(list(status)[:MAX_LISTED_CANDIDATES])
-      + ' A stem of your own (self.param with lax.conv or a matmul) is not seen: compute '
-      'it with tract_optax.conv / tract_optax.dense. To precondition a layer '
-      'anyway, name it with layers=[...].'
-      + _SEE_DEFINITION
+      + ' A stem of your own (self.param with lax.conv) is not seen: compute it with '
+      'tract_optax.conv / dense. To precondition a layer anyway, name it with '
+      'layers=[...].' + _SEE_DEFINITION
     )
   if len(candidates) > 1:
     raise ValueError(
@@ -501,7 +531,7 @@ def leaf_spec(leaf: Any) -> Hashable:
 
 
 def tree_spec(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> Hashable:
-  """A hashable key of ``tree``'s structure and its leaves' :func:`leaf_spec`."""
+  """A hashable key of ``tree``'s structure and its leaves' ``leaf_spec``."""
   leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
   return treedef, tuple(leaf_spec(leaf) for leaf in leaves)
 
@@ -520,12 +550,12 @@ def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePa
   the structure, shapes and dtypes of its parameters and inputs, never on
   their values, so it is kept in a bounded cache keyed by exactly those
   (``key()``, e.g. a Linen module, which hashes by its fields, and
-  :func:`tree_spec` of its variables and arguments): a later trace with the
+  ``tree_spec`` of its variables and arguments): a later trace with the
   same key does not probe again. A refusal is never cached; a key that cannot
   be hashed (a module holding a list) probes every time.
 
   Args:
-    key: builds the hashable key; may raise :class:`Uncacheable`.
+    key: builds the hashable key; may raise ``Uncacheable``.
     choose_now: runs the probe.
 
   Returns:

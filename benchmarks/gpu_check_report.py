@@ -237,6 +237,8 @@ def _overhead_headline(rows: List[Dict[str, Any]]) -> str:
   parts = []
   for row in rows:
     text = f"{row['model']} b{row['batch']} {row['precision']}: {_fmt(row['ratio'])}"
+    if row.get('compiles', 1) > 1:
+      text += f" (best of {row['compiles']} compiles; median {_fmt(row.get('ratio_median'))})"
     if row.get('route_ratio') is not None:
       text += f" (gradient route {_fmt(row['route_ratio'])})"
     if row.get('amortized_ratio') is not None:
@@ -279,6 +281,9 @@ def _main_job_results(folder: Optional[str]) -> Dict[str, Any]:
       speedups.setdefault(scale, {})[method] = [entry.get('text') for entry in entries]
   results.update(title=loaded.get('title'), table=loaded.get('table'),
                  lr_grid=loaded.get('lr_grid'), trials=loaded.get('trials'),
+                 seconds_table=loaded.get('seconds_table') or None,
+                 group_runs=max([run.get('group_runs', 1) for run in loaded.get('runs') or []],
+                                default=None),
                  lines=summary.get('lines'), accuracy=accuracy, speedups=speedups,
                  timing=loaded.get('timing'), partial=bool(loaded.get('partial')),
                  runs=len(loaded.get('runs') or []), runs_planned=loaded.get('runs_planned'),
@@ -421,8 +426,9 @@ def summary_text(out_dir: str, parts: Sequence[str], total_s: Optional[float]) -
     if main_job['results'].get('trials'):
       lines += [main_job['results']['trials'], '']
     lines += ['```', main_job['results']['table'].rstrip()]
-    if main_job['results'].get('lr_grid'):
-      lines += ['', main_job['results']['lr_grid'].rstrip()]
+    for block in ('seconds_table', 'lr_grid'):
+      if main_job['results'].get(block):
+        lines += ['', main_job['results'][block].rstrip()]
     lines += ['```']
     lines += [line for line in main_job['results'].get('lines') or []]
   problems = [entry for entry in records.values() if entry and entry['status'] != 'ok']

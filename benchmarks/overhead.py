@@ -3,8 +3,11 @@
 Both variants run the code path users run: a jitted Linen train step with
 ``optax.chain(..., sgd momentum)``; the TrAct step calls
 ``tract_optax.linen.apply_with_stats`` and puts ``tract_optax.tract`` first in
-the chain. Steps are timed side by side in one process, interleaved round by
-round after warm-up, and the medians are compared. Peak memory is XLA's
+the chain. Every variant is built and compiled afresh several times
+(``--compiles``; a CPU executable lands in a fast or a slow mode by chance);
+per compile the steps are timed side by side in one process, interleaved
+round by round after warm-up, and each variant's median is taken; tables give
+the best and the median over compiles. Peak memory is XLA's
 compiled memory analysis of each step (the same measure on CPU and GPU).
 
 Variants per model: plain; TrAct exact (the statistic of every batch); TrAct
@@ -20,7 +23,7 @@ Modes:
             forward and forward + weight gradient; expected O(N n^2).
 
 Usage:
-  python benchmarks/overhead.py --device cpu            # CPU subset, < 3 min
+  python benchmarks/overhead.py --device cpu            # CPU subset, about 4 min
   python benchmarks/overhead.py --device gpu            # all models
   python benchmarks/overhead.py --mode scaling --device cpu
   python benchmarks/overhead.py --mode scaling --batches 128 --sizes 224 \\
@@ -64,14 +67,27 @@ class Case:
   image_size: int
   channels: int
   num_classes: int = 10
-  cpu_rounds: int = 41       # CPU defaults sized so `--device cpu` takes < 3 min;
+  cpu_rounds: int = 15       # CPU defaults sized so `--device cpu` takes about 4 min;
   cpu_steps_per_round: int = 1  # many one-step rounds: CPU step times drift
   cpu_warmup: int = 1
+  patch_size: Optional[int] = None  # the ViT's patch side
+  label: Optional[str] = None       # the name in tables and --models (default: model)
 
+  @property
+  def name(self) -> str:
+    """How ``--models`` and the tables name this case."""
+    return self.label or self.model
+
+
+#: The application's ViT (tract_experiment.models.vit) on Fashion-MNIST-sized
+#: images with 7x7 patches (the main job's model), 4x4 and 14x14.
+APP_VITS = [Case('vit', 128, 28, 1, patch_size=size, label=f'vit_p{size}')
+            for size in (7, 4, 14)]
 
 CPU_CASES = [Case('cnn', 128, 28, 1),
-             Case('resnet18', 128, 32, 3, cpu_rounds=3, cpu_steps_per_round=1,
-                  cpu_warmup=0)]
+             Case('resnet18', 128, 32, 3, cpu_rounds=2, cpu_steps_per_round=1,
+                  cpu_warmup=0),
+             APP_VITS[0]]
 # Most informative first, so a run stopped by a time limit keeps the big models.
 GPU_CASES = [Case('resnet50', 128, 224, 3, 1000), Case('vit_b16', 64, 224, 3, 1000),
              Case('resnet18', 128, 32, 3), Case('cnn', 128, 28, 1)]
@@ -97,8 +113,8 @@ def select_cases(models: Optional[Sequence[str]], on_cpu: bool) -> List[Case]:
   if models is None:
     return list(own)
   by_name: Dict[str, Case] = {}
-  for case in other + own:  # the device's own case overrides the other's
-    by_name[case.model] = case
+  for case in APP_VITS + other + own:  # the device's own case overrides the other's
+    by_name[case.name] = case
   unknown = [name for name in models if name not in by_name]
   if unknown:
     raise ValueError(f'--models: unknown {unknown}; choose from {sorted(by_name)}')
@@ -141,7 +157,8 @@ def _make_steps(case: Case, lam: float, refresh_every: int, precisions: Sequence
     state it runs on; and the batch ``(images, labels)``, an argument rather
     than a closed-over constant (which XLA would embed in the program).
   """
-  model = model_zoo.create_model(case.model, case.num_classes)
+  options = {'patch_size': case.patch_size} if case.patch_size else {}
+  model = model_zoo.create_model(case.model, case.num_classes, **options)
   rng = jax.random.key(0)
   images = jax.random.normal(rng, (case.batch, case.image_size, case.image_size,
                                    case.channels), jnp.float32)
@@ -249,35 +266,16 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
   return numerator / denominator
 
 
-def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: float,
-                     refresh_every: int = 0, precisions: Sequence[str] = ('highest',),
-                     warmup: int = 1, compile_workers: int = 1,
-                     gradient_route: bool = True) -> List[Dict]:
-  """Median step times (ms) and peak bytes of plain, TrAct and amortised TrAct.
-
-  Every variant runs in this process, interleaved round by round: each round
-  times ``steps_per_round`` steps of each variant in turn (the amortised ones
-  whole refresh periods, so due and skipped steps mix in their real
-  proportion); the medians over rounds are compared.
-
-  Args:
-    case: the model and its input size.
-    rounds: timed rounds (odd numbers give a plain median).
-    steps_per_round: steps per round and variant.
-    lam: TrAct's ridge strength.
-    refresh_every: refresh period K of the amortised variant; 0 leaves it out.
-    precisions: statistic precisions to time ('default', 'high', 'highest').
-    warmup: untimed steps per variant first (amortised: at least K + 1).
-    compile_workers: threads compiling the TrAct steps after the plain one.
-    gradient_route: also time the gradient route (``apply_tract``).
+def _time_one_compile(case: Case, *, rounds: int, steps_per_round: int, lam: float,
+                      refresh_every: int, precisions: Sequence[str], warmup: int,
+                      compile_workers: int, gradient_route: bool, shift: int
+                      ) -> Tuple[Dict[str, List[float]], Dict[str, int], float]:
+  """Builds and compiles every variant afresh, then times them interleaved.
 
   Returns:
-    One row per precision; the plain columns are the same measurement in
-    each. Amortised columns are None without ``refresh_every``.
-
-  Raises:
-    RuntimeError: if ``tract_optax.stats_due`` disagrees with the schedule the
-      timed rounds follow (refresh at step 0, K, 2K, ...).
+    ``(times, peaks, compile_s)``: per timed variant the ms per step of each
+    round, per step its peak bytes, and the seconds spent building and
+    compiling. ``shift`` rotates the order the variants run in each round.
   """
   start = time.perf_counter()
   jitted, init_states, state_of, batch = _make_steps(case, lam, refresh_every, precisions,
@@ -285,7 +283,6 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
   compiled = _compile_steps(jitted, init_states, state_of, batch, compile_workers)
   peaks = {name: _peak_bytes(executable) for name, executable in compiled.items()}
   compile_s = time.perf_counter() - start
-  _log(f'{case.model} b{case.batch}: compiled {len(compiled)} steps in {compile_s:.1f} s')
   states = {name: _copy(state) for name, state in init_states.items()}
   # Host-side step counters: no device round trip per timed step. The
   # warm-up asks tract_optax.stats_due (a device read) and checks them.
@@ -311,6 +308,8 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
     return (time.perf_counter() - begin) / count * 1e3
 
   variants = list(states)
+  shift %= len(variants)
+  variants = variants[shift:] + variants[:shift]
   for name in variants:  # warm-up: settle caches (amortised: due and skipped steps)
     count = max(warmup, refresh_every + 1) if name in counters else warmup
     if count:
@@ -318,14 +317,69 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
   times: Dict[str, List[float]] = {name: [] for name in variants}
   amortized_steps = (refresh_every * max(1, math.ceil(steps_per_round / refresh_every))
                      if refresh_every else 0)
-  timing_start = time.perf_counter()
-  for _ in tqdm(range(rounds), desc=f'{case.model} b{case.batch}', leave=False,
+  for _ in tqdm(range(rounds), desc=f'{case.name} b{case.batch}', leave=False,
                 disable=None):
     for name in variants:
       times[name].append(run(name, amortized_steps if name in counters
                              else steps_per_round))
-  medians = {name: statistics.median(values) for name, values in times.items()}
-  timing_s = time.perf_counter() - timing_start
+  return times, peaks, compile_s
+
+
+def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: float,
+                     refresh_every: int = 0, precisions: Sequence[str] = ('highest',),
+                     warmup: int = 1, compile_workers: int = 1,
+                     gradient_route: bool = True, compiles: int = 1) -> List[Dict]:
+  """Step times (ms) and peak bytes of plain, TrAct and amortised TrAct, over compiles.
+
+  On a CPU, identical executables run in a fast or a slow mode by chance
+  (docs/overhead.md), so every variant is built and compiled afresh
+  ``compiles`` times. Per compile, every variant runs in this process,
+  interleaved round by round: each round times ``steps_per_round`` steps of
+  each variant in turn (the amortised ones whole refresh periods, so due and
+  skipped steps mix in their real proportion), the variant order rotating
+  from compile to compile; a compile's time of a variant is its median over
+  rounds. Each variant reports the best and the median over compiles; the
+  ratios compare best with best and median with median.
+
+  Args:
+    case: the model and its input size.
+    rounds: timed rounds per compile (odd numbers give a plain median).
+    steps_per_round: steps per round and variant.
+    lam: TrAct's ridge strength.
+    refresh_every: refresh period K of the amortised variant; 0 leaves it out.
+    precisions: statistic precisions to time ('default', 'high', 'highest').
+    warmup: untimed steps per variant first (amortised: at least K + 1).
+    compile_workers: threads compiling the TrAct steps after the plain one.
+    gradient_route: also time the gradient route (``apply_tract``).
+    compiles: fresh builds and compiles of every variant.
+
+  Returns:
+    One row per precision; the plain columns are the same measurement in
+    each. Amortised columns are None without ``refresh_every``.
+
+  Raises:
+    RuntimeError: if ``tract_optax.stats_due`` disagrees with the schedule the
+      timed rounds follow (refresh at step 0, K, 2K, ...).
+  """
+  per_compile: Dict[str, List[float]] = {}
+  rounds_ms: Dict[str, List[List[float]]] = {}
+  compile_s = 0.0
+  peaks: Dict[str, int] = {}
+  timing_start = time.perf_counter()
+  for index in range(compiles):
+    times, peaks, seconds = _time_one_compile(
+        case, rounds=rounds, steps_per_round=steps_per_round, lam=lam,
+        refresh_every=refresh_every, precisions=precisions, warmup=warmup,
+        compile_workers=compile_workers, gradient_route=gradient_route, shift=index)
+    compile_s += seconds
+    for name, values in times.items():
+      per_compile.setdefault(name, []).append(statistics.median(values))
+      rounds_ms.setdefault(name, []).append(values)
+    _log(f'{case.name} b{case.batch}: compile {index + 1}/{compiles} in {seconds:.1f} s; ' +
+         ', '.join(f'{name} {values[-1]:.1f} ms' for name, values in per_compile.items()))
+  timing_s = time.perf_counter() - timing_start - compile_s
+  best = {name: min(values) for name, values in per_compile.items()}
+  median = {name: statistics.median(values) for name, values in per_compile.items()}
   platform = jax.devices()[0].platform
   rows = []
   for precision in precisions:
@@ -335,30 +389,40 @@ def measure_overhead(case: Case, *, rounds: int, steps_per_round: int, lam: floa
     if refresh_every:
       amortized_peak = max(peaks[f'amortized_due@{precision}'], peaks['amortized_skip'])
     rows.append({
-        'model': case.model, 'batch': case.batch, 'image_size': case.image_size,
-        'precision': precision,
-        'plain_ms': medians['plain'], 'tract_ms': medians[exact],
-        'ratio': medians[exact] / medians['plain'],
-        'route_ms': medians.get(route),
-        'route_ratio': _ratio(medians.get(route), medians['plain']),
+        'model': case.name, 'batch': case.batch, 'image_size': case.image_size,
+        'patch_size': case.patch_size, 'precision': precision, 'compiles': compiles,
+        'plain_ms': best['plain'], 'tract_ms': best[exact],
+        'ratio': best[exact] / best['plain'],
+        'plain_ms_median': median['plain'], 'tract_ms_median': median[exact],
+        'ratio_median': median[exact] / median['plain'],
+        'route_ms': best.get(route), 'route_ms_median': median.get(route),
+        'route_ratio': _ratio(best.get(route), best['plain']),
+        'route_ratio_median': _ratio(median.get(route), median['plain']),
         'route_peak_bytes': peaks.get(route),
         'route_peak_ratio': _ratio(peaks.get(route), peaks['plain']),
-        'amortized_ms': medians.get(amortized),
-        'amortized_ratio': _ratio(medians.get(amortized), medians['plain']),
+        'amortized_ms': best.get(amortized),
+        'amortized_ratio': _ratio(best.get(amortized), best['plain']),
         'refresh_every': refresh_every or None,
         'plain_peak_bytes': peaks['plain'], 'tract_peak_bytes': peaks[exact],
         'peak_ratio': _ratio(peaks[exact], peaks['plain']),
         'amortized_peak_bytes': amortized_peak,
         'amortized_peak_ratio': _ratio(amortized_peak, peaks['plain']),
         'rounds': rounds, 'steps_per_round': steps_per_round,
-        'amortized_steps_per_round': amortized_steps or None,
-        'plain_ms_all': times['plain'], 'tract_ms_all': times[exact],
-        'amortized_ms_all': times.get(amortized),
+        'amortized_steps_per_round': (
+            refresh_every * max(1, math.ceil(steps_per_round / refresh_every))
+            if refresh_every else None),
+        'plain_ms_per_compile': per_compile['plain'],
+        'tract_ms_per_compile': per_compile[exact],
+        'route_ms_per_compile': per_compile.get(route),
+        'amortized_ms_per_compile': per_compile.get(amortized),
+        'plain_ms_all': rounds_ms['plain'], 'tract_ms_all': rounds_ms[exact],
+        'amortized_ms_all': rounds_ms.get(amortized),
         'compile_s': compile_s, 'timing_s': timing_s,
         'device': jax.devices()[0].device_kind, 'platform': platform,
     })
-  _log(f'{case.model} b{case.batch}: timed {rounds} rounds in {timing_s:.1f} s; ' +
-       ', '.join(f"{row['precision']}: ratio {row['ratio']:.3f}" for row in rows))
+  _log(f'{case.name} b{case.batch}: {compiles} compiles, {rounds} rounds each; ' +
+       ', '.join(f"{row['precision']}: ratio {row['ratio']:.3f} best, "
+                 f"{row['ratio_median']:.3f} median" for row in rows))
   return rows
 
 
@@ -493,19 +557,28 @@ def _format_optional(value: Optional[float], spec: str) -> str:
 
 
 def print_overhead_table(results: List[Dict]) -> None:
-  """Prints one line per (model, precision) row of :func:`measure_overhead`."""
-  header = (f"{'model':<10}{'batch':>6}{'precision':>10}{'plain ms':>11}{'TrAct ms':>11}"
-            f"{'ratio':>8}{'route ratio':>13}{'amort. ratio':>14}{'plain peak':>13}"
-            f"{'TrAct peak':>13}{'peak ratio':>12}  device")
+  """Prints one line per (model, precision) row of :func:`measure_overhead`.
+
+  Times are the best over compiles with the median over compiles after the
+  slash; the ratios likewise (best / best, median / median).
+  """
+  header = (f"{'model':<10}{'batch':>6}{'precision':>10}{'compiles':>9}"
+            f"{'plain ms':>15}{'TrAct ms':>15}{'ratio':>14}{'route ratio':>14}"
+            f"{'amort. ratio':>14}{'plain peak':>13}{'TrAct peak':>13}{'peak ratio':>12}"
+            "  device")
+  print('ms and ratios: best over compiles / median over compiles')
   print(header)
   print('-' * len(header))
   for r in results:
     amortized = _format_optional(r['amortized_ratio'], '.3f')
     if r['refresh_every']:
       amortized += f" (K={r['refresh_every']})"
-    print(f"{r['model']:<10}{r['batch']:>6}{r['precision']:>10}{r['plain_ms']:>11.1f}"
-          f"{r['tract_ms']:>11.1f}{r['ratio']:>8.3f}"
-          f"{_format_optional(r.get('route_ratio'), '.3f'):>13}{amortized:>14}"
+    route = (f"{_format_optional(r.get('route_ratio'), '.3f')}/"
+             f"{_format_optional(r.get('route_ratio_median'), '.3f')}")
+    print(f"{r['model']:<10}{r['batch']:>6}{r['precision']:>10}{r['compiles']:>9}"
+          f"{r['plain_ms']:>9.1f}/{r['plain_ms_median']:<5.1f}"
+          f"{r['tract_ms']:>9.1f}/{r['tract_ms_median']:<5.1f}"
+          f"{r['ratio']:>8.3f}/{r['ratio_median']:.3f}{route:>14}{amortized:>14}"
           f"{_format_bytes(r['plain_peak_bytes']):>13}"
           f"{_format_bytes(r['tract_peak_bytes']):>13}"
           f"{_format_optional(r['peak_ratio'], '.3f'):>12}  {r['device']}")
@@ -581,12 +654,17 @@ def build_parser() -> argparse.ArgumentParser:
            'device JAX has')
   add('--models', default=None,
       help='comma-separated models, run in this order, from cnn,resnet18,resnet50,vit_b16 '
-           "(default: the device's list)")
+           'and the application\'s ViT on 28 px images: vit_p7 (7x7 patches, the main '
+           "job's model), vit_p4, vit_p14 (default: the device's list)")
+  add('--compiles', type=int, default=None,
+      help='overhead: fresh builds and compiles of every variant, each timed interleaved '
+           'with the others; tables give the best and the median over compiles (CPU '
+           'executables land in a fast or a slow mode by chance) (default: cpu 3, gpu 1)')
   add('--batch', type=int, default=None,
       help="batch size of every model (default: each model's own, 128; ViT-B/16 64)")
   add('--rounds', type=int, default=None,
       help='overhead: timed rounds per model; scaling: timing samples per computation '
-           '(default: overhead cpu 41 for cnn and 3 for resnet18, gpu 7; scaling cpu 5, '
+           '(default: overhead cpu 15 per compile, 2 for resnet18, gpu 7; scaling cpu 5, '
            'gpu 20)')
   add('--steps-per-round', type=int, default=None,
       help='steps of each variant per round (default: cpu 1, gpu 20)')
@@ -625,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for name, least in (('batch', 1), ('rounds', 1), ('steps_per_round', 1), ('warmup', 0),
+                      ('compiles', 1),
                       ('amortize', 0), ('compile_workers', 1), ('channels', 1),
                       ('kernel', 1), ('stride', 1)):
     value = getattr(args, name)
@@ -668,15 +747,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     cases = [dataclasses.replace(c, batch=args.batch) for c in cases]
   refresh_every = (0 if on_cpu else 10) if args.amortize is None else args.amortize
   workers = args.compile_workers or (1 if on_cpu else 4)
+  compiles = args.compiles or (3 if on_cpu else 1)
   for case in tqdm(cases, desc='models', disable=None):
-    _log(f'{case.model} b{case.batch} ({case.image_size} px): building and compiling')
+    _log(f'{case.name} b{case.batch} ({case.image_size} px): building and compiling '
+         f'{compiles} times')
     results.extend(measure_overhead(
         case, rounds=args.rounds or (case.cpu_rounds if on_cpu else 7),
         steps_per_round=args.steps_per_round or (case.cpu_steps_per_round if on_cpu else 20),
         lam=args.lam, refresh_every=refresh_every, precisions=precisions,
         warmup=args.warmup if args.warmup is not None else (
             case.cpu_warmup if on_cpu else 3),
-        compile_workers=workers, gradient_route=args.gradient_route))
+        compile_workers=workers, gradient_route=args.gradient_route, compiles=compiles))
     if args.out:
       _write_json(args.out, results)
   print_overhead_table(results)

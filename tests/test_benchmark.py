@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import statistics
 import sys
 
 import pytest
@@ -14,7 +15,9 @@ import overhead  # pylint: disable=g-import-not-at-top
 FIELDS = {'model', 'batch', 'image_size', 'precision', 'plain_ms', 'tract_ms', 'ratio',
           'amortized_ms', 'amortized_ratio', 'refresh_every', 'plain_peak_bytes',
           'tract_peak_bytes', 'peak_ratio', 'amortized_peak_bytes', 'amortized_peak_ratio',
-          'rounds', 'steps_per_round', 'compile_s', 'device', 'platform'}
+          'rounds', 'steps_per_round', 'compile_s', 'device', 'platform', 'compiles',
+          'plain_ms_median', 'tract_ms_median', 'ratio_median', 'route_ratio_median',
+          'plain_ms_per_compile', 'tract_ms_per_compile'}
 SCALING_FIELDS = {'batch', 'image_size', 'N', 'n', 'flops_2Nn2', 'precision', 'stem_fwd_ms',
                   'stem_fwd_bwd_ms', 'stats_chunked_ms', 'stats_explicit_ms',
                   'chunked_over_stem', 'explicit_over_stem', 'chunked_peak_bytes',
@@ -25,10 +28,13 @@ def test_overhead_mode_writes_the_documented_fields(tmp_path, capsys):
   out = tmp_path / 'overhead.json'
   overhead.main(['--device', 'cpu', '--models', 'cnn', '--batch', '4', '--rounds', '1',
                  '--steps-per-round', '1', '--amortize', '2', '--precision', 'highest',
-                 '--out', str(out)])
+                 '--compiles', '1', '--out', str(out)])
   (row,) = json.loads(out.read_text())
   assert FIELDS <= set(row)
   assert row['model'] == 'cnn' and row['batch'] == 4 and row['precision'] == 'highest'
+  assert row['compiles'] == 1 and len(row['plain_ms_per_compile']) == 1
+  for name in ('plain', 'tract', 'route', 'amortized'):
+    assert row[f'{name}_ms'] == row[f'{name}_ms_per_compile'][0]
   assert row['plain_ms'] > 0 and row['tract_ms'] > 0 and row['amortized_ms'] > 0
   assert row['refresh_every'] == 2
   assert abs(row['ratio'] - row['tract_ms'] / row['plain_ms']) < 1e-9
@@ -38,6 +44,32 @@ def test_overhead_mode_writes_the_documented_fields(tmp_path, capsys):
   assert row['route_ms'] > 0 and row['route_peak_bytes'] > 0
   assert abs(row['route_ratio'] - row['route_ms'] / row['plain_ms']) < 1e-9
   assert 'route ratio' in capsys.readouterr().out
+
+
+@pytest.mark.slow  # four compiles
+def test_each_variant_is_compiled_afresh_and_reported_best_and_median(monkeypatch):
+  compiled = []
+  real = overhead._compile_steps  # pylint: disable=protected-access
+
+  def counting(jitted, *args):
+    compiled.append(dict(jitted))  # kept alive, so identities stay distinct
+    return real(jitted, *args)
+
+  monkeypatch.setattr(overhead, '_compile_steps', counting)
+  (row,) = overhead.measure_overhead(overhead.Case('cnn', 2, 8, 1), rounds=3,
+                                     steps_per_round=1, lam=0.1, precisions=('default',),
+                                     warmup=0, gradient_route=False, compiles=2)
+  assert len(compiled) == 2 and sorted(compiled[0]) == sorted(compiled[1]) == ['plain',
+                                                                               'tract@default']
+  assert all(compiled[0][name] is not compiled[1][name] for name in compiled[0])  # afresh
+  assert row['compiles'] == 2 and len(row['tract_ms_all']) == 2
+  for name in ('plain', 'tract'):
+    per_compile = row[f'{name}_ms_per_compile']
+    assert per_compile == [statistics.median(values) for values in row[f'{name}_ms_all']]
+    assert row[f'{name}_ms'] == min(per_compile)
+    assert row[f'{name}_ms_median'] == statistics.median(per_compile)
+  assert row['ratio'] == row['tract_ms'] / row['plain_ms']
+  assert row['ratio_median'] == row['tract_ms_median'] / row['plain_ms_median']
 
 
 @pytest.mark.parametrize('refresh_every, precisions, route, steps, states', [
@@ -107,7 +139,21 @@ def test_bad_flags_are_rejected_with_a_message(argv, message, capsys):
 def test_cases_follow_the_order_asked_and_the_device_sizes():
   cases = overhead.select_cases(['resnet18', 'cnn'], on_cpu=True)
   assert [case.model for case in cases] == ['resnet18', 'cnn']
-  assert cases[0].cpu_rounds == 3  # the CPU case of resnet18, not the GPU one
+  assert cases[0].cpu_rounds == 2  # the CPU case of resnet18, not the GPU one
   gpu = overhead.select_cases(None, on_cpu=False)
   assert [case.model for case in gpu][:3] == ['resnet50', 'vit_b16', 'resnet18']
   assert overhead.select_cases(['vit_b16'], on_cpu=True)[0].batch == 64
+  assert [case.name for case in overhead.select_cases(None, on_cpu=True)] == [
+      'cnn', 'resnet18', 'vit_p7']  # the main job's ViT beside the CNNs
+
+
+@pytest.mark.parametrize('name, patch, tokens', [('vit_p7', 7, 16), ('vit_p4', 4, 49),
+                                                 ('vit_p14', 14, 4)])
+def test_the_application_vits_have_their_patch_size(name, patch, tokens):
+  (case,) = overhead.select_cases([name], on_cpu=True)
+  jitted, states, _, (images, _) = overhead._make_steps(  # pylint: disable=protected-access
+      case, 0.1, 0, ['default'], False)
+  params = states['plain'][0]
+  assert params['patch_embed']['kernel'].shape == (patch, patch, 1, 64)
+  assert params['position_embedding'].shape == (1, tokens + 1, 64)
+  assert images.shape == (128, 28, 28, 1) and sorted(jitted) == ['plain', 'tract@default']

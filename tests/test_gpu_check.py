@@ -117,6 +117,8 @@ def _check_main_job_part(record, out_dir):
   assert results['lr_grid'].startswith('Learning-rate grid')
   (speedups,) = results['speedups'].values()
   assert len(speedups['tract']) == 2
+  assert results['group_runs'] == 4  # vectorised: 1 seed x 2 lrs per method, 2 methods
+  assert results['seconds_table'].startswith('Speedup in seconds')
   assert 'at the lr chosen on validation' in record['headline']
   assert (out_dir / 'main_job' / 'results.json').is_file()
   assert (out_dir / 'main_job' / 'accuracy_vs_budget.png').is_file()

@@ -302,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
       help='TrAct runs: refresh the first-layer statistic every k steps and reuse '
            'it in between (opt-in amortisation; 1 = every batch, as in the paper)')
   add('--progress', action=argparse.BooleanOptionalAction, default=True,
-      help='tqdm progress bar per run (on a terminal; else one log line per epoch)')
+      help='tqdm progress bar per group of runs (a method and budget: every seed and lr, '
+           'trained as one vectorised program; on a terminal, else one log line per epoch)')
+  add('--timing-compiles', type=_int_type('--timing-compiles', 0), default=3,
+      help='after the runs, time one run\'s train step of each method, built afresh this '
+           'many times and interleaved; the best over compiles gives the seconds per epoch '
+           'of the speedup in seconds (0: no timing, no seconds speedup)')
+  add('--timing-steps', type=_int_type('--timing-steps', 1), default=20,
+      help='timed steps per method and compile of --timing-compiles')
   return parser
 
 
@@ -385,7 +392,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
       flip=flip, eval_batch_size=args.eval_batch_size, out=args.out,
       preset=preset_name, progress=args.progress, refresh_every=args.refresh_every,
       input_scales=args.input_scales, val_examples=pick('val_examples'),
-      patch_size=patch_size, plot=args.plot, overwrite=args.overwrite)
+      patch_size=patch_size, plot=args.plot, overwrite=args.overwrite,
+      timing_compiles=args.timing_compiles, timing_steps=args.timing_steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

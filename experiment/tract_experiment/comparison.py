@@ -29,9 +29,9 @@ import optax
 import tract_optax
 from tract_experiment import data as data_lib
 from tract_experiment import models as models_lib
-from tract_experiment import report
-from tract_experiment import training
-from tract_experiment.config import AUTO_VAL_EXAMPLES, METHOD_LABELS, Config
+from tract_experiment import report, training
+from tract_experiment import timing as timing_lib
+from tract_experiment.config import AUTO_VAL_EXAMPLES, BASELINE, METHOD_LABELS, Config
 
 #: Files a comparison writes into its output folder.
 RESULTS_FILE = 'results.json'
@@ -206,16 +206,24 @@ def model_for(config: Config, num_classes: int) -> nn.Module:
 def _compile(config: Config, dataset: data_lib.Dataset, model: nn.Module,
              optimizers: Dict[str, optax.GradientTransformation],
              steps: Dict[str, Callable], eval_step: Callable) -> float:
-  """Compiles every step once on throwaway states, so run times exclude it."""
+  """Compiles every group step once on throwaway states, so run times exclude it.
+
+  The budget and the peak lrs are arrays, so one compile per method serves
+  every budget; with ``--refresh-every`` the reusing step compiles at its
+  first use.
+  """
   start = time.perf_counter()
-  batch = dataset.train_images[:config.batch_size], dataset.train_labels[:config.batch_size]
+  seeds = config.seed_list
+  images, labels = next(training.group_batches(dataset, config, seeds, 0))
+  lrs = jnp.asarray(config.lrs, jnp.float32)
   for method, step in steps.items():
-    state = training.create_state(model, optimizers[method], dataset.image_shape, 0)
-    state, _ = step(state, *batch, jnp.asarray(1), jnp.asarray(0),
-                    jnp.asarray(config.lrs[0], jnp.float32))
-    jax.block_until_ready(state)
-  training.evaluate(eval_step, state, dataset.test_images[:config.eval_batch_size],
-                    dataset.test_labels[:config.eval_batch_size], config.eval_batch_size)
+    states = training.create_group_state(model, optimizers[method], dataset.image_shape,
+                                         seeds, len(config.lrs))
+    states, _ = step(states, images, labels, jnp.asarray(1), jnp.asarray(0), lrs)
+    jax.block_until_ready(states)
+  training.evaluate_group(eval_step, states, dataset.test_images[:config.eval_batch_size],
+                          dataset.test_labels[:config.eval_batch_size],
+                          config.eval_batch_size)
   return time.perf_counter() - start
 
 
@@ -253,10 +261,14 @@ class _Output:
 
 
 def _run_plan(config: Config) -> List[Tuple[str, int, int, float, str]]:
-  """Every (input scale, budget, seed, lr, method), in the order they run."""
-  return [(scale, budget, seed, lr, method) for scale in config.input_scales
-          for budget in config.epochs for seed in config.seed_list for lr in config.lrs
-          for method in config.methods]
+  """Every (input scale, budget, seed, lr, method), in the order they are reported."""
+  return [(scale, budget, seed, lr, method) for scale, budget in _group_plan(config)
+          for method in config.methods for seed in config.seed_list for lr in config.lrs]
+
+
+def _group_plan(config: Config) -> List[Tuple[str, int]]:
+  """Every (input scale, budget): the methods' vectorised groups (seeds x lrs), side by side."""
+  return [(scale, budget) for scale in config.input_scales for budget in config.epochs]
 
 
 def run_comparison(config: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
@@ -291,6 +303,35 @@ def run_comparison(config: Config, log: Callable[[str], None] = _log) -> Dict[st
     raise
 
 
+def _time_epochs(config: Config, dataset: data_lib.Dataset, model: nn.Module,
+                 optimizers: Dict[str, optax.GradientTransformation],
+                 log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+  """Seconds per epoch of one run of each method (:mod:`tract_experiment.timing`), or None.
+
+  Only when plain and a TrAct method both ran and ``--timing-compiles`` is not 0.
+  """
+  if not (config.paired and config.timing_compiles):
+    return None
+  log(f'timing one run\'s train step of each method: {config.timing_compiles} fresh compiles, '
+      f'{config.timing_steps} steps each, interleaved')
+  result = timing_lib.epoch_seconds(config, dataset, model, optimizers,
+                                    compiles=config.timing_compiles,
+                                    steps=config.timing_steps, log=log)
+  for method in config.tract_methods:
+    log(f'  {timing_lib.ratio_text(result, method, BASELINE)}; measured in '
+        f'{result["seconds"]:.1f} s')
+  return result
+
+
+def _timing_note(config: Config, epoch_timing: Dict[str, Any]) -> str:
+  per_epoch = ', '.join(f'{METHOD_LABELS[method]} {values["epoch_s"]:.2f} s'
+                        for method, values in epoch_timing['methods'].items())
+  return (f'seconds per epoch of one run: {per_epoch}; each the best over '
+          f'{epoch_timing["compiles"]} fresh compiles of the median of '
+          f'{epoch_timing["steps"]} interleaved steps x {epoch_timing["steps_per_epoch"]} '
+          f'steps per epoch, on {environment()["device"]}')
+
+
 def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[str, Any]:
   start_all = time.perf_counter()
   start = time.perf_counter()
@@ -307,7 +348,10 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
   env = environment()
   plan = _run_plan(config)
   log(f'{title}\nbudgets {list(config.epochs)} epochs, methods '
-      f'{[METHOD_LABELS[m] for m in config.methods]}, {len(plan)} runs, augmentation crop '
+      f'{[METHOD_LABELS[m] for m in config.methods]}, {len(plan)} runs in '
+      f'{len(_group_plan(config)) * len(config.methods)} vectorised groups (a method and '
+      f'budget: {config.seeds} seeds x {len(config.lrs)} lrs; the methods side by side), '
+      'augmentation crop '
       f'pad {config.crop_pad} flip {config.flip}; data loaded in {load_time:.1f} s; '
       f'jax {env["jax"]} on {env["platform"]} ({env["device"]})\n{trials}')
   if first.source:
@@ -320,9 +364,9 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
     log('note: tqdm is not installed; progress is one line per epoch instead of a bar.')
 
   optimizers = {method: training.make_optimizer(config, method) for method in config.methods}
-  steps = {method: training.make_train_step(model, method, config.refresh_every)
+  steps = {method: training.make_group_train_step(model, method, config.refresh_every)
            for method in config.methods}
-  eval_step = training.make_eval_step(model)
+  eval_step = training.make_group_eval_step(model)
   compile_time = _compile(config, first, model, optimizers, steps, eval_step)
   log(f'compiled in {compile_time:.1f} s')
 
@@ -332,16 +376,21 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
       environment=env, title=title, trials=trials,
       timing=dict(load_s=load_time, compile_s=compile_time), **sizes, runs=[])
   runs: List[training.Run] = []
+  start_runs = time.perf_counter()
   try:
-    for scale, budget, seed, lr, method in plan:
-      run = training.train_run(config, datasets[scale], method, seed, budget, lr, model,
-                               optimizers[method], steps[method], eval_step, log)
-      runs.append(run)
-      results['runs'].append(dict(config=config_dict, **dataclasses.asdict(run),
+    for scale, budget in _group_plan(config):
+      group = training.train_groups(config, datasets[scale], config.methods,
+                                    config.seed_list, budget, config.lrs, model, optimizers,
+                                    steps, eval_step, log)
+      runs.extend(group)
+      results['runs'].extend(dict(config=config_dict, **dataclasses.asdict(run),
                                   jax_version=env['jax'], device=env['device'],
-                                  platform=env['platform']))
+                                  platform=env['platform']) for run in group)
       results['runs_done'] = len(runs)
+      results['timing']['runs_s'] = time.perf_counter() - start_runs
       output.write_json(results)
+    log(f'{len(runs)} runs trained and evaluated in {results["timing"]["runs_s"]:.1f} s')
+    epoch_timing = _time_epochs(config, first, model, optimizers, log)
   except KeyboardInterrupt:
     if not runs:
       raise
@@ -349,6 +398,13 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
                       f'{output.path(RESULTS_FILE)} (marked partial, no summary).') from None
 
   summary = report.summarize(runs, config)
+  seconds_table = ''
+  if epoch_timing is not None:
+    results['timing']['epochs'] = epoch_timing
+    summary['seconds'] = report.seconds_speedups(summary, config,
+                                                 timing_lib.per_epoch(epoch_timing))
+    seconds_table = report.format_seconds_table(summary['seconds'],
+                                                _timing_note(config, epoch_timing))
   table = report.format_table(summary, config)
   lr_grid = report.format_lr_grid(summary, config)
   grid = report.format_scale_grid(summary, config)
@@ -356,7 +412,7 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
              'test accuracy of that choice' if config.tuned else
              f'Shared-lr comparison at lr {report.lr_key(config.lrs[0])} (nothing tuned)')
   log(f'\n{title}\n{trials}\n\n{heading}:\n{table}')
-  for block in (lr_grid, grid):
+  for block in (seconds_table, lr_grid, grid):
     if block:
       log('\n' + block)
   log('')
@@ -366,7 +422,7 @@ def _run(config: Config, log: Callable[[str], None], output: _Output) -> Dict[st
     log(report.VERDICT_RULE)
 
   results.update(partial=False, summary=summary, table=table, lr_grid=lr_grid,
-                 scale_grid=grid)
+                 scale_grid=grid, seconds_table=seconds_table)
   results['timing']['total_s'] = time.perf_counter() - start_all
   json_path = output.write_json(results)  # before the plot, so a plot failure loses nothing
   written = [json_path]

@@ -76,7 +76,9 @@ class Config:
   :data:`INPUT_SCALES`. Every (input scale, budget, seed, lr, method) is one
   run. ``lrs`` is the learning-rate grid each method is tuned over (on the
   validation split of ``val_examples``; ``None``: automatic size); one lr
-  means a shared-lr comparison with nothing tuned.
+  means a shared-lr comparison with nothing tuned. ``timing_compiles`` fresh
+  compiles of each method's step, ``timing_steps`` timed steps each, give
+  the seconds per epoch of the speedup in seconds (0 compiles: none).
   """
 
   dataset: str
@@ -109,6 +111,8 @@ class Config:
   patch_size: Optional[int] = None
   plot: bool = True
   overwrite: bool = False
+  timing_compiles: int = 3
+  timing_steps: int = 20
 
   @property
   def tuned(self) -> bool:

@@ -555,3 +555,101 @@ def plot(summary: Dict[str, Any], runs: Sequence[Run], config: Config, title_tex
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
+
+
+def seconds_speedups(summary: Dict[str, Any], config: Config,
+                     epoch_s: Dict[str, float]) -> Dict[str, Any]:
+  """The tuned speedups in wall-clock seconds, from each method's seconds per epoch.
+
+  For TrAct at ``k`` epochs reaching an accuracy that plain's tuned curve
+  reaches at ``p`` epochs (interpolated; :func:`~tract_experiment.speedup.speedup_at`),
+  TrAct needs ``k * epoch_s[tract]`` seconds and plain ``p * epoch_s[plain]``;
+  the seconds speedup is their ratio (the epoch speedup times plain's over
+  TrAct's seconds per epoch). Where plain's curve does not interpolate, the
+  epoch bound becomes a seconds bound.
+
+  Args:
+    summary: :func:`summarize`'s result.
+    config: the comparison's settings.
+    epoch_s: seconds per epoch of one run of each method (e.g.
+      :func:`tract_experiment.timing.per_epoch`).
+
+  Returns:
+    ``{scale: {method: [entry per TrAct budget]}}``, each entry with
+    ``tract_budget``, ``tract_accuracy``, ``tract_s``, ``plain_budget``
+    (or None), ``plain_s`` (or None), ``epoch_factor`` and ``seconds_factor``
+    (None unless interpolated), ``bound`` and ``seconds_bound`` (else),
+    ``kind``.
+
+  Example:
+    >>> from tract_experiment import cli
+    >>> config = cli.parse_config(['--dataset', 'digits', '--epochs', '1,2', '--seeds', '1',
+    ...                            '--lr', '0.1'])
+    >>> runs = [Run(m, 0, b, 0.1, a, a, 1.0, 1.0, [1.0] * b, 2.0, 0.1, 2.1, 10)
+    ...         for m, b, a in (('plain', 1, 0.80), ('plain', 2, 0.84),
+    ...                         ('tract', 1, 0.82), ('tract', 2, 0.85))]
+    >>> summary = summarize(runs, config)
+    >>> (first, _), = seconds_speedups(summary, config, {'plain': 2.0, 'tract': 2.5}
+    ...                                )['standardized'].values()
+    >>> [round(first[key], 6) for key in ('plain_budget', 'plain_s', 'tract_s',
+    ...                                   'seconds_factor')]
+    [1.5, 3.0, 2.5, 1.2]
+  """
+  result: Dict[str, Any] = {}
+  for scale, scale_summary in summary['scales'].items():
+    by_method: Dict[str, List[Dict[str, Any]]] = {}
+    for method, entries in scale_summary.get('speedups', {}).items():
+      rows = []
+      for entry in entries:
+        tract_s = entry['tract_budget'] * epoch_s[method]
+        plain_budget = entry['plain_budget']
+        plain_s = None if plain_budget is None else plain_budget * epoch_s[BASELINE]
+        bound = entry['bound']
+        rows.append(dict(
+            tract_budget=entry['tract_budget'], tract_accuracy=entry['tract_accuracy'],
+            kind=entry['kind'], tract_s=tract_s, plain_budget=plain_budget, plain_s=plain_s,
+            epoch_factor=entry['factor'],
+            seconds_factor=None if plain_s is None else plain_s / tract_s,
+            bound=bound,
+            seconds_bound=None if bound is None else bound * epoch_s[BASELINE] / epoch_s[method],
+            tract_epoch_s=epoch_s[method], plain_epoch_s=epoch_s[BASELINE]))
+      by_method[method] = rows
+    result[scale] = by_method
+  return result
+
+
+def format_seconds_table(seconds: Dict[str, Any], timing_note: str) -> str:
+  """The seconds speedups as a table, one row per TrAct method and budget.
+
+  Args:
+    seconds: :func:`seconds_speedups`'s result.
+    timing_note: how the seconds per epoch were measured (printed above).
+  """
+  blocks = []
+  for scale, by_method in seconds.items():
+    rows = [['TrAct budget', 'method', 'test acc', 'TrAct s', 'plain ep to it', 'plain s',
+             'epoch speedup', 'seconds speedup']]
+    for method, entries in by_method.items():
+      for entry in entries:
+        if entry['seconds_factor'] is not None:
+          plain_epochs = f'{entry["plain_budget"]:.2f}'
+          plain_s = f'{entry["plain_s"]:.1f}'
+          epoch_factor = f'{entry["epoch_factor"]:.2f}x'
+          seconds_factor = f'{entry["seconds_factor"]:.2f}x'
+        else:
+          relation = '<' if entry['kind'] == speedup_lib.BELOW else '>'
+          plain_epochs = f'{entry["kind"]} the budgets run'
+          plain_s = ''
+          epoch_factor = f'{relation} {entry["bound"]:.2f}x'
+          seconds_factor = f'{relation} {entry["seconds_bound"]:.2f}x'
+        rows.append([f'{entry["tract_budget"]} ep', METHOD_LABELS[method],
+                     f'{entry["tract_accuracy"]:.4f}', f'{entry["tract_s"]:.1f}', plain_epochs,
+                     plain_s, epoch_factor, seconds_factor])
+    if len(rows) > 1:
+      table = _align(rows)
+      if len(seconds) > 1:
+        table = f'input scale: {scale}\n{table}'
+      blocks.append(table)
+  if not blocks:
+    return ''
+  return (f'Speedup in seconds (tuned curves; {timing_note}):\n' + '\n\n'.join(blocks))

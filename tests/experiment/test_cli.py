@@ -30,7 +30,7 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 SMOKE_ARGV = ['--dataset', 'digits', '--model', 'cnn', '--train-examples', '160',
               '--val-examples', '120', '--test-examples', '100', '--epochs', '1,2',
               '--seeds', '2', '--batch-size', '32', '--lr', '0.3,0.03', '--method', 'both',
-              '--no-progress']
+              '--no-progress', '--timing-compiles', '0']
 
 
 def _run_main(argv):
@@ -50,6 +50,7 @@ def smoke_run(tmp_path_factory):
   """The small tuned comparison, at two input scales."""
   out = tmp_path_factory.mktemp('run') / 'out'
   status, printed = _run_main(SMOKE_ARGV + ['--input-scale', 'standardized,raw',
+                                            '--timing-compiles', '2', '--timing-steps', '2',
                                             '--out', str(out)])
   assert status == 0
   with open(out / 'results.json') as handle:
@@ -75,6 +76,7 @@ def test_smoke_run_writes_results_json(smoke_run):
     assert len(run['train_loss_per_epoch']) == run['budget']
     assert 0.0 <= run['val_accuracy'] <= 1.0 and 0.0 <= run['test_accuracy'] <= 1.0
     assert run['wall_time_s'] > 0 and run['steps'] == 5 * run['budget']  # 160 // 32
+    assert run['group_runs'] == 8  # 2 vectorised groups (a method: 2 seeds x 2 lrs) together
   assert sorted({(r['input_scale'], r['method'], r['lr']) for r in results['runs']}) == [
       (scale, method, lr) for scale in ('raw', 'standardized') for method in ('plain', 'tract')
       for lr in (0.03, 0.3)]
@@ -90,6 +92,39 @@ def test_smoke_run_writes_results_json(smoke_run):
   assert results['lr_grid'].startswith('Learning-rate grid')
   assert results['scale_grid'].startswith('test accuracy at 1 ep')
   assert results['trials'].startswith('Trials: each method (plain, TrAct) got the same 8 runs')
+
+
+def test_smoke_run_reports_speedups_in_seconds(smoke_run):
+  """Seconds per epoch: best over fresh compiles; the seconds speedup is the epoch
+  speedup times plain's over TrAct's seconds per epoch."""
+  _, results, printed = smoke_run
+  timing = results['timing']['epochs']
+  assert (timing['compiles'], timing['steps'], timing['steps_per_epoch']) == (2, 2, 5)
+  epoch_s = {}
+  for method in ('plain', 'tract'):
+    values = timing['methods'][method]
+    assert len(values['per_compile_ms']) == 2 and min(values['per_compile_ms']) > 0
+    assert values['best_ms'] == min(values['per_compile_ms'])
+    assert values['median_ms'] == pytest.approx(np.median(values['per_compile_ms']))
+    assert values['epoch_s'] == pytest.approx(values['best_ms'] * 5 / 1e3)
+    epoch_s[method] = values['epoch_s']
+  for scale in ('standardized', 'raw'):
+    entries = results['summary']['scales'][scale]['speedups']['tract']
+    rows = results['summary']['seconds'][scale]['tract']
+    assert [row['tract_budget'] for row in rows] == [1, 2]
+    for entry, row in zip(entries, rows, strict=True):
+      assert row['tract_s'] == pytest.approx(entry['tract_budget'] * epoch_s['tract'])
+      if entry['factor'] is not None:
+        assert row['plain_s'] == pytest.approx(entry['plain_budget'] * epoch_s['plain'])
+        assert row['seconds_factor'] == pytest.approx(
+            entry['factor'] * epoch_s['plain'] / epoch_s['tract'])
+      else:
+        assert row['seconds_factor'] is None and row['plain_s'] is None
+        assert row['seconds_bound'] == pytest.approx(
+            entry['bound'] * epoch_s['plain'] / epoch_s['tract'])
+  assert results['seconds_table'].startswith('Speedup in seconds (tuned curves; ')
+  assert 'seconds speedup' in printed and 'tract / plain step time' in printed
+  assert 0 < results['timing']['runs_s'] < results['timing']['total_s']
 
 
 def test_smoke_run_reports_the_choice_made_on_validation(smoke_run):
@@ -397,7 +432,7 @@ def _refuse_training(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('nothing may train after a failed check')
 
-  monkeypatch.setattr(training, 'train_run', refuse)
+  monkeypatch.setattr(training, 'train_groups', refuse)
   monkeypatch.setattr(comparison, '_compile', refuse)
 
 
@@ -485,6 +520,9 @@ def test_results_json_is_written_before_the_plot(tmp_path, monkeypatch, capsys):
   assert 'No space left on device' in _one_error_line(capsys)
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   assert results['partial'] is False and len(results['runs']) == 2 and results['summary']
+  # --timing-compiles 0: no step timing, no speedup in seconds
+  assert 'epochs' not in results['timing'] and results['seconds_table'] == ''
+  assert 'seconds' not in results['summary']
 
 
 @pytest.mark.slow  # a training comparison (compiles its steps)
@@ -548,8 +586,8 @@ def test_huge_lam_warns_with_the_numbers():
 
 
 def _interrupt_after(monkeypatch, finished):
-  """train_run raises KeyboardInterrupt once ``finished`` runs are done."""
-  real = training.train_run
+  """train_groups raises KeyboardInterrupt once ``finished`` calls (budgets) are done."""
+  real = training.train_groups
   calls = []
 
   def interrupting(*args, **kwargs):
@@ -558,21 +596,21 @@ def _interrupt_after(monkeypatch, finished):
     calls.append(1)
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(training, 'train_run', interrupting)
+  monkeypatch.setattr(training, 'train_groups', interrupting)
 
 
 @pytest.mark.slow  # a training comparison (compiles its steps)
 def test_interrupt_keeps_finished_runs_marked_partial(tmp_path, monkeypatch, capsys):
-  _interrupt_after(monkeypatch, 3)
+  _interrupt_after(monkeypatch, 1)  # one budget: 2 methods x 2 seeds x 2 lrs
   out = tmp_path / 'out'
   status, printed = _run_main(SMOKE_ARGV + ['--lam', '1e9', '--out', str(out)])
   assert status == 130
   assert _one_error_line(capsys, 'tract-optax-train: interrupted: ') == (
-      f'tract-optax-train: interrupted: 3 of 16 runs finished; they are in '
+      f'tract-optax-train: interrupted: 8 of 16 runs finished; they are in '
       f'{out / "results.json"} (marked partial, no summary).')
   results = json.loads((out / 'results.json').read_text())
-  assert results['partial'] is True and results['runs_done'] == 3
-  assert results['runs_planned'] == 16 and len(results['runs']) == 3
+  assert results['partial'] is True and results['runs_done'] == 8
+  assert results['runs_planned'] == 16 and len(results['runs']) == 8
   assert 'summary' not in results and not (out / 'accuracy_vs_budget.png').exists()
   assert 'warning: --lam 1e+09 dwarfs the first layer' in printed  # said before training
 

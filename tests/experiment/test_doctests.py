@@ -15,7 +15,8 @@ import pytest
 
 import tract_experiment
 
-MODULES = ('cli', 'comparison', 'config', 'data', 'models', 'report', 'speedup', 'training')
+MODULES = ('cli', 'comparison', 'config', 'data', 'models', 'report', 'speedup', 'timing',
+           'training')
 
 
 @pytest.mark.parametrize('name', MODULES)

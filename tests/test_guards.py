@@ -550,3 +550,23 @@ def test_named_axis_message_tells_an_ensemble_from_data_parallelism():
       lambda g, xi: tx.update(g, tx.init(PARAMS), tract_stats={'stem': tract_optax.dense_stats(xi)}),
       axis_name='ens',
     )(grads, x)
+
+
+def test_tract_train_state_names_lookahead():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from tract_optax import linen as tract_linen  # pylint: disable=import-outside-toplevel
+
+  model = nn.Dense(3, name='stem')
+  x = _rows((8, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  tx = optax.lookahead(optax.chain(_tract(), optax.sgd(0.1)), 2, 0.5)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    state = tract_linen.TractTrainState.create(
+      apply_fn=model.apply, params=optax.LookaheadParams.init_synced(params), tx=tx
+    )
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  with pytest.raises(TypeError, match=r'TractTrainState.apply_gradients: the tx around tract '
+                     r'\(state LookaheadState\) takes no extra arguments.*optax.lookahead'):
+    state.apply_gradients(grads=grads, tract_stats={('stem',): tract_optax.dense_stats(x)})

@@ -13,6 +13,8 @@ Example:
   >>> tx = optax.chain(tract_optax.tract(lam=0.1), optax.adam(1e-3))
 """
 
+import types
+
 from tract_optax._src.axes import AxisDetectionWarning
 from tract_optax._src.capture import conv_settings, mark_linear_kernel
 from tract_optax._src.conv import conv_patches, conv_stats
@@ -51,11 +53,11 @@ __all__ = [
   'tract_kernel',
 ]
 
-_GLUE = ('linen', 'nnx', 'equinox')  # imported on first use: they import Flax / Equinox
+_GLUE = ('linen', 'nnx', 'equinox', 'haiku')  # imported on first use: they import their framework
 
 
-def __getattr__(name):
-  """``tract_optax.linen`` / ``.nnx`` / ``.equinox`` without importing their framework."""
+def __getattr__(name: str) -> types.ModuleType:
+  """``tract_optax.linen`` / ``.nnx`` / ``.equinox`` / ``.haiku`` without importing their framework."""
   if name in _GLUE:
     import importlib
 

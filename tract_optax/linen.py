@@ -1,12 +1,12 @@
 """TrAct for Flax Linen models (needs the ``flax`` extra).
 
-- :func:`apply_tract`: the gradient route, ``apply`` whose gradient is
+- ``apply_tract``: the gradient route, ``apply`` whose gradient is
   TrAct's for the first layer's kernel; nothing else in the trainer changes.
-- :func:`apply_with_stats`: the Optax route's capture, ``apply`` plus the
-  first layer's input statistic for :func:`tract_optax.tract`.
-- :class:`TractTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
+- ``apply_with_stats``: the Optax route's capture, ``apply`` plus the
+  first layer's input statistic for ``tract_optax.tract``.
+- ``TractTrainState``: Flax's ``TrainState`` whose ``apply_gradients``
   forwards ``tract_stats`` to the optimizer.
-- :func:`layer_input_stats`: the statistic of one layer's input, for
+- ``layer_input_stats``: the statistic of one layer's input, for
   hand-written capture.
 - ``COLLECTION``: the variable collection the statistics travel in; add it
   to ``variable_axes`` of ``nn.scan`` / ``nn.vmap`` around the first layer.

@@ -1,13 +1,13 @@
 """TrAct for Flax NNX models (needs the ``flax`` extra).
 
-- :func:`apply_tract`: the gradient route, ``model(*args)`` whose gradient is
+- ``apply_tract``: the gradient route, ``model(*args)`` whose gradient is
   TrAct's for the first layer's kernel.
-- :func:`value_and_grad_with_stats`: the Optax route, ``nnx.value_and_grad``
+- ``value_and_grad_with_stats``: the Optax route, ``nnx.value_and_grad``
   plus the first layer's statistic for ``nnx.Optimizer.update(...,
-  tract_stats=...)``; :func:`apply_with_stats` and :func:`capture_stats` are
+  tract_stats=...)``; ``apply_with_stats`` and ``capture_stats`` are
   its building blocks.
-- :func:`layer_input_stats`: the statistic of one layer's input.
-- :class:`TractInputStats`: the variable type the statistics are sown as;
+- ``layer_input_stats``: the statistic of one layer's input.
+- ``TractInputStats``: the variable type the statistics are sown as;
   give it an axis in ``nnx.vmap`` / ``nnx.scan``'s ``StateAxes``.
 """
 

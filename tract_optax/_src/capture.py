@@ -1,5 +1,5 @@
-"""Framework-neutral pieces of the Flax glue (:mod:`tract_optax.linen`,
-:mod:`tract_optax.nnx`): layer selection, the statistic of one layer call
+"""Framework-neutral pieces of the Flax glue (``tract_optax.linen``,
+``tract_optax.nnx``): layer selection, the statistic of one layer call
 from the layer's settings, and merging statistics stacked by lifted
 transforms (``scan``/``vmap``).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ def _name(path: ModulePath) -> str:
   return paths_lib.format_path(paths_lib.normalize_path(path))
 
 
-#: Class attribute set by :func:`mark_linear_kernel`.
+#: Class attribute set by ``mark_linear_kernel``.
 LINEAR_MARK = '__tract_linear_kernel__'
 
 # Methods a subclass may define without changing how the kernel is used:
@@ -82,7 +82,7 @@ def mark_linear_kernel(cls: type) -> type:
   return cls  # that overrides more must be marked again
 
 
-def _default_setting(base: type, name: str):
+def _default_setting(base: type, name: str) -> object:
   fields = getattr(base, '__dataclass_fields__', None)
   if fields is not None and name in fields:
     return fields[name].default
@@ -101,7 +101,7 @@ def nonlinear_kernel_reason(layer: Any, bases: Tuple[type, ...]) -> Optional[str
   kernel. A subclass that overrides a method of the Flax class (other than
   constructors and what dataclasses generate), or a layer with an injected
   product (``dot_general``, ``conv_general_dilated``, ``promote_dtype``: e.g.
-  quantization), may not be, unless marked with :func:`mark_linear_kernel`.
+  quantization), may not be, unless marked with ``mark_linear_kernel``.
   """
   cls = type(layer)
   base = next((klass for klass in cls.__mro__ if klass in bases), None)
@@ -211,7 +211,7 @@ def multiplied_input(x: Any, layer: Any) -> Any:
 
 
 def conv_settings(conv: Any) -> Dict[str, Any]:
-  """The geometry of a Flax Conv (Linen or NNX) as :func:`conv_stats` takes it.
+  """The geometry of a Flax Conv (Linen or NNX) as ``conv_stats`` takes it.
 
   For the manual route: ``tract_optax.conv_stats(x, **conv_settings(layer))``
   gives the statistic that fits the layer's kernel, with the layer's own
@@ -239,7 +239,7 @@ def conv_settings(conv: Any) -> Dict[str, Any]:
 
 
 def read_conv_settings(conv: Any, path: ModulePath, type_name: str) -> Dict[str, Any]:
-  """:func:`conv_settings` with the layer's path and type for messages."""
+  """``conv_settings`` with the layer's path and type for messages."""
   kernel_size = conv.kernel_size
   kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
   size = len(kernel_size)
@@ -308,7 +308,9 @@ def not_called(missing: Sequence[ModulePath], called: Sequence[ModulePath]) -> V
   )
 
 
-def check_selection(selected: Sequence[ModulePath], recorded, called: Sequence[ModulePath]) -> None:
+def check_selection(
+  selected: Sequence[ModulePath], recorded: Container[ModulePath], called: Sequence[ModulePath]
+) -> None:
   """Raises if the forward pass did not call the layers that were asked for.
 
   Args:
@@ -328,7 +330,7 @@ def missing_input(path: ModulePath) -> TypeError:
   )
 
 
-def call_input(path: ModulePath, args, kwargs):
+def call_input(path: ModulePath, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
   """The input of a layer call: the first positional argument or ``inputs=``."""
   if args:
     return args[0]
@@ -342,7 +344,7 @@ def as_float(x: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(stats_lib.as_real_input(x, 'the Flax capture'))
 
 
-def spatial_ints(value, size: int) -> Tuple[int, ...]:
+def spatial_ints(value: Union[int, Sequence[int], None], size: int) -> Tuple[int, ...]:
   """A Flax conv int-or-sequence setting (``None`` meaning 1) as a tuple."""
   if value is None:
     return (1,) * size
@@ -352,16 +354,27 @@ def spatial_ints(value, size: int) -> Tuple[int, ...]:
 
 
 def conv_stats_from_settings(
-  x: jax.Array, settings: Dict[str, Any], *, precision, max_chunk_bytes
+  x: jax.Array,
+  settings: Dict[str, Any],
+  *,
+  precision: stats_lib.PrecisionLike,
+  max_chunk_bytes: Optional[int],
 ) -> TractStats:
-  """Statistic of one convolution call from its :func:`conv_settings` geometry."""
+  """Statistic of one convolution call from its ``conv_settings`` geometry."""
   return conv_lib.conv_stats(
     as_float(x), **settings, precision=precision, max_chunk_bytes=max_chunk_bytes
   )
 
 
 def general_layer_stats(
-  path: ModulePath, type_name: str, x: jax.Array, *, axis, num_out_axes: int, batch_axes, precision
+  path: ModulePath,
+  type_name: str,
+  x: jax.Array,
+  *,
+  axis: Union[int, Sequence[int]],
+  num_out_axes: int,
+  batch_axes: Sequence[int],
+  precision: stats_lib.PrecisionLike,
 ) -> TractStats:
   """Statistic of one call of a ``DenseGeneral`` / ``LinearGeneral`` layer.
 
@@ -388,13 +401,13 @@ def general_layer_stats(
   return stats_lib.stats_from_rows(rows, precision=precision)
 
 
-def merge_lifted(stats: TractStats, precision) -> TractStats:
+def merge_lifted(stats: TractStats, precision: stats_lib.PrecisionLike) -> TractStats:
   """One statistic from one stacked along leading axes by ``scan``/``vmap``.
 
   A layer called inside a lifted ``scan`` or ``vmap`` sows one statistic per
   iteration; they come out stacked (``count`` then has leading axes). For a
   kernel shared by all iterations the statistic is that of all their rows:
-  the same as :func:`~tract_optax.combine_stats` of the iterations, computed
+  the same as ``combine_stats`` of the iterations, computed
   with one array operation whatever the number of iterations (a scan over
   thousands of steps adds nothing to trace or compile time).
 
@@ -434,7 +447,9 @@ def merge_lifted(stats: TractStats, precision) -> TractStats:
   return TractStats(moment=stats_lib.safe_divide(weighted, total), rows=None, count=total)
 
 
-def per_iteration_kernel(path: ModulePath, outer_shape, inner_shape) -> ValueError:
+def per_iteration_kernel(
+  path: ModulePath, outer_shape: Optional[Tuple[int, ...]], inner_shape: Optional[Tuple[int, ...]]
+) -> ValueError:
   return ValueError(
     f'The layer {_name(path)!r} runs inside scan/vmap with one kernel per '
     f'iteration (kernel {outer_shape}, each iteration sees {inner_shape}). Share '
@@ -444,7 +459,11 @@ def per_iteration_kernel(path: ModulePath, outer_shape, inner_shape) -> ValueErr
 
 
 def combine_calls(
-  path: ModulePath, calls: Sequence[TractStats], outer_shape, inner_shape, precision
+  path: ModulePath,
+  calls: Sequence[TractStats],
+  outer_shape: Optional[Tuple[int, ...]],
+  inner_shape: Optional[Tuple[int, ...]],
+  precision: stats_lib.PrecisionLike,
 ) -> TractStats:
   """The statistic of all calls of one layer, lifted axes merged."""
   merged = []

@@ -1,9 +1,9 @@
 """Haiku glue: the first layer's output computed by the library's layer ops.
 
-:func:`apply_tract` runs a transformed Haiku function's ``apply`` under
+``apply_tract`` runs a transformed Haiku function's ``apply`` under
 ``hk.intercept_methods``. When a selected ``hk.ConvND`` (``hk.Conv1D`` /
 ``Conv2D`` / ``Conv3D``) or ``hk.Linear`` is called, the interceptor computes
-its output itself, with :func:`tract_optax.conv` / :func:`tract_optax.dense`
+its output itself, with ``tract_optax.conv`` / ``tract_optax.dense``
 on the module's own parameters (``hk.get_parameter`` inside the module's
 frame) and the geometry Haiku resolved in the module's constructor (stride,
 padding in any of its forms, ``rate``, ``data_format``,
@@ -13,14 +13,14 @@ from that very input and geometry, so nothing is written twice, and
 gradient and every other leaf its ordinary one.
 
 Without ``layers``, the first layer is the library's
-(:mod:`tract_optax._src.first_layer`): the one Conv/Linear whose input
+(``tract_optax._src.first_layer``): the one Conv/Linear whose input
 depends on no parameter, if it is also the first called. Haiku module names
 (``'cnn/~/conv2_d'``, the keys of the params dict) name layers explicitly.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import haiku as hk
 import jax
@@ -75,7 +75,7 @@ def _check_layer(module: hk.Module, path: ModulePath) -> None:
   )
 
 
-def _never_init(shape, dtype):
+def _never_init(shape: Sequence[int], dtype: Any) -> jax.Array:
   del shape, dtype
   raise ValueError(
     'apply_tract runs apply, not init: the selected layer has no parameters in '
@@ -83,7 +83,9 @@ def _never_init(shape, dtype):
   )
 
 
-def _call_input(path: ModulePath, args, kwargs):
+def _call_input(
+  path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> Tuple[jax.Array, Tuple[Any, ...], Dict[str, Any]]:
   if args:
     return args[0], args[1:], kwargs
   if 'inputs' in kwargs:
@@ -93,8 +95,12 @@ def _call_input(path: ModulePath, args, kwargs):
 
 
 def _tract_output(
-  module: Union[hk.ConvND, hk.Linear], path: ModulePath, args, kwargs, options: Dict[str, Any]
-):
+  module: Union[hk.ConvND, hk.Linear],
+  path: ModulePath,
+  args: Tuple[Any, ...],
+  kwargs: Dict[str, Any],
+  options: Dict[str, Any],
+) -> jax.Array:
   """The module's ``__call__``, its kernel product computed by a layer op.
 
   Runs inside the module's frame (an interceptor does), so
@@ -159,12 +165,19 @@ def _tract_output(
   return out[0] if unbatched else out
 
 
-def _probe_first_layer(apply_fn: Callable[..., Any], params, args, kwargs) -> ModulePath:
-  """The first layer of ``apply_fn`` by :mod:`tract_optax._src.first_layer`'s rule."""
+def _probe_first_layer(
+  apply_fn: Callable[..., Any], params: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> ModulePath:
+  """The first layer of ``apply_fn`` by ``tract_optax._src.first_layer``'s rule."""
   probe = first_layer.DependencyProbe()
   active: List[ModulePath] = []  # a subclass calling super().__call__ is one call
 
-  def interceptor(next_fun, call_args, call_kwargs, context):
+  def interceptor(
+    next_fun: Callable[..., Any],
+    call_args: Tuple[Any, ...],
+    call_kwargs: Dict[str, Any],
+    context: hk.MethodContext,
+  ) -> Any:
     module = context.module
     if context.method_name != '__call__' or not isinstance(module, _LAYERS):
       return next_fun(*call_args, **call_kwargs)
@@ -179,7 +192,7 @@ def _probe_first_layer(apply_fn: Callable[..., Any], params, args, kwargs) -> Mo
     finally:
       active.pop()
 
-  def run(probed_params, inputs, _):
+  def run(probed_params: Any, inputs: Any, _: Optional[jax.Array]) -> None:
     probed_args, probed_kwargs = inputs
     with hk.intercept_methods(interceptor):
       apply_fn(probed_params, *probed_args, **probed_kwargs)
@@ -187,7 +200,9 @@ def _probe_first_layer(apply_fn: Callable[..., Any], params, args, kwargs) -> Mo
   return probe.select(run, params, (args, kwargs), KIND)
 
 
-def first_layer_of(apply_fn: Callable[..., Any], params, args, kwargs) -> ModulePath:
+def first_layer_of(
+  apply_fn: Callable[..., Any], params: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> ModulePath:
   """The first layer, probed once per ``apply_fn`` and structure of its arguments."""
   return first_layer.cached_choice(
     lambda: (apply_fn, first_layer.tree_spec((params, args, kwargs))),
@@ -207,8 +222,8 @@ def _normalize_layers(layers: Union[str, Sequence[str]]) -> List[ModulePath]:
 
 def apply_tract(
   apply_fn: Callable[..., Any],
-  params,
-  *args,
+  params: Any,
+  *args: Any,
   lam: Union[float, jax.Array] = 0.1,
   layers: Union[str, Sequence[str], None] = None,
   axis_name: axes_lib.AxisName = None,
@@ -216,8 +231,8 @@ def apply_tract(
   relative_lam: bool = False,
   check_condition: Optional[bool] = None,
   per_lane_stats: bool = False,
-  **kwargs,
-):
+  **kwargs: Any,
+) -> Any:
   """``apply_fn(params, *args, **kwargs)`` whose gradient is TrAct's for the first layer.
 
   Returns exactly what ``apply_fn`` returns: for ``hk.transform``,
@@ -227,7 +242,7 @@ def apply_tract(
   ``'w'`` the TrAct gradient ``(A^T A / N + lam I)^{-1} G`` for the rows
   ``A`` of its input in this call, and every other leaf (its bias included)
   its ordinary gradient. The layer's output is computed by
-  :func:`tract_optax.conv` / :func:`tract_optax.dense` with the geometry
+  ``tract_optax.conv`` / ``tract_optax.dense`` with the geometry
   Haiku resolved for the module, so the statistic is of exactly the rows
   its kernel multiplies.
 
@@ -247,7 +262,7 @@ def apply_tract(
       split the batch: the statistic is all-reduced over them.
     local_stats: each device's own statistic on purpose.
     relative_lam: ridge ``lam * trace(A^T A / N) / n``.
-    check_condition: as for :func:`tract_optax.tract_kernel`.
+    check_condition: as for ``tract_optax.tract_kernel``.
     per_lane_stats: under ``jax.vmap`` over independent models, each lane's
       own statistic.
     **kwargs: keyword arguments of ``apply_fn``.
@@ -303,7 +318,12 @@ def apply_tract(
   done: List[ModulePath] = []  # selected layers computed by a layer op
   active: List[ModulePath] = []
 
-  def interceptor(next_fun, call_args, call_kwargs, context):
+  def interceptor(
+    next_fun: Callable[..., Any],
+    call_args: Tuple[Any, ...],
+    call_kwargs: Dict[str, Any],
+    context: hk.MethodContext,
+  ) -> Any:
     module = context.module
     if context.method_name != '__call__':
       return next_fun(*call_args, **call_kwargs)
@@ -322,7 +342,8 @@ def apply_tract(
     done.append(path)
     active.append(path)
     try:
-      return _tract_output(module, path, call_args, call_kwargs, options)
+      layer = cast(Union[hk.ConvND, hk.Linear], module)  # _check_layer refused anything else
+      return _tract_output(layer, path, call_args, call_kwargs, options)
     finally:
       active.pop()
 

@@ -4,7 +4,7 @@ TrAct's statistic is that of every row the layer saw in the step. Under
 ``jax.vmap`` a statistic computed inside the mapped function differs from lane
 to lane (each example's own), and preconditioning each lane with it, then
 summing, is not TrAct's update (8.8x to 71x off in trials). Both routes pass
-the statistic through :func:`lane_guard`, whose batching rule sees which inputs
+the statistic through ``lane_guard``, whose batching rule sees which inputs
 ``vmap`` batched, so one rule serves ``tract_kernel``, the layer ops and
 ``tract``'s update alike.
 """

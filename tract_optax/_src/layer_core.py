@@ -1,12 +1,12 @@
 """One table-driven layer core for every framework's glue.
 
-A framework's glue describes its layer classes once, in a :class:`LayerTable`:
+A framework's glue describes its layer classes once, in a ``LayerTable``:
 which are convolutions (and how to read their geometry), which are dense maps
 of the last axis, which are general contractions (and how to read their axes),
 and which have a kernel TrAct cannot precondition (and why). From that table
-:func:`layer_input_stats` computes the statistic of one call's input (after
+``layer_input_stats`` computes the statistic of one call's input (after
 the checks every framework shares: a kernel used linearly, the input as the
-product sees it), and :class:`Recorder` keeps what one captured forward pass
+product sees it), and ``Recorder`` keeps what one captured forward pass
 saw. The Linen and NNX glue each hold one table; nothing else differs between
 them here.
 """
@@ -36,7 +36,7 @@ class LayerTable:
   Attributes:
     prefix: the framework's module name in messages (``'nn'``, ``'nnx'``).
     conv: ``(class, reader)`` pairs of convolutions; the reader gives
-      :func:`tract_optax.conv_stats`' geometry from the layer.
+      ``tract_optax.conv_stats``' geometry from the layer.
     dense: classes with an ``(n_in, n_out)`` kernel on the input's last axis.
     general: ``(class, reader)`` pairs of general contractions
       (``DenseGeneral``); the reader gives ``(axis, num_out_axes, batch_axes)``.
@@ -83,7 +83,7 @@ def layer_input_stats(
   """Statistic of input ``x`` of ``layer``, read through its framework's ``table``.
 
   Args:
-    table: the framework's :class:`LayerTable`.
+    table: the framework's ``LayerTable``.
     layer: the layer (its settings are read; it is not called).
     x: the input it is (or would be) called with; gradients are stopped.
     path: the layer's module path, for messages.
@@ -91,11 +91,11 @@ def layer_input_stats(
     max_chunk_bytes: patch bytes materialised at once (convolutions).
 
   Returns:
-    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+    The ``TractStats`` that fits the layer's kernel.
 
   Raises:
     ValueError: the layer is rejected or unknown to the table, may not use
-      its kernel linearly (:func:`tract_optax.mark_linear_kernel`), or has
+      its kernel linearly (``tract_optax.mark_linear_kernel``), or has
       settings TrAct does not support.
   """
   type_name = table.type_name(layer)
@@ -128,7 +128,7 @@ def layer_input_stats(
 class EnoughCalls(BaseException):
   """Ends a statistics pass once every selected layer has been recorded (internal).
 
-  A ``BaseException``, as is :class:`MoreCalls`: a model's own ``except
+  A ``BaseException``, as is ``MoreCalls``: a model's own ``except
   Exception`` must not swallow it and go on another way.
   """
 
@@ -138,7 +138,7 @@ class MoreCalls(BaseException):
 
 
 class CallLimit:
-  """Counts the calls of some layers; :class:`MoreCalls` past ``limits[path]``."""
+  """Counts the calls of some layers; ``MoreCalls`` past ``limits[path]``."""
 
   def __init__(self, limits: Dict[ModulePath, int]):
     self.limits = limits
@@ -156,23 +156,23 @@ class Recorder:
   """What one captured forward pass saw (Python-side, static only).
 
   The framework's recorder (an interceptor for Linen, hooked classes for
-  NNX) calls :meth:`saw_call` for every layer call, :meth:`stats` and
-  :meth:`recorded_call` for the selected ones, and :meth:`combined` on the
+  NNX) calls ``saw_call`` for every layer call, ``stats`` and
+  ``recorded_call`` for the selected ones, and ``combined`` on the
   statistics that came out of the pass.
 
-  With ``stop_early``, :meth:`keep` ends the pass (:class:`EnoughCalls`) as
+  With ``stop_early``, ``keep`` ends the pass (``EnoughCalls``) as
   soon as every selected layer has been called once outside the framework's
   transforms, their statistics kept here (``direct``); the caller then checks
-  (:class:`CallLimit`) that the rest of the model calls those layers no more.
+  (``CallLimit``) that the rest of the model calls those layers no more.
 
   Attributes:
-    table: the framework's :class:`LayerTable`.
+    table: the framework's ``LayerTable``.
     selected: the paths of the layers to record.
     called: every kernel layer called, in first-call order.
     recorded: the selected layers whose statistic was taken.
     kernel_shapes: each recorded layer's kernel shape as seen inside the pass
       (per iteration inside ``scan``/``vmap``).
-    ended_early: whether the pass ended at :class:`EnoughCalls`.
+    ended_early: whether the pass ended at ``EnoughCalls``.
   """
 
   def __init__(
@@ -216,7 +216,7 @@ class Recorder:
     }
 
   def limits(self) -> Dict[ModulePath, int]:
-    """The calls each layer had in a pass that ended early (for :class:`CallLimit`)."""
+    """The calls each layer had in a pass that ended early (for ``CallLimit``)."""
     return {path: len(calls) for path, calls in self.direct.items()}
 
   def saw_call(self, layer: Any, path: ModulePath) -> None:

@@ -1,22 +1,22 @@
 """Flax Linen glue: first-layer input statistics captured in the forward pass.
 
-:func:`apply_with_stats` runs ``module.apply`` under ``nn.intercept_methods``.
+``apply_with_stats`` runs ``module.apply`` under ``nn.intercept_methods``.
 When a selected ``nn.Conv`` / ``nn.Dense`` / ``nn.DenseGeneral`` is called, the
 interceptor computes the TrAct statistic of that call's input right there
 (never keeping the input itself) and ``sow``s it into a private collection,
 which Flax's lifted transforms (``nn.remat``, ``nn.scan``, ``nn.vmap``, ...)
 carry out like any other variable. The collection is stripped again, so the
 caller gets exactly what ``apply`` returns plus ``{module path: TractStats}``
-for :func:`tract_optax.tract`. Without ``layers``, the first layer is found
+for ``tract_optax.tract``. Without ``layers``, the first layer is found
 by what it is, a layer whose input depends on no parameter (see
-:mod:`tract_optax.first_layer`), or the call refuses and lists the candidates.
+``tract_optax.first_layer``), or the call refuses and lists the candidates.
 
-:func:`apply_tract` is the gradient route: it returns exactly what ``apply``
+``apply_tract`` is the gradient route: it returns exactly what ``apply``
 returns, and differentiating through it gives the first layer's kernel its
 TrAct gradient, so any optimizer, ``TrainState`` and accumulation scheme
 receive TrAct gradients with no ``tract_stats`` and no change to the chain.
 
-:class:`TractTrainState` is Flax's ``TrainState`` whose ``apply_gradients``
+``TractTrainState`` is Flax's ``TrainState`` whose ``apply_gradients``
 forwards ``tract_stats`` to ``tx.update`` (the Optax route).
 
 Inside ``nn.scan`` / ``nn.vmap`` the collection must be lifted explicitly:
@@ -31,7 +31,18 @@ as one ``(n, m)`` matrix.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import (
+  TYPE_CHECKING,
+  Any,
+  Callable,
+  Dict,
+  List,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+  Union,
+)
 
 import flax.linen as nn
 import jax
@@ -49,8 +60,18 @@ from tract_optax._src import docs_link, first_layer, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
 from tract_optax._src import transform as transform_lib
+from tract_optax._src.axes import AxisName
 from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
+
+if TYPE_CHECKING:
+  from flax.linen.module import InterceptorContext
+
+#: A Linen variables dict (``{'params': ..., 'batch_stats': ...}``), frozen or not.
+Variables = Mapping[str, Any]
+#: What Flax's ``apply`` returns as the mutated collections, and what
+#: ``_with_entry`` builds: the same kind of dict as the one given.
+VariablesDict = Union[flax_core.FrozenDict[str, Any], Dict[str, Any]]
 
 COLLECTION = 'tract_stats'
 """Variable collection the statistics are sown into during ``apply``; add it to
@@ -131,14 +152,14 @@ def layer_input_stats(
     max_chunk_bytes: patch bytes materialised at once (convolutions).
 
   Returns:
-    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+    The ``TractStats`` that fits the layer's kernel.
 
   Raises:
     ValueError: for layers or settings TrAct does not support (``nn.ConvLocal``,
       ``nn.ConvTranspose``, ``nn.Einsum``, ``input_dilation``, ``mask``,
       DenseGeneral with several output axes or ``batch_dims``), for
       subclasses that may not use the stored kernel linearly (see
-      :func:`tract_optax.mark_linear_kernel`), and for a bound layer inside
+      ``tract_optax.mark_linear_kernel``), and for a bound layer inside
       ``nn.map_variables`` (``nn.SpectralNorm``, ``nn.WeightNorm``, weight
       standardisation, masks), which hands it a transformed kernel.
 
@@ -159,7 +180,7 @@ def layer_input_stats(
   )
 
 
-def _lookup(tree, path: ModulePath):
+def _lookup(tree: Mapping[str, Any], path: ModulePath) -> Any:
   node = tree
   for name in path:
     if not hasattr(node, 'keys') or name not in node:
@@ -182,14 +203,25 @@ class _Recorder(layer_core.Recorder):
   """The interceptor of one statistics pass (static only)."""
 
   def __init__(
-    self, selected: List[ModulePath], precision, max_chunk_bytes, params=None, stop_early=False
-  ):
+    self,
+    selected: List[ModulePath],
+    precision: stats_lib.PrecisionLike,
+    max_chunk_bytes: Optional[int],
+    params: Optional[Mapping[str, Any]] = None,
+    stop_early: bool = False,
+  ) -> None:
     super().__init__(LAYERS, selected, precision, max_chunk_bytes, stop_early)
     self.params = {} if params is None else params  # the kernels as given to apply
     self.wrappers: List[str] = []  # active nn.SpectralNorm / nn.WeightNorm calls
     self.active: List[list] = []  # [path, superseded] frames
 
-  def __call__(self, next_fun, args, kwargs, context):
+  def __call__(
+    self,
+    next_fun: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    context: InterceptorContext,
+  ) -> Any:
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*args, **kwargs)
@@ -217,7 +249,7 @@ class _Recorder(layer_core.Recorder):
       self._record(module, path, args, kwargs)
     return output
 
-  def _kernel_as_given(self, module, path) -> bool:
+  def _kernel_as_given(self, module: nn.Module, path: ModulePath) -> bool:
     """Whether the layer sees the very kernel array given to ``apply``.
 
     A ``map_variables`` that only moves metadata (``nn.add_metadata_axis``,
@@ -229,10 +261,10 @@ class _Recorder(layer_core.Recorder):
     if not module.has_variable('params', paths_lib.KERNEL_NAME):
       return False
     given = _lookup(self.params, path + (paths_lib.KERNEL_NAME,))
-    seen = module.get_variable('params', paths_lib.KERNEL_NAME)
+    seen: Any = module.get_variable('params', paths_lib.KERNEL_NAME)
     return given is not None and meta.unbox(given) is meta.unbox(seen)
 
-  def _check_not_wrapped(self, module, path) -> None:
+  def _check_not_wrapped(self, module: nn.Module, path: ModulePath) -> None:
     mapped = _mapped_scope(module)
     if mapped is None or self._kernel_as_given(module, path):
       return
@@ -241,8 +273,11 @@ class _Recorder(layer_core.Recorder):
       wrapper = f'{self.wrappers[-1]} (through {wrapper})'
     raise _capture.transformed_kernel(path, f'nn.{type(module).__name__}', wrapper)
 
-  def _record(self, module, path, args, kwargs):
+  def _record(
+    self, module: nn.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+  ) -> None:
     inputs = _capture.call_input(path, args, kwargs)
+    assert module.scope is not None  # the interceptor records bound layers only
     if not module.scope.is_mutable_collection(COLLECTION):
       raise ValueError(
         f'The layer {paths_lib.format_path(path)!r} runs inside a lifted '
@@ -259,7 +294,7 @@ class _Recorder(layer_core.Recorder):
     self.recorded_call(path, kernel_shape)
     self.keep(path, stats, transformed=self.stop_early and _lifted(module))
 
-  def collect(self, sown, variables) -> Dict[ModulePath, TractStats]:
+  def collect(self, sown: Mapping[str, Any], variables: Variables) -> Dict[ModulePath, TractStats]:
     """``{path: TractStats}`` from the sown collection, lifted axes merged."""
     result = {}
     params = variables.get('params', {})
@@ -278,8 +313,8 @@ class _Recorder(layer_core.Recorder):
     return result
 
 
-def _strip_collection(mutated):
-  """``mutated`` without :data:`COLLECTION` (dict or FrozenDict alike)."""
+def _strip_collection(mutated: VariablesDict) -> VariablesDict:
+  """``mutated`` without ``COLLECTION`` (dict or FrozenDict alike)."""
   if COLLECTION not in mutated:
     return mutated
   rest, _ = flax_core.pop(mutated, COLLECTION)
@@ -343,13 +378,20 @@ def require_variables(variables: Any, owner: str) -> None:
     )
 
 
-def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
-  """The first layer of ``module`` by :mod:`tract_optax.first_layer`'s rule."""
+def _probe_first_layer(
+  module: nn.Module, variables: Variables, args: Sequence[Any], apply_kwargs: Mapping[str, Any]
+) -> ModulePath:
+  """The first layer of ``module`` by ``tract_optax.first_layer``'s rule."""
   probe = first_layer.DependencyProbe()
   params = variables.get('params', {}) if hasattr(variables, 'get') else {}
   active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
 
-  def interceptor(next_fun, call_args, call_kwargs, context):
+  def interceptor(
+    next_fun: Callable[..., Any],
+    call_args: Tuple[Any, ...],
+    call_kwargs: Dict[str, Any],
+    context: InterceptorContext,
+  ) -> Any:
     layer = context.module
     if (
       context.method_name != '__call__'
@@ -373,7 +415,7 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
     finally:
       active.pop()
 
-  def run(probed_params, inputs, _):
+  def run(probed_params: Any, inputs: first_layer.ModelInputs, _: jax.Array) -> None:
     probed = dict(variables)
     probed['params'] = probed_params
     probed_args, probed_kwargs = inputs
@@ -383,12 +425,14 @@ def _probe_first_layer(module: nn.Module, variables, args, apply_kwargs) -> Modu
   return probe.select(run, params, (args, apply_kwargs), 'Conv/Dense')
 
 
-def first_layer_of(module: nn.Module, variables, args, apply_kwargs) -> ModulePath:
+def first_layer_of(
+  module: nn.Module, variables: Variables, args: Sequence[Any], apply_kwargs: Mapping[str, Any]
+) -> ModulePath:
   """The first layer of ``module``, probed once per structure and input types.
 
   The key is the module (Linen modules hash by their fields) and the tree
   structure, shapes and dtypes of its variables and call arguments (other
-  values by themselves); see :func:`tract_optax.first_layer.cached_choice`.
+  values by themselves); see ``tract_optax.first_layer.cached_choice``.
   """
   return first_layer.cached_choice(
     lambda: (module, first_layer.tree_spec((variables, args, apply_kwargs))),
@@ -399,11 +443,11 @@ def first_layer_of(module: nn.Module, variables, args, apply_kwargs) -> ModulePa
 def apply_with_stats(
   module: ModuleOrApply,
   variables: Any = _NO_VARIABLES,
-  *args,
+  *args: Any,
   layers: _capture.LayersLike = None,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-  **apply_kwargs,
+  **apply_kwargs: Any,
 ) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``module.apply`` that also returns the TrAct statistics of chosen layers.
 
@@ -431,7 +475,7 @@ def apply_with_stats(
     ``(apply_output, tract_stats)``: ``apply_output`` is exactly what
     ``module.apply`` returns (``(out, updates)`` with ``mutable=...``);
     ``tract_stats`` maps each selected layer's path (relative to ``module``, as
-    in the params tree) to its :class:`~tract_optax.TractStats`.
+    in the params tree) to its ``TractStats``.
 
   Raises:
     ValueError: a selected layer was never called; without ``layers``, no
@@ -462,18 +506,30 @@ def apply_with_stats(
   return _recorded_pass(module, variables, args, apply_kwargs, recorder)
 
 
-def _params_of(variables) -> Any:
+def _params_of(variables: Variables) -> Any:
   return variables.get('params', {}) if hasattr(variables, 'get') else {}
 
 
-def _selection(module, variables, args, apply_kwargs, layers) -> List[ModulePath]:
+def _selection(
+  module: nn.Module,
+  variables: Variables,
+  args: Sequence[Any],
+  apply_kwargs: Mapping[str, Any],
+  layers: _capture.LayersLike,
+) -> List[ModulePath]:
   selected = _capture.normalize_layers(layers)
   if selected is None:
     return [first_layer_of(module, variables, args, apply_kwargs)]
   return selected
 
 
-def _recorded_pass(module: nn.Module, variables, args, apply_kwargs, recorder: _Recorder):
+def _recorded_pass(
+  module: nn.Module,
+  variables: Variables,
+  args: Sequence[Any],
+  apply_kwargs: Mapping[str, Any],
+  recorder: _Recorder,
+) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``module.apply`` under ``recorder``: ``(apply's output, tract_stats)``; the
   output is None when the recorder ended the pass early."""
   apply_kwargs = dict(apply_kwargs)
@@ -492,14 +548,20 @@ def _recorded_pass(module: nn.Module, variables, args, apply_kwargs, recorder: _
 
 
 class _CallCounter(layer_core.CallLimit):
-  """Interceptor raising :class:`~layer_core.MoreCalls` past ``limits[path]``
+  """Interceptor raising ``MoreCalls`` past ``limits[path]``
   calls (counted outermost: a subclass's ``super().__call__`` is the same call)."""
 
-  def __init__(self, limits: Dict[ModulePath, int]):
+  def __init__(self, limits: Dict[ModulePath, int]) -> None:
     super().__init__(limits)
     self.active: List[ModulePath] = []
 
-  def __call__(self, next_fun, args, kwargs, context):
+  def __call__(
+    self,
+    next_fun: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    context: InterceptorContext,
+  ) -> Any:
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*args, **kwargs)
@@ -514,7 +576,9 @@ class _CallCounter(layer_core.CallLimit):
       self.active.pop()
 
 
-def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.Array]):
+def _replace_kernel(
+  tree: Mapping[str, Any], path: ModulePath, replace: Callable[[jax.Array], jax.Array]
+) -> VariablesDict:
   """``tree`` with the kernel at ``path + ('kernel',)`` replaced (copies along the way)."""
   if not path:
     kernel = tree[paths_lib.KERNEL_NAME]
@@ -528,7 +592,7 @@ def _replace_kernel(tree, path: ModulePath, replace: Callable[[jax.Array], jax.A
   return _with_entry(tree, head, _replace_kernel(tree[head], rest, replace))
 
 
-def _with_entry(tree, key, value):
+def _with_entry(tree: Mapping[str, Any], key: str, value: object) -> VariablesDict:
   if isinstance(tree, flax_core.FrozenDict):
     return flax_core.FrozenDict({**tree, key: value})
   return {**tree, key: value}
@@ -537,18 +601,18 @@ def _with_entry(tree, key, value):
 def apply_tract(
   module_or_apply_fn: ModuleOrApply,
   variables: Any = _NO_VARIABLES,
-  *args,
+  *args: Any,
   lam: Union[float, jax.Array] = 0.1,
   layers: _capture.LayersLike = None,
-  axis_name=None,
+  axis_name: AxisName = None,
   relative_lam: bool = False,
   local_stats: bool = False,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   check_condition: Optional[bool] = None,
   per_lane_stats: bool = False,
-  **apply_kwargs,
-):
+  **apply_kwargs: Any,
+) -> Any:
   """``apply`` whose gradient gives the first layer's kernel its TrAct gradient.
 
   Returns exactly what ``module.apply(variables, *args, **apply_kwargs)``
@@ -559,11 +623,11 @@ def apply_tract(
   hands any optimizer, Flax's own ``TrainState`` and any accumulation scheme
   TrAct gradients: no ``tract_stats``, no ``tract`` in the chain.
 
-  The statistics come from a first pass (as :func:`apply_with_stats`, whose
+  The statistics come from a first pass (as ``apply_with_stats``, whose
   selection and checks it shares), traced without tangents and ended right
   after the selected layers' first calls, so it costs only what leads to
   their inputs; the main pass, with the kernels wrapped by
-  :func:`tract_optax.tract_kernel`, checks that they are called no more
+  ``tract_optax.tract_kernel``, checks that they are called no more
   (a layer called again later, e.g. a shared stem, makes both passes run in
   full). Without ``layers``, the first layer is probed once per model
   structure and input types (see ``docs/first_layer.md``).
@@ -576,7 +640,7 @@ def apply_tract(
     *args: positional arguments of the applied method.
     lam: ridge strength lambda > 0 (a number, or a traced scalar such as a
       schedule's value at the step).
-    layers: the layers to precondition, as for :func:`apply_with_stats`
+    layers: the layers to precondition, as for ``apply_with_stats``
       (``None``: the first layer, found by its data-only input).
     axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch;
       the statistic is all-reduced in the backward pass. Not needed under
@@ -590,7 +654,7 @@ def apply_tract(
     per_lane_stats: under ``jax.vmap`` over independent models, each with its
       own kernel and its own data (an ensemble: ``vmap(grad(loss))`` over
       stacked parameters), precondition each lane with its own statistic; see
-      :func:`tract_optax.tract_kernel`. Without it a per-lane statistic is
+      ``tract_optax.tract_kernel``. Without it a per-lane statistic is
       refused.
     **apply_kwargs: everything else ``apply`` takes (``rngs``, ``mutable``,
       ``method``, ...) and keyword arguments of the method.
@@ -599,7 +663,7 @@ def apply_tract(
     What ``apply`` returns.
 
   Raises:
-    ValueError, TypeError: as :func:`apply_with_stats`, and for a bad ``lam``
+    ValueError, TypeError: as ``apply_with_stats``, and for a bad ``lam``
       or misused named axes.
 
   Example:
@@ -660,10 +724,10 @@ class TractTrainState(train_state.TrainState):
   """Flax ``TrainState`` whose ``apply_gradients`` hands ``tract_stats`` on.
 
   Flax's own ``apply_gradients`` calls ``tx.update(grads, opt_state, params)``
-  and cannot pass the statistics :func:`tract_optax.tract` needs. Everything
+  and cannot pass the statistics ``tract_optax.tract`` needs. Everything
   else (step count, ``create``, ``replace``) is Flax's.
 
-  It is for the Optax route; the gradient route (:func:`apply_tract`) works
+  It is for the Optax route; the gradient route (``apply_tract``) works
   with Flax's own ``TrainState``. It adds no field, so it subclasses exactly
   as Flax's does: Flax's ImageNet example's ``class TrainState(TrainState):
   batch_stats: Any; dynamic_scale: DynamicScale`` works on this base
@@ -685,7 +749,13 @@ class TractTrainState(train_state.TrainState):
     1
   """
 
-  def apply_gradients(self, *, grads, tract_stats=None, **kwargs) -> TractTrainState:
+  def apply_gradients(
+    self,
+    *,
+    grads: Any,
+    tract_stats: Optional[Mapping[Any, TractStats]] = None,
+    **kwargs: Any,
+  ) -> TractTrainState:
     """Updates ``step``, ``params``, ``opt_state`` (and ``**kwargs`` fields).
 
     Args:
@@ -711,6 +781,7 @@ class TractTrainState(train_state.TrainState):
       tract_stats=tract_stats,
       owner='TractTrainState.apply_gradients',
       init=lambda: self.tx.init(params_with_opt),
+      tx=self.tx,
     )
     extra = {} if tract_stats is None else {'tract_stats': tract_stats}
     updates, new_opt_state = self.tx.update(

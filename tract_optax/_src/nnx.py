@@ -4,7 +4,7 @@ NNX has no method interceptor. For the duration of one forward pass, each
 ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` of the model (and each
 named layer) is given a thin subclass whose ``__call__`` computes the TrAct
 statistic of its input (never keeping the input) and ``sow``s it as a
-:class:`TractInputStats` variable; the original classes are restored before
+``TractInputStats`` variable; the original classes are restored before
 the pass returns. The subclass is part of the module's type, so it survives the
 copies NNX transforms make (``nnx.remat`` and friends), and the sown variable
 leaves those transforms as module state does.
@@ -19,8 +19,8 @@ and in gradients, e.g. ``('stem',)`` or ``('backbone', 'layers', 0)``.
 
 Without ``layers``, the first layer is the one Conv/Linear whose input
 depends on no parameter, if it is also the first called (see
-:mod:`tract_optax.first_layer`); otherwise the call refuses and lists the
-candidates. :func:`apply_tract` is the gradient route: differentiate through
+``tract_optax.first_layer``); otherwise the call refuses and lists the
+candidates. ``apply_tract`` is the gradient route: differentiate through
 it and the first layer's kernel receives its TrAct gradient.
 
 Inside ``nnx.vmap`` / ``nnx.scan`` the sown statistics need their own axis:
@@ -34,7 +34,19 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import (
+  Any,
+  Callable,
+  Dict,
+  Iterator,
+  List,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+  Union,
+  cast,
+)
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +57,14 @@ from tract_optax._src import conv as conv_lib
 from tract_optax._src import first_layer, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
+from tract_optax._src.axes import AxisName
 from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
+
+#: ``(args, kwargs)`` of a layer call, as a hooked ``__call__`` hands them on.
+CallArgs = Tuple[Tuple[Any, ...], Dict[str, Any]]
+#: The layers a statistic is recorded for (subclasses included).
+_KernelLayer = Union[nnx.Linear, nnx.LinearGeneral, nnx.Conv]
 
 _SOW_NAME = 'tract_input_stats'
 
@@ -90,30 +108,30 @@ _TRANSFORM_HINT = (
 class TractInputStats(nnx.Intermediate):
   """Variable type of statistics sown during a captured forward pass.
 
-  Only exists while :func:`capture_stats` runs; never left on a model.
+  Only exists while ``capture_stats`` runs; never left on a model.
   """
 
 
-def _get(variable):
+def _get(variable: nnx.Variable[Any]) -> Any:
   if hasattr(variable, 'get_value'):
     return variable.get_value()
   return variable.value
 
 
-def _set(variable, value) -> None:
+def _set(variable: nnx.Variable[Any], value: object) -> None:
   if hasattr(variable, 'set_value'):
     variable.set_value(value)
   else:
     variable.value = value
 
 
-def _iter_modules(model):
+def _iter_modules(model: nnx.Module) -> Iterator[Tuple[ModulePath, nnx.Module]]:
   if hasattr(nnx, 'iter_modules'):
     return nnx.iter_modules(model)
   return model.iter_modules()
 
 
-def _raw(variable):
+def _raw(variable: object) -> object:
   """The array a Variable holds, as stored (identity changes when it is set)."""
   if hasattr(variable, 'get_raw_value'):
     return variable.get_raw_value()
@@ -148,14 +166,14 @@ def layer_input_stats(
     max_chunk_bytes: patch bytes materialised at once (convolutions).
 
   Returns:
-    The :class:`~tract_optax.TractStats` that fits the layer's kernel.
+    The ``TractStats`` that fits the layer's kernel.
 
   Raises:
     ValueError: for layers or settings TrAct does not support
       (``nnx.ConvTranspose``, ``nnx.Einsum``, ``input_dilation``, ``mask``,
       LinearGeneral with several output axes or batch axes), and for
       subclasses that may not use the stored kernel linearly (see
-      :func:`tract_optax.mark_linear_kernel`).
+      ``tract_optax.mark_linear_kernel``).
 
   A layer with ``dtype=float16``/``bfloat16`` multiplies its input rounded
   to that type; the statistic is that of the rounded input (in float32).
@@ -181,10 +199,10 @@ def _active_recorder() -> Optional[_Recorder]:
   return stack[-1] if stack else None
 
 
-def _reporting_call(call, path: ModulePath):
+def _reporting_call(call: Callable[..., Any], path: ModulePath) -> Callable[..., Any]:
   """``call`` (an unbound ``__call__``) that first reports to the active recorder."""
 
-  def __call__(self, *args, **kwargs):
+  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     recorder = _active_recorder()
     if recorder is not None:
       args, kwargs = recorder.observe(self, path, args, kwargs)
@@ -246,11 +264,11 @@ def _kernel_layers(by_path: Dict[ModulePath, nnx.Module]) -> Dict[ModulePath, nn
 
 
 def _resolve(
-  by_path: Dict[ModulePath, nnx.Module], selected
+  by_path: Dict[ModulePath, nnx.Module], selected: Sequence[ModulePath]
 ) -> List[Tuple[ModulePath, nnx.Module]]:
   """The (path, module) of each selected name (paths as ``nnx.state`` has them)."""
   by_name = {paths_lib.normalize_path(p): (p, m) for p, m in by_path.items()}
-  resolved = []
+  resolved: List[Tuple[ModulePath, nnx.Module]] = []
   for name in selected:
     if name not in by_name:
       raise ValueError(
@@ -264,7 +282,7 @@ def _resolve(
 class _Hooks:
   """Swaps the classes of some modules for hooked ones, and back."""
 
-  def __init__(self, modules: Dict[ModulePath, nnx.Module]):
+  def __init__(self, modules: Dict[ModulePath, nnx.Module]) -> None:
     self.modules = modules
 
   def hook(self) -> None:
@@ -288,11 +306,13 @@ class _Hooks:
 class _ProbeRecorder(_Hooks):
   """Marks the input of every Conv/Linear call for the dependency probe."""
 
-  def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe):
+  def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe) -> None:
     super().__init__(_kernel_layers(dict(_iter_modules(model))))
     self.probe = probe
 
-  def observe(self, module, path, args, kwargs):
+  def observe(
+    self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+  ) -> CallArgs:
     type_name = LAYERS.type_name(module)
     if args:
       return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
@@ -301,7 +321,7 @@ class _ProbeRecorder(_Hooks):
     raise _capture.missing_input(path)
 
 
-def _call_model(model, *args, **kwargs):
+def _call_model(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
   """``model(*args, **kwargs)``: one function object, so cache keys match."""
   return model(*args, **kwargs)
 
@@ -320,18 +340,30 @@ def _inputs_spec(inputs: Any) -> Any:
   return treedef, tuple(specs)
 
 
-def first_layer_of(fn, graphdef, state, args, kwargs) -> ModulePath:
+def first_layer_of(
+  fn: Callable[..., Any],
+  graphdef: nnx.GraphDef[nnx.Module],
+  state: nnx.State,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+) -> ModulePath:
   """The first layer of the model ``nnx.merge(graphdef, state)`` called by
   ``fn``, probed once per structure and input types (see
-  :func:`tract_optax.first_layer.cached_choice`)."""
+  ``tract_optax.first_layer.cached_choice``)."""
   return first_layer.cached_choice(
     lambda: (fn, graphdef, first_layer.tree_spec(state), _inputs_spec((args, kwargs))),
     lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
   )
 
 
-def _probe_first_layer(fn, graphdef, state, args, kwargs) -> ModulePath:
-  """The first layer of the model by :mod:`tract_optax.first_layer`'s rule.
+def _probe_first_layer(
+  fn: Callable[..., Any],
+  graphdef: nnx.GraphDef[nnx.Module],
+  state: nnx.State,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+) -> ModulePath:
+  """The first layer of the model by ``tract_optax.first_layer``'s rule.
 
   Runs ``fn`` on a copy of the model (``graphdef`` and ``state``, as
   ``nnx.split`` gives them), abstractly: the model is untouched.
@@ -340,7 +372,7 @@ def _probe_first_layer(fn, graphdef, state, args, kwargs) -> ModulePath:
   rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
   probe = first_layer.DependencyProbe()
 
-  def run(probed_params, inputs, _):
+  def run(probed_params: nnx.State, inputs: first_layer.ModelInputs, _: jax.Array) -> None:
     # Variables of its own, created at this trace level, so the copy may be
     # mutated (BatchNorm statistics, RNG counts) inside the probe.
     own_rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
@@ -367,7 +399,14 @@ def _stack() -> list:
 class _Recorder(layer_core.Recorder):
   """Which layers to watch, and what happened in one forward pass."""
 
-  def __init__(self, model: nnx.Module, selected, precision, max_chunk_bytes, stop_early=False):
+  def __init__(
+    self,
+    model: nnx.Module,
+    selected: Sequence[ModulePath],
+    precision: stats_lib.PrecisionLike,
+    max_chunk_bytes: Optional[int],
+    stop_early: bool = False,
+  ) -> None:
     by_path = dict(_iter_modules(model))
     resolved = _resolve(by_path, selected)
     selected_paths = [path for path, _ in resolved]
@@ -389,13 +428,15 @@ class _Recorder(layer_core.Recorder):
   def unhook(self) -> None:
     self.hooks.unhook()
 
-  def observe(self, module, path, args, kwargs):
+  def observe(
+    self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+  ) -> CallArgs:
     self.saw_call(module, path)
     if path in self.selected:
       self._record(module, path, args, kwargs)
     return args, kwargs
 
-  def _check_kernel_unchanged(self, module, path) -> None:
+  def _check_kernel_unchanged(self, module: nnx.Module, path: ModulePath) -> None:
     if module is not self.hooks.modules.get(path) or self.stored.get(path) is None:
       return  # inside an NNX transform the layer is a copy with values of its own
     if _raw(getattr(module, 'kernel', None)) is not self.stored[path]:
@@ -405,7 +446,9 @@ class _Recorder(layer_core.Recorder):
         'a module that wrote a new kernel into it during the forward pass',
       )
 
-  def _record(self, module, path, args, kwargs) -> None:
+  def _record(
+    self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+  ) -> None:
     inputs = _capture.call_input(path, args, kwargs)
     stats = self.stats(module, path, inputs)  # refuses unmarked subclasses first
     self._check_kernel_unchanged(module, path)
@@ -423,10 +466,10 @@ class _Recorder(layer_core.Recorder):
         f'{_capture.format_paths(self.recorded)} before this error. ' + _TRANSFORM_HINT
       )
 
-  def collect(self, sown) -> Dict[ModulePath, TractStats]:
-    result = {}
+  def collect(self, sown: nnx.State) -> Dict[ModulePath, TractStats]:
+    result: Dict[ModulePath, TractStats] = {}
     for path in self.recorded:
-      node = sown
+      node: Any = sown  # nested State down to the sown Variable
       for name in path + (_SOW_NAME,):
         if name not in node:
           raise ValueError(
@@ -447,13 +490,13 @@ def _registered_nodes(model: nnx.Module) -> List[Tuple[nnx.Module, Any]]:
   Flax before 0.12 registers an attribute that holds a Variable in the
   module's ``_pytree__nodes`` when it is set, but ``nnx.pop`` deletes the
   attribute without unregistering it, so its name would stay in the model's
-  GraphDef. :func:`_unregister_popped` undoes that from this snapshot.
+  GraphDef. ``_unregister_popped`` undoes that from this snapshot.
   """
   return [(module, vars(module).get('_pytree__nodes')) for _, module in _iter_modules(model)]
 
 
 def _unregister_popped(registered: List[Tuple[nnx.Module, Any]]) -> None:
-  """Unregisters the popped statistics attribute (see :func:`_registered_nodes`)."""
+  """Unregisters the popped statistics attribute (see ``_registered_nodes``)."""
   for module, before in registered:
     nodes = vars(module).get('_pytree__nodes')
     if not isinstance(nodes, frozenset) or _SOW_NAME not in nodes or _SOW_NAME in vars(module):
@@ -522,7 +565,9 @@ def capture_stats(
   selected = _capture.normalize_layers(layers)
 
   @functools.wraps(fn)
-  def wrapped(model, *args, **kwargs):
+  def wrapped(
+    model: nnx.Module, *args: Any, **kwargs: Any
+  ) -> Tuple[Any, Dict[ModulePath, TractStats]]:
     chosen = selected
     if chosen is None:
       graphdef, state = nnx.split(model)
@@ -533,7 +578,13 @@ def capture_stats(
   return wrapped
 
 
-def _captured_call(fn, model, args, kwargs, recorder: _Recorder):
+def _captured_call(
+  fn: Callable[..., Any],
+  model: nnx.Module,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+  recorder: _Recorder,
+) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``fn(model, *args, **kwargs)`` with ``recorder`` hooked: ``(result,
   tract_stats)``; the result is None when the recorder ended the pass early."""
   use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
@@ -571,11 +622,11 @@ def _captured_call(fn, model, args, kwargs, recorder: _Recorder):
 
 def apply_with_stats(
   model: nnx.Module,
-  *args,
+  *args: Any,
   layers: _capture.LayersLike = None,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-  **kwargs,
+  **kwargs: Any,
 ) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``model(*args, **kwargs)`` and the TrAct statistics of chosen layers.
 
@@ -583,7 +634,7 @@ def apply_with_stats(
     model: the NNX model.
     *args: positional arguments of ``model.__call__``.
     layers: ``None`` for the first Conv/Linear layer called, or a list of
-      attribute paths (see :func:`capture_stats`).
+      attribute paths (see ``capture_stats``).
     precision: matmul precision of the statistics.
     max_chunk_bytes: patch bytes materialised at once for convolutions.
     **kwargs: keyword arguments of ``model.__call__``.
@@ -592,7 +643,7 @@ def apply_with_stats(
     ``(output, tract_stats)``, ``tract_stats`` as for ``tx.update``.
 
   Raises:
-    ValueError: see :func:`capture_stats`.
+    ValueError: see ``capture_stats``.
 
   Example:
     >>> from flax import nnx
@@ -610,13 +661,13 @@ def apply_with_stats(
 def value_and_grad_with_stats(
   loss_fn: Callable[..., Any],
   model: nnx.Module,
-  *args,
+  *args: Any,
   layers: _capture.LayersLike = None,
   has_aux: bool = False,
   wrt: Any = nnx.Param,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
-  **kwargs,
+  **kwargs: Any,
 ) -> Tuple[Any, Any, Dict[ModulePath, TractStats]]:
   """``nnx.value_and_grad`` of ``loss_fn(model, *args, **kwargs)``, with statistics.
 
@@ -627,7 +678,7 @@ def value_and_grad_with_stats(
       variables.
     *args: further positional arguments of ``loss_fn`` (not differentiated).
     layers: ``None`` for the first Conv/Linear layer called, or a list of
-      attribute paths (see :func:`capture_stats`).
+      attribute paths (see ``capture_stats``).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
     precision: matmul precision of the statistics.
@@ -640,7 +691,7 @@ def value_and_grad_with_stats(
     ``tract_stats`` to ``nnx.Optimizer.update(model, grads, tract_stats=...)``.
 
   Raises:
-    ValueError: see :func:`capture_stats`.
+    ValueError: see ``capture_stats``.
 
   Example:
     >>> import optax
@@ -656,7 +707,11 @@ def value_and_grad_with_stats(
     loss_fn, layers=layers, precision=precision, max_chunk_bytes=max_chunk_bytes
   )
 
-  def loss_with_stats(model, *args):  # keywords are closed over: NNX transforms
+  def loss_with_stats(
+    model: nnx.Module, *args: Any
+  ) -> Tuple[
+    Any, Tuple[Any, Dict[ModulePath, TractStats]]
+  ]:  # keywords are closed over: NNX transforms
     value, tract_stats = forward(model, *args, **kwargs)  # map positions only
     loss, aux = value if has_aux else (value, None)
     return loss, (aux, tract_stats)
@@ -685,7 +740,7 @@ def _stopped(value: Any) -> Any:
 
 
 def _copy_graph_nodes(tree: Any) -> Any:
-  """``tree`` with every NNX graph node in it copied (see :func:`_copy`).
+  """``tree`` with every NNX graph node in it copied (see ``_copy``).
 
   Arguments such as an ``nnx.Rngs`` passed to the model are mutated by the
   forward pass; a pass that must leave no trace uses copies of them.
@@ -696,17 +751,17 @@ def _copy_graph_nodes(tree: Any) -> Any:
 
 def apply_tract(
   model: nnx.Module,
-  *args,
+  *args: Any,
   lam: Union[float, jax.Array] = 0.1,
   layers: _capture.LayersLike = None,
-  axis_name=None,
+  axis_name: AxisName = None,
   relative_lam: bool = False,
   local_stats: bool = False,
   precision: stats_lib.PrecisionLike = stats_lib.DEFAULT_PRECISION,
   max_chunk_bytes: Optional[int] = conv_lib.DEFAULT_MAX_CHUNK_BYTES,
   check_condition: Optional[bool] = None,
   per_lane_stats: bool = False,
-  **kwargs,
+  **kwargs: Any,
 ) -> Any:
   """``model(*args, **kwargs)`` whose gradient gives the first layer TrAct's.
 
@@ -728,7 +783,7 @@ def apply_tract(
     model: the NNX model.
     *args: positional arguments of ``model.__call__``.
     lam: ridge strength lambda > 0 (a number or a traced scalar).
-    layers: the layers to precondition (see :func:`capture_stats`).
+    layers: the layers to precondition (see ``capture_stats``).
     axis_name: the ``pmap``/``shard_map`` axis (or axes) that split the batch.
     relative_lam: ridge ``lam * trace(A^T A / N) / n`` (scale-invariant).
     local_stats: precondition each device with its own statistic on purpose.
@@ -738,7 +793,7 @@ def apply_tract(
     per_lane_stats: under ``jax.vmap`` over independent models, each with its
       own kernel and its own data (an ensemble: ``vmap(grad(loss))`` over
       stacked parameters), precondition each lane with its own statistic; see
-      :func:`tract_optax.tract_kernel`. Without it a per-lane statistic is
+      ``tract_optax.tract_kernel``. Without it a per-lane statistic is
       refused.
     **kwargs: keyword arguments of ``model.__call__``.
 
@@ -746,7 +801,7 @@ def apply_tract(
     ``model(*args, **kwargs)``.
 
   Raises:
-    ValueError, TypeError: as :func:`capture_stats`, and for a bad ``lam`` or
+    ValueError, TypeError: as ``capture_stats``, and for a bad ``lam`` or
       misused named axes.
 
   Example:
@@ -805,14 +860,16 @@ def apply_tract(
 
 
 class _CallCounter(_Hooks):
-  """Raises :class:`~layer_core.MoreCalls` when a hooked layer is called more
+  """Raises ``MoreCalls`` when a hooked layer is called more
   often than its limit."""
 
-  def __init__(self, modules: Dict[ModulePath, nnx.Module], limits: Dict[ModulePath, int]):
+  def __init__(self, modules: Dict[ModulePath, nnx.Module], limits: Dict[ModulePath, int]) -> None:
     super().__init__(modules)
     self.limit = layer_core.CallLimit(limits)
 
-  def observe(self, module, path, args, kwargs):
+  def observe(
+    self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+  ) -> CallArgs:
     del module
     self.limit.count(path)
     return args, kwargs
@@ -828,9 +885,17 @@ def _restore_graph_nodes(tree: Any, saved: Any) -> None:
       nnx.update(node, nnx.state(copy))
 
 
-def _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, limits) -> Any:
+def _wrapped_call(
+  model: nnx.Module,
+  by_path: Dict[ModulePath, nnx.Module],
+  tract_stats: Dict[ModulePath, TractStats],
+  wrap: Callable[..., jax.Array],
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+  limits: Optional[Dict[ModulePath, int]],
+) -> Any:
   """``model(*args, **kwargs)`` with the selected kernels TrAct-wrapped; with
-  ``limits``, a layer called more often raises :class:`~layer_core.MoreCalls`."""
+  ``limits``, a layer called more often raises ``MoreCalls``."""
   counter = None
   if limits is not None:
     counter = _CallCounter({path: by_path[path] for path in limits}, limits)
@@ -839,7 +904,7 @@ def _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, limits) -> An
   originals = []
   try:
     for path, stats in tract_stats.items():
-      kernel = by_path[path].kernel
+      kernel = cast(_KernelLayer, by_path[path]).kernel  # a recorded layer has one
       value = _get(kernel)
       originals.append((kernel, value))
       name = paths_lib.format_path(paths_lib.normalize_path(path))

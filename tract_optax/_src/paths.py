@@ -5,17 +5,17 @@ A module path is a tuple of names, e.g. ``('stem',)`` or
 The kernel of the module at ``path`` is the leaf whose key path reads
 ``path + ('kernel',)`` (above a trailing ``.value`` for NNX variables), or
 ``('params',) + path + ('kernel',)`` when a whole Linen variables dict is
-passed; :func:`find_kernel` tries both and refuses to guess if both exist.
+passed; ``find_kernel`` tries both and refuses to guess if both exist.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, SupportsIndex, Tuple, Union, cast
 
 import jax
 
 #: A module path: names, e.g. ``('backbone', 'stem')`` (NNX's paths, before
-#: :func:`normalize_path`, hold list indices as ints). The one path type.
+#: ``normalize_path``, hold list indices as ints). The one path type.
 ModulePath = Tuple[Any, ...]
 PathLike = Union[str, Tuple[Any, ...]]
 
@@ -65,7 +65,7 @@ def normalize_paths(
   """A string or a list of paths as module paths (a tuple of names refused).
 
   Raises:
-    TypeError: for a tuple of names (see :func:`reject_ambiguous_paths`) or a
+    TypeError: for a tuple of names (see ``reject_ambiguous_paths``) or a
       malformed path.
 
   Example:
@@ -103,27 +103,27 @@ def normalize_path(path: PathLike) -> ModulePath:
   raise TypeError(f'A module path must be a tuple of names or an "a/b" string; got {path!r}.')
 
 
-def _part_name(part) -> str:
+def _part_name(part: object) -> str:
   if isinstance(part, str):
     return part
   if isinstance(part, int) and not isinstance(part, bool):
     return str(part)
   if hasattr(part, '__index__') and not isinstance(part, bool):
-    return str(part.__index__())  # numpy integers
+    return str(cast(SupportsIndex, part).__index__())  # numpy integers
   raise TypeError(
     f'A module path is made of names (str) and indices (int); got {part!r} '
     f'of type {type(part).__name__}.'
   )
 
 
-def _key_name(key) -> str:
+def _key_name(key: object) -> str:
   for attribute in ('key', 'name', 'idx'):
     if hasattr(key, attribute):
       return str(getattr(key, attribute))
   return str(key)
 
 
-def kernel_module_path(key_path) -> ModulePath | None:
+def kernel_module_path(key_path: jax.tree_util.KeyPath) -> ModulePath | None:
   """The module path of a ``kernel`` leaf, or None if the leaf is no kernel."""
   names = [_key_name(k) for k in key_path]
   if names and names[-1] == 'value' and isinstance(key_path[-1], jax.tree_util.GetAttrKey):
@@ -134,7 +134,7 @@ def kernel_module_path(key_path) -> ModulePath | None:
   return tuple(names)
 
 
-def kernel_leaf_index(tree) -> Dict[ModulePath, int]:
+def kernel_leaf_index(tree: Any) -> Dict[ModulePath, int]:
   """Maps the module path of every ``kernel`` leaf to its flat leaf index.
 
   Example:
@@ -143,7 +143,7 @@ def kernel_leaf_index(tree) -> Dict[ModulePath, int]:
     [(('head',), 0), (('stem',), 2)]
   """
   leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
-  index = {}
+  index: Dict[ModulePath, int] = {}
   for position, (key_path, _) in enumerate(leaves_with_path):
     module = kernel_module_path(key_path)
     if module is not None:
@@ -178,10 +178,10 @@ def find_kernel(kernel_index: Dict[ModulePath, int], path: ModulePath) -> Option
 def require_kernel(
   kernel_index: Dict[ModulePath, int], path: ModulePath, source: str, tree: str, hint: str = ''
 ) -> int:
-  """:func:`find_kernel`, raising a :class:`ModulePathError` that lists the kernels.
+  """``find_kernel``, raising a ``ModulePathError`` that lists the kernels.
 
   Args:
-    kernel_index: from :func:`kernel_leaf_index`.
+    kernel_index: from ``kernel_leaf_index``.
     path: the module path asked for.
     source: who names it, e.g. ``'tract_stats'``.
     tree: what was searched, e.g. ``'the updates'``.

@@ -6,11 +6,11 @@ fewer rows than features (``N < n``) the ``n x n`` moment is singular and larger
 than the rows themselves, so the rows are kept instead and the transformation
 uses the Woodbury identity (an ``N x N`` system).
 
-This module defines the statistic type, :class:`TractStats`, and the operations
+This module defines the statistic type, ``TractStats``, and the operations
 every producer of statistics shares: building one from a row matrix, combining
 the statistics of several calls, and averaging across devices.
 
-The form is chosen from static shapes (:func:`woodbury_form`). Under
+The form is chosen from static shapes (``woodbury_form``). Under
 ``jax.export`` with a symbolic batch size the row count ``N`` is a symbolic
 expression (``b``, ``64*b``): where ``N < n`` is settled for every batch size
 (``64*b < 27`` is false, as ``b >= 1``), that decides; where it is not, the
@@ -21,10 +21,13 @@ the form outright. Both forms give the same TrAct update (up to rounding).
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from tract_optax._src.axes import AxisName
 
 PrecisionLike = Union[None, str, jax.lax.Precision]
 
@@ -38,13 +41,13 @@ PrecisionLike = Union[None, str, jax.lax.Precision]
 DEFAULT_PRECISION: Optional[jax.lax.Precision] = None
 
 #: The two forms of a statistic: the ``n x n`` moment, or the rows themselves
-#: (Woodbury form). ``form=None`` picks one by :func:`woodbury_form`'s rule.
+#: (Woodbury form). ``form=None`` picks one by ``woodbury_form``'s rule.
 FORMS = ('moment', 'rows')
 
 #: With a symbolic row count (``jax.export`` with a symbolic batch size) whose
 #: comparison with ``n`` is not settled by the shapes, a statistic of at most
 #: this many features keeps the moment (at most 64 MiB in float32, the same as
-#: :func:`~tract_optax.conv_stats`' default chunk budget); a wider one keeps
+#: ``conv_stats``' default chunk budget); a wider one keeps
 #: the rows, whose Woodbury system is ``N x N``.
 SYMBOLIC_MOMENT_MAX_FEATURES = 4096
 
@@ -60,7 +63,7 @@ class TractStats(NamedTuple):
   """Input statistic of one layer, as TrAct consumes it.
 
   Exactly one of ``moment`` and ``rows`` is set; the form is decided from static
-  shapes when the statistic is computed (:func:`woodbury_form`: with a
+  shapes when the statistic is computed (``woodbury_form``: with a
   symbolic batch size, from ``n`` alone where the shapes leave ``N < n``
   open), or chosen with the producers' ``form`` argument.
 
@@ -154,11 +157,11 @@ class TractStats(NamedTuple):
     return self
 
 
-def _shape_text(value) -> str:
+def _shape_text(value: Optional[ArrayLike]) -> str:
   return 'None' if value is None else f'array of shape {jnp.shape(value)}'
 
 
-def settled(comparison) -> Optional[bool]:
+def settled(comparison: Callable[[], object]) -> Optional[bool]:
   """The truth of a comparison of shapes, or None where symbolic shapes leave it open.
 
   Args:
@@ -181,7 +184,7 @@ def settled(comparison) -> Optional[bool]:
 
 
 def check_form(form: Optional[str], where: str) -> Optional[str]:
-  """``form`` if it is None or one of :data:`FORMS`; a ValueError naming it otherwise."""
+  """``form`` if it is None or one of ``FORMS``; a ValueError naming it otherwise."""
   if form is None or (isinstance(form, str) and form in FORMS):
     return form
   raise ValueError(
@@ -191,7 +194,7 @@ def check_form(form: Optional[str], where: str) -> Optional[str]:
   )
 
 
-def woodbury_form(num_rows, num_features: int, form: Optional[str] = None) -> bool:
+def woodbury_form(num_rows: int, num_features: int, form: Optional[str] = None) -> bool:
   """Whether a statistic of ``num_rows`` rows of ``num_features`` keeps the rows.
 
   The rule every statistic follows:
@@ -228,7 +231,7 @@ def woodbury_form(num_rows, num_features: int, form: Optional[str] = None) -> bo
   return fewer_rows
 
 
-def as_real_input(x, where: str) -> jax.Array:
+def as_real_input(x: ArrayLike, where: str) -> jax.Array:
   """``x`` as an array fit for a statistic: floats kept, integers as float32.
 
   Integer and bool inputs (e.g. uint8 images, or numpy's default int64 with
@@ -272,7 +275,7 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
 def mean_eigenvalue(stats: TractStats) -> jax.Array:
   """``trace(A^T A / N) / n`` per feature group: the scale of the inputs.
 
-  The relative ridge of :func:`~tract_optax.tract` (``relative_lam=True``) is
+  The relative ridge of ``tract`` (``relative_lam=True``) is
   ``lam`` times this value. It is 0 for a statistic of no rows.
 
   Args:
@@ -333,7 +336,7 @@ def gram(rows: jax.Array, precision: PrecisionLike = DEFAULT_PRECISION) -> jax.A
     precision: matmul precision ('default', 'high', 'highest').
 
   Returns:
-    ``(..., n, n)`` un-normalised Gram matrix in :func:`stats_dtype`.
+    ``(..., n, n)`` un-normalised Gram matrix in ``stats_dtype``.
   """
   out_dtype = stats_dtype(rows.dtype)
   batch = tuple(range(rows.ndim - 2))
@@ -359,7 +362,7 @@ def stats_from_rows(
   Keeps the rows (Woodbury form) when ``N < n``, the moment otherwise. With a
   symbolic ``N`` (``jax.export`` with a symbolic batch size) that the shapes
   do not settle against ``n``: the moment when ``n <= 4096``, the rows
-  otherwise (:data:`SYMBOLIC_MOMENT_MAX_FEATURES`); ``form`` overrides it.
+  otherwise (``SYMBOLIC_MOMENT_MAX_FEATURES``); ``form`` overrides it.
 
   Args:
     rows: input rows, one per position at which the layer's kernel is applied.
@@ -370,7 +373,7 @@ def stats_from_rows(
       default) chooses it from the shapes as above.
 
   Returns:
-    The :class:`TractStats` of ``rows``.
+    The ``TractStats`` of ``rows``.
 
   Raises:
     ValueError: if ``rows`` is not 2-D (or 3-D, grouped) or has no features,
@@ -433,8 +436,8 @@ def combine_stats(
     precision: matmul precision where rows become a moment.
 
   Returns:
-    The combined :class:`TractStats`; rows are concatenated while the total
-    stays below ``n`` (by :func:`woodbury_form`'s rule where the row counts
+    The combined ``TractStats``; rows are concatenated while the total
+    stays below ``n`` (by ``woodbury_form``'s rule where the row counts
     are symbolic), otherwise moments are averaged weighted by row count.
     A statistic of zero rows contributes nothing.
 
@@ -470,14 +473,14 @@ def combine_stats(
   )
 
 
-def _axis_size(axis_name) -> int:
+def _axis_size(axis_name: AxisName) -> int:
   """Number of members of the mapped axis (or axes) ``axis_name``."""
   if hasattr(jax.lax, 'axis_size'):
     return jax.lax.axis_size(axis_name)
   return jax.lax.psum(1, axis_name)  # a Python int for a Python int operand
 
 
-def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
+def _gather_rows(rows: jax.Array, axis_name: AxisName) -> jax.Array:
   """Every device's rows, concatenated along the row axis, on every device.
 
   A ``psum`` of zero-padded blocks rather than ``all_gather``: under
@@ -497,7 +500,7 @@ def _gather_rows(rows: jax.Array, axis_name) -> jax.Array:
 
 
 def all_reduce_stats(
-  stats: TractStats, axis_name, *, precision: PrecisionLike = DEFAULT_PRECISION
+  stats: TractStats, axis_name: AxisName, *, precision: PrecisionLike = DEFAULT_PRECISION
 ) -> TractStats:
   """Global-batch statistic from per-device statistics over ``axis_name``.
 
@@ -511,7 +514,7 @@ def all_reduce_stats(
     precision: matmul precision where rows become a moment.
 
   Returns:
-    The global-batch :class:`TractStats`. Its form follows the global row
+    The global-batch ``TractStats``. Its form follows the global row
     count: the rows of all devices are gathered only while they number fewer
     than ``n`` (a small system); otherwise each device turns its rows into a
     moment first, so no device ever factors a (devices x local rows)^2 system.
@@ -549,7 +552,7 @@ def dense_stats(
       from the shapes as above.
 
   Returns:
-    The :class:`TractStats` of the ``N x n`` input rows.
+    The ``TractStats`` of the ``N x n`` input rows.
 
   Raises:
     ValueError: if ``x`` is a scalar or has no features, or ``form`` is not

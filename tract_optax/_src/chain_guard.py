@@ -11,6 +11,7 @@ user vouches for.
 from __future__ import annotations
 
 import collections
+import inspect
 from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Tuple
 
 import jax
@@ -179,6 +180,20 @@ def _describe(member: optax.OptState) -> str:
   return type(named[0] if named else member).__name__
 
 
+def _takes_extra_args(tx: Any) -> bool:
+  """Whether ``tx.update`` accepts keyword arguments beyond Optax's three (its signature).
+
+  ``optax.lookahead``'s update is ``(updates, state, params)``; a chain's,
+  ``MultiSteps``' and ``inject_hyperparams``' take ``**extra_args``. Where the
+  signature cannot be read, it is assumed to take them (nothing is refused).
+  """
+  try:
+    parameters = inspect.signature(tx.update).parameters.values()
+  except (TypeError, ValueError, AttributeError):
+    return True
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == 'tract_stats' for p in parameters)
+
+
 def check_opt_state(
   opt_state: optax.OptState,
   *,
@@ -226,8 +241,7 @@ def check_opt_state(
   if tract_stats is not None and not found:
     if init is None or not tract_states(jax.eval_shape(init)):
       raise ValueError(_NO_TRACT.format(owner=owner))
-  takes_no_extra_args = tx is not None and not isinstance(tx, optax.GradientTransformationExtraArgs)
-  if tract_stats is not None and found and takes_no_extra_args:
+  if tract_stats is not None and found and tx is not None and not _takes_extra_args(tx):
     raise TypeError(_NO_EXTRA_ARGS.format(owner=owner, state=type(opt_state).__name__))
   if len(found) > 1:
     raise ValueError(_SEVERAL.format(owner=owner, count=len(found)))

@@ -29,6 +29,10 @@ GeneralReader = Callable[[Any], Tuple[Any, int, Tuple[int, ...]]]
 ConvReader = Callable[[Any, ModulePath, str], Dict[str, Any]]
 
 
+#: Why a transposed convolution or a general einsum is rejected.
+NOT_ROWS = 'its kernel does not map input rows to output rows.'
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerTable:
   """How one framework's layer classes map onto TrAct's statistic.

@@ -90,8 +90,6 @@ def _dense_general_axes(layer: nn.DenseGeneral) -> Tuple[Any, int, Tuple[int, ..
   )
 
 
-_NOT_ROWS = 'its kernel does not map input rows to output rows.'
-
 #: The Linen layers TrAct computes statistics for, and those it recognises but
 #: rejects (their kernel is not one ``(n, m)`` map of input rows).
 LAYERS = layer_core.LayerTable(
@@ -101,8 +99,8 @@ LAYERS = layer_core.LayerTable(
   general=((nn.DenseGeneral, _dense_general_axes),),
   rejected=(
     (nn.ConvLocal, 'its kernel is not shared across positions (one per output position).'),
-    (nn.ConvTranspose, _NOT_ROWS),
-    (nn.Einsum, _NOT_ROWS),
+    (nn.ConvTranspose, layer_core.NOT_ROWS),
+    (nn.Einsum, layer_core.NOT_ROWS),
   ),
 )
 SUPPORTED_LAYERS = LAYERS.supported

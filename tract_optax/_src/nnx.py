@@ -77,8 +77,6 @@ def _linear_general_axes(layer: nnx.LinearGeneral) -> Tuple[Any, int, Tuple[int,
   return layer.axis, len(tuple(layer.out_features)), tuple(layer.batch_axis)
 
 
-_NOT_ROWS = 'its kernel does not map input rows to output rows.'
-
 #: The NNX layers TrAct computes statistics for, and those it recognises but
 #: rejects (their kernel is not one ``(n, m)`` map of input rows).
 LAYERS = layer_core.LayerTable(
@@ -86,7 +84,7 @@ LAYERS = layer_core.LayerTable(
   conv=((nnx.Conv, _capture.read_conv_settings),),
   dense=(nnx.Linear,),
   general=((nnx.LinearGeneral, _linear_general_axes),),
-  rejected=((nnx.ConvTranspose, _NOT_ROWS), (nnx.Einsum, _NOT_ROWS)),
+  rejected=((nnx.ConvTranspose, layer_core.NOT_ROWS), (nnx.Einsum, layer_core.NOT_ROWS)),
   kind='Linear or Conv',
 )
 SUPPORTED_LAYERS = LAYERS.supported

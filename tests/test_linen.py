@@ -536,7 +536,7 @@ def test_no_layer_called_raises():
     (nn.ConvLocal(2, (3, 3)), (1, 5, 5, 2), r'nn.ConvLocal: its kernel is not shared'),
     (nn.ConvTranspose(2, (3, 3)), (1, 5, 5, 2),
      r'nn.ConvTranspose: its kernel does not map input rows'),
-    (nn.Einsum((3, 4), 'ab,bc->ac'), (2, 3), r'nn.Einsum: its kernel does not map'),
+    (nn.Einsum((4, 3), 'ab,cb->ac'), (2, 3), r'nn.Einsum: its kernel does not map'),  # output first
     (nn.Conv(2, (3, 3), input_dilation=2, padding=1), (1, 5, 5, 2),
      r'input_dilation=2 \(a transposed convolution\) is not supported'),
     (nn.Conv(2, (1, 1), mask=jnp.ones((1, 1, 2, 2))), (1, 5, 5, 2),
@@ -653,3 +653,22 @@ def test_a_call_without_variables_names_them():
                        r"does: .*\(module_or_apply_fn, \{'params': params\}, \*inputs, "
                        r'\*\*kwargs\)'):
       function(model.apply, inputs=x)
+
+
+def test_a_linen_einsum_that_maps_rows_is_exact():
+  layer = nn.Einsum((5, 3), 'bti,io->bto')
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 5)), jnp.float32)
+  params = layer.init(jax.random.key(0), x)['params']
+  rows = np.asarray(x, np.float64).reshape(-1, 5)
+
+  def loss(p, route):
+    out = tract_linen.apply_tract(layer, {'params': p}, x, lam=0.1) if route else layer.apply(
+      {'params': p}, x
+    )
+    return jnp.sum(jnp.sin(out))
+
+  plain = np.asarray(jax.grad(loss)(params, False)['kernel'])
+  got = jax.grad(loss)(params, True)['kernel']
+  a = rows
+  expected = np.linalg.solve(a.T @ a / a.shape[0] + 0.1 * np.eye(5), plain)
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)

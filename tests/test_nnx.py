@@ -536,7 +536,7 @@ def test_no_layer_called_raises():
       r'nnx.ConvTranspose: its kernel does not map input rows',
     ),
     (
-      lambda r: nnx.Einsum('ab,bc->ac', (3, 4), rngs=r),
+      lambda r: nnx.Einsum('ab,cb->ac', (4, 3), rngs=r),  # output letter first
       (2, 3),
       r'nnx.Einsum: its kernel does not map',
     ),
@@ -614,3 +614,74 @@ def test_apply_tract_of_a_layer_called_again_later_runs_in_full_and_sets_state_b
     nnx.state(plain_rngs, nnx.RngCount),
   )  # advanced once, as by one plain call
   assert type(model.shared) is nnx.Linear
+
+
+@pytest.mark.parametrize(
+  'equation,kernel_shape,x_shape,contracted',
+  [
+    ('bi,io->bo', (5, 3), (8, 5), 1),
+    ('bti,io->bto', (5, 3), (4, 6, 5), 1),
+    ('...ij,ijo->...o', (2, 5, 3), (4, 3, 2, 5), 2),
+  ],
+)
+def test_an_einsum_that_maps_rows_is_a_first_layer(equation, kernel_shape, x_shape, contracted):
+  """nnx.Einsum with a row map: its statistic and TrAct gradient, exact (float64 solve)."""
+  layer = _build(lambda r: nnx.Einsum(equation, kernel_shape, rngs=r))
+  x = _normal(x_shape, seed=3)
+  n = int(np.prod(kernel_shape[:contracted]))
+  rows = np.asarray(x, np.float64).reshape(-1, n)
+  _, stats = _run(layer, x)
+  _assert_stats(stats[()], _dense_stats(jnp.asarray(rows, jnp.float32)))
+
+  def loss(model):
+    return jnp.sum(jnp.sin(tract_nnx.apply_tract(model, x, lam=0.1)))
+
+  got = nnx.grad(loss)(layer)['kernel'][...]
+  plain = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(layer)['kernel'][...]
+  expected = tract_solve(rows, np.asarray(plain).reshape(n, -1), 0.1).reshape(kernel_shape)
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_an_einsum_string_given_at_call_time_is_refused():
+  class CallTimeEquation(nnx.Module):
+    def __init__(self, rngs):
+      self.stem = nnx.Einsum('bi,io->bo', (4, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return self.stem(x, 'bi,io->bo')
+
+  model = _build(CallTimeEquation)
+  with pytest.raises(ValueError, match='an einsum_str given at call time is not read'):
+    tract_nnx.apply_with_stats(model, jnp.ones((2, 4)), layers=['stem'])
+
+
+class Aliased(nnx.Module):
+  """A stem reachable under two names: the state lists it once ('alias' < 'stem')."""
+
+  def __init__(self, rngs):
+    self.stem = nnx.Linear(4, 3, rngs=rngs)
+    self.alias = self.stem
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.stem(x)))
+
+
+def test_a_shared_submodule_is_selected_by_any_of_its_names():
+  model = _build(Aliased)
+  x = _normal((8, 4), seed=5)
+  by_name = {}
+  for layers in (['stem'], ['alias'], None):
+    _, stats = _run(model, x, layers=layers)
+    (path,) = stats
+    by_name[str(layers)] = stats[path]
+    assert path in (('alias',), ('stem',))
+  for stats in by_name.values():
+    _assert_stats(stats, _dense_stats(x))
+
+  def loss(m, layers):
+    return jnp.sum(tract_nnx.apply_tract(m, x, lam=0.1, layers=layers) ** 2)
+
+  stem_grad = nnx.grad(lambda m: loss(m, ['stem']))(model)
+  auto_grad = nnx.grad(lambda m: loss(m, None))(model)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stem_grad, auto_grad)

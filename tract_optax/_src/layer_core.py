@@ -24,7 +24,7 @@ from tract_optax._src.paths import ModulePath
 from tract_optax._src.stats import TractStats
 
 #: ``reader(layer) -> (axis, num_out_axes, batch_axes)`` of a general contraction.
-GeneralReader = Callable[[Any], Tuple[Any, int, Tuple[int, ...]]]
+GeneralReader = Callable[[Any], Optional[Tuple[Any, int, Tuple[int, ...]]]]
 #: ``reader(layer, path, type_name) -> conv_stats settings`` of a convolution.
 ConvReader = Callable[[Any, ModulePath, str], Dict[str, Any]]
 
@@ -43,7 +43,8 @@ class LayerTable:
       ``tract_optax.conv_stats``' geometry from the layer.
     dense: classes with an ``(n_in, n_out)`` kernel on the input's last axis.
     general: ``(class, reader)`` pairs of general contractions
-      (``DenseGeneral``); the reader gives ``(axis, num_out_axes, batch_axes)``.
+      (``DenseGeneral``, ``Einsum``); the reader gives ``(axis, num_out_axes,
+      batch_axes)``, or None for a layer that is no map of rows.
     rejected: ``(class, reason)`` pairs of layers with a kernel TrAct does
       not precondition; recognised for selection and named in refusals.
     kind: how the layers are called in messages (``'Dense or Conv'``).
@@ -69,6 +70,51 @@ class LayerTable:
   def type_name(self, layer: Any) -> str:
     """``'nn.Conv'``-style name of ``layer``'s class, for messages."""
     return f'{self.prefix}.{type(layer).__name__}'
+
+
+def einsum_row_axes(equation: str) -> Optional[Tuple[int, ...]]:
+  """The input axes an einsum contracts with its kernel, if it maps rows to rows.
+
+  ``'bi,io->bo'`` (or ``'...i,io->...o'``, ``'btij,ijo->bto'``) is a Dense layer on
+  the contracted axes: the kernel holds the contracted letters, in the input's
+  order, then one output letter, and every other input letter is a row axis
+  that reaches the output. Anything else (a kernel with a batch letter, an
+  input axis summed away, the output letter first) is no map of rows.
+
+  Returns:
+    The contracted axes' positions in the input (negative after ``...``), or None.
+
+  Example:
+    >>> einsum_row_axes('bti,io->bto'), einsum_row_axes('...ij,ijo->...o')
+    ((2,), (-2, -1))
+    >>> einsum_row_axes('bi,oi->bo') is None  # output letter first
+    True
+  """
+  text = equation.replace(' ', '')
+  if '->' not in text or text.count(',') != 1:
+    return None
+  operands, out = text.split('->')
+  lhs, rhs = operands.split(',')
+  if '...' in rhs:
+    return None
+  head, _, tail = lhs.partition('...') if '...' in lhs else ('', '', lhs)
+  letters = head + tail
+  if len(set(letters)) != len(letters) or len(set(rhs)) != len(rhs):
+    return None
+  contracted = [c for c in letters if c in rhs and c not in out]
+  outputs = [c for c in rhs if c not in letters]
+  rows_reach_output = all(c in out for c in letters if c not in rhs)
+  if list(rhs) != contracted + outputs or len(outputs) != 1 or not rows_reach_output:
+    return None
+  if not contracted or outputs[0] not in out:
+    return None
+
+  def position(letter: str) -> int:
+    if letter in head:
+      return head.index(letter)
+    return tail.index(letter) - len(tail) if '...' in lhs else tail.index(letter)
+
+  return tuple(position(letter) for letter in contracted)
 
 
 def _entry(pairs: Sequence[Tuple[type, Any]], layer: Any) -> Optional[Any]:
@@ -117,7 +163,10 @@ def layer_input_stats(
   general_reader = _entry(table.general, layer)
   if general_reader is None:  # a dense layer
     return stats_lib.dense_stats(_capture.as_float(x), precision=precision)
-  axis, num_out_axes, batch_axes = general_reader(layer)
+  found = general_reader(layer)
+  if found is None:  # an einsum that is no map of rows
+    raise _capture.unsupported_layer(path, type_name, NOT_ROWS)
+  axis, num_out_axes, batch_axes = found
   return _capture.general_layer_stats(
     path,
     type_name,
@@ -228,8 +277,22 @@ class Recorder:
     if isinstance(layer, self.table.kernel_layers) and path not in self.called:
       self.called.append(path)
 
-  def stats(self, layer: Any, path: ModulePath, inputs: jax.Array) -> TractStats:
-    """The statistic of one call of a selected layer."""
+  def stats(
+    self,
+    layer: Any,
+    path: ModulePath,
+    inputs: jax.Array,
+    args: Tuple[Any, ...] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+  ) -> TractStats:
+    """The statistic of one call of a selected layer (``args``, ``kwargs``: the call's)."""
+    given = (kwargs or {}).get('einsum_str') or (args[1:2] and isinstance(args[1], str))
+    if given:  # an Einsum's equation is read off the layer, not the call
+      raise _capture.unsupported_layer(
+        path,
+        self.table.type_name(layer),
+        'an einsum_str given at call time is not read: set it on the layer.',
+      )
     return layer_input_stats(
       self.table,
       layer,

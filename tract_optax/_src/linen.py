@@ -80,6 +80,11 @@ COLLECTION = 'tract_stats'
 _SOW_NAME = 'tract_input_stats'
 
 
+def _einsum_axes(layer: nn.Einsum) -> Optional[Tuple[Any, int, Tuple[int, ...]]]:
+  axes = layer_core.einsum_row_axes(layer.einsum_str or '')
+  return None if axes is None else (axes, 1, ())
+
+
 def _dense_general_axes(layer: nn.DenseGeneral) -> Tuple[Any, int, Tuple[int, ...]]:
   features, batch_dims = layer.features, layer.batch_dims
   num_out_axes = 1 if isinstance(features, int) else len(tuple(features))
@@ -96,11 +101,10 @@ LAYERS = layer_core.LayerTable(
   prefix='nn',
   conv=((nn.Conv, _capture.read_conv_settings),),
   dense=(nn.Dense,),
-  general=((nn.DenseGeneral, _dense_general_axes),),
+  general=((nn.DenseGeneral, _dense_general_axes), (nn.Einsum, _einsum_axes)),
   rejected=(
     (nn.ConvLocal, 'its kernel is not shared across positions (one per output position).'),
     (nn.ConvTranspose, layer_core.NOT_ROWS),
-    (nn.Einsum, layer_core.NOT_ROWS),
   ),
 )
 SUPPORTED_LAYERS = LAYERS.supported
@@ -284,7 +288,7 @@ class _Recorder(layer_core.Recorder):
         f"transform. Add it to the transform's variable_axes, e.g. "
         f'variable_axes={{{COLLECTION!r}: 0, ...}}.'
       )
-    stats = self.stats(module, path, inputs)
+    stats = self.stats(module, path, inputs, args, kwargs)
     module.sow(COLLECTION, _SOW_NAME, stats)
     kernel_shape = None
     if module.has_variable('params', paths_lib.KERNEL_NAME):

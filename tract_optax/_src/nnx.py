@@ -73,6 +73,11 @@ _SOW_NAME = 'tract_input_stats'
 USE_CAPTURE = hasattr(nnx, 'capture')
 
 
+def _einsum_axes(layer: nnx.Einsum) -> Optional[Tuple[Any, int, Tuple[int, ...]]]:
+  axes = layer_core.einsum_row_axes(layer.einsum_str or '')
+  return None if axes is None else (axes, 1, ())
+
+
 def _linear_general_axes(layer: nnx.LinearGeneral) -> Tuple[Any, int, Tuple[int, ...]]:
   return layer.axis, len(tuple(layer.out_features)), tuple(layer.batch_axis)
 
@@ -83,8 +88,8 @@ LAYERS = layer_core.LayerTable(
   prefix='nnx',
   conv=((nnx.Conv, _capture.read_conv_settings),),
   dense=(nnx.Linear,),
-  general=((nnx.LinearGeneral, _linear_general_axes),),
-  rejected=((nnx.ConvTranspose, layer_core.NOT_ROWS), (nnx.Einsum, layer_core.NOT_ROWS)),
+  general=((nnx.LinearGeneral, _linear_general_axes), (nnx.Einsum, _einsum_axes)),
+  rejected=((nnx.ConvTranspose, layer_core.NOT_ROWS),),
   kind='Linear or Conv',
 )
 SUPPORTED_LAYERS = LAYERS.supported
@@ -261,14 +266,36 @@ def _kernel_layers(by_path: Dict[ModulePath, nnx.Module]) -> Dict[ModulePath, nn
   return {path: module for path, module in by_path.items() if isinstance(module, _KERNEL_LAYERS)}
 
 
+def _reach(model: nnx.Module, name: ModulePath) -> object:
+  """The object at ``name`` by attribute (and index) access from ``model``, or None."""
+  node: Any = model
+  for part in name:
+    try:
+      text = str(part)
+      node = node[int(text)] if text.isdigit() and not hasattr(node, text) else getattr(node, text)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      return None
+  return node
+
+
 def _resolve(
-  by_path: Dict[ModulePath, nnx.Module], selected: Sequence[ModulePath]
+  model: nnx.Module, by_path: Dict[ModulePath, nnx.Module], selected: Sequence[ModulePath]
 ) -> List[Tuple[ModulePath, nnx.Module]]:
-  """The (path, module) of each selected name (paths as ``nnx.state`` has them)."""
+  """The (path, module) of each selected name (paths as ``nnx.state`` has them).
+
+  A module reachable under several names (``self.alias = self.stem``) has one
+  path in the model's state, the first the graph walk meets; any of its names
+  selects it, and its statistic is keyed by that one path.
+  """
   by_name = {paths_lib.normalize_path(p): (p, m) for p, m in by_path.items()}
   resolved: List[Tuple[ModulePath, nnx.Module]] = []
   for name in selected:
     if name not in by_name:
+      reached = _reach(model, name)
+      shared = [(p, m) for p, m in by_path.items() if m is reached]
+      if shared:
+        resolved.append(shared[0])
+        continue
       raise ValueError(
         f'The model has no submodule at path {paths_lib.format_path(name)!r}. '
         f'Its Conv/Linear layers: {_capture.format_paths(list(_kernel_layers(by_path)))}.'
@@ -406,7 +433,7 @@ class _Recorder(layer_core.Recorder):
     stop_early: bool = False,
   ) -> None:
     by_path = dict(_iter_modules(model))
-    resolved = _resolve(by_path, selected)
+    resolved = _resolve(model, by_path, selected)
     selected_paths = [path for path, _ in resolved]
     super().__init__(LAYERS, selected_paths, precision, max_chunk_bytes, stop_early)
     for path, module in resolved:  # refused before the pass: the model is untouched
@@ -448,7 +475,7 @@ class _Recorder(layer_core.Recorder):
     self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
   ) -> None:
     inputs = _capture.call_input(path, args, kwargs)
-    stats = self.stats(module, path, inputs)  # refuses unmarked subclasses first
+    stats = self.stats(module, path, inputs, args, kwargs)  # refuses unmarked subclasses first
     self._check_kernel_unchanged(module, path)
     _store(module, stats)
     kernel = getattr(module, 'kernel', None)
@@ -827,7 +854,7 @@ def apply_tract(
     layers = [first_layer_of(_call_model, graphdef, state, args, kwargs)]
   selected = _capture.normalize_layers(layers) or []
   by_path = dict(_iter_modules(model))
-  resolved = _resolve(by_path, selected)
+  resolved = _resolve(model, by_path, selected)
   # a model hooked by an outer capture cannot be counted: no early end then
   stop_early = not any(hasattr(type(module), '_tract_original_class') for _, module in resolved)
   wrap = functools.partial(

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
   add = parser.add_argument
   add('--preset', choices=sorted(PRESETS), default='default',
       help='settings for the flags left out (listed below); default is CPU-sized '
-           '(about 10 minutes on 2 cores), paper is a ResNet-18 protocol for a GPU')
+           '(about 5 minutes on 2 cores), paper is a ResNet-18 protocol for a GPU')
   add('--dataset', choices=sorted(data_lib.LOADERS), help='dataset [preset]')
   add('--data-dir',
       help='folder with the dataset files, the only place then read (fashion_mnist, '

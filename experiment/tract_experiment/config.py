@@ -40,8 +40,8 @@ AUTO_VAL_EXAMPLES = 5000
 
 #: Settings of each preset; flags given on the command line win.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # The default demonstration, sized for a 2-core CPU (about 830 CPU seconds,
-    # some 10 minutes on 2 idle cores) and chosen by measurement
+    # The default demonstration, sized for a 2-core CPU (about 5 minutes on 2
+    # idle cores, the runs vectorised per method and budget) and chosen by measurement
     # (docs/experiment.md): a ViT whose first layer sees 7x7 patches (16
     # tokens of 49 inputs), SGD, each method tuned over the lr grid on a
     # validation split carved from the training file. Measured, plain's best

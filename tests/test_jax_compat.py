@@ -186,3 +186,30 @@ def test_forward_mode_tracer_is_told_from_reverse_mode():
   jax.grad(f)(jnp.ones(2))
   jax.jit(f)(jnp.ones(2))
   assert seen == [True, False, False]
+
+
+def test_varying_axes_are_read_and_added_under_shard_map():
+  from jax.sharding import Mesh, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  mesh = Mesh(np.array(jax.devices()[:1]), ('d',))
+  seen = {}
+
+  def body(x):
+    zero = jnp.zeros(())  # varies over nothing
+    seen['x'], seen['zero'] = jax_compat.varying_axes(x), jax_compat.varying_axes(zero)
+    seen['marked'] = jax_compat.varying_axes(jax_compat.varying_over(zero, ('d',)))
+    return x
+
+  shard_map = getattr(jax, 'shard_map', None) or jax.experimental.shard_map.shard_map
+  shard_map(body, mesh=mesh, in_specs=PartitionSpec('d'), out_specs=PartitionSpec('d'))(
+    jnp.ones(4)
+  )
+  assert seen['x'] == frozenset({'d'}) and seen['zero'] == frozenset()
+  assert seen['marked'] == frozenset({'d'})
+  assert jax_compat.varying_axes(jnp.ones(2)) == frozenset()
+
+
+def test_inconclusive_dimension_is_the_error_symbolic_shapes_raise():
+  (b,) = jax.export.symbolic_shape('b')
+  with pytest.raises(jax_compat.INCONCLUSIVE_DIMENSION):
+    bool(b > 3)

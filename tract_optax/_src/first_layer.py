@@ -54,7 +54,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from tract_optax._src import capture as _capture
-from tract_optax._src import docs_link
+from tract_optax._src import docs_link, jax_compat
 from tract_optax._src import paths as paths_lib
 from tract_optax._src.paths import ModulePath
 
@@ -120,39 +120,18 @@ def _type_text(x: ArrayLike) -> str:
   return f'{jnp.result_type(x).name}[{shape}]'
 
 
-def _varying_axes(x: ArrayLike) -> frozenset:
-  """The ``shard_map`` axes ``x`` varies over, if any.
-
-  Its type names them ``vma`` in older jax and ``mat.varying`` in jax 0.10.
-  """
-  typeof = getattr(jax, 'typeof', None)
-  if typeof is None:
-    return frozenset()
-  aval = typeof(x)
-  varying = getattr(aval, 'vma', None)
-  if varying is None:
-    varying = getattr(getattr(aval, 'mat', None), 'varying', None)
-  return frozenset(varying or ())
-
-
 def _zero_tangent(x: ArrayLike) -> jax.Array:
   """A zero tangent of exactly ``x``'s type, ``shard_map``'s varying axes included.
 
   Under ``shard_map`` with its default checking (``check_vma=True``), a
   custom JVP rule must return a tangent that varies over the same mesh axes
   as the primal; a plain ``jnp.zeros`` varies over none and is refused.
-  ``jnp.zeros_like`` keeps them in recent jax; otherwise they are added with
-  ``lax.pcast(..., to='varying')`` (jax 0.10) or ``lax.pvary`` (older jax).
+  ``jnp.zeros_like`` keeps them in recent jax; otherwise they are added
+  (``jax_compat.varying_over``).
   """
   tangent = jnp.zeros_like(x)
-  missing = tuple(sorted(_varying_axes(x) - _varying_axes(tangent)))
-  if not missing:
-    return tangent
-  pcast = getattr(jax.lax, 'pcast', None)
-  if pcast is not None:
-    return pcast(tangent, missing, to='varying')
-  pvary = getattr(jax.lax, 'pvary', None)  # the older name
-  return tangent if pvary is None else pvary(tangent, missing)
+  missing = tuple(sorted(jax_compat.varying_axes(x) - jax_compat.varying_axes(tangent)))
+  return jax_compat.varying_over(tangent, missing) if missing else tangent
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))

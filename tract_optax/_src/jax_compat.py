@@ -151,3 +151,43 @@ def is_forward_mode_tracer(value: object) -> bool:
   tracer_type = getattr(getattr(jax.interpreters, 'ad', None), 'JVPTracer', None)
   direct = getattr(jax.config, 'jax_use_direct_linearize', None)  # None: moved
   return direct is True and tracer_type is not None and isinstance(value, tracer_type)
+
+
+#: Raised for a comparison that symbolic shapes leave open (``jax.errors`` has
+#: it in current releases, ``jax.core`` in older ones).
+INCONCLUSIVE_DIMENSION: type[Exception] = getattr(
+  jax.errors, 'InconclusiveDimensionOperation', None
+) or (jax.core.InconclusiveDimensionOperation)
+
+
+def varying_axes(value: object) -> frozenset:
+  """The ``shard_map`` mesh axes ``value`` varies over (empty outside ``shard_map``).
+
+  Its type names them ``vma`` in older jax and ``mat.varying`` in jax 0.10;
+  where ``jax.typeof`` is missing, none.
+
+  Example:
+    >>> varying_axes(jax.numpy.ones(2))
+    frozenset()
+  """
+  typeof = getattr(jax, 'typeof', None)
+  if typeof is None:
+    return frozenset()
+  aval = typeof(value)
+  varying = getattr(aval, 'vma', None)
+  if varying is None:
+    varying = getattr(getattr(aval, 'mat', None), 'varying', None)
+  return frozenset(varying or ())
+
+
+def varying_over(value: jax.Array, axes: Tuple[Hashable, ...]) -> jax.Array:
+  """``value`` marked as varying over the ``shard_map`` mesh ``axes`` too.
+
+  ``lax.pcast(..., to='varying')`` in jax 0.10, ``lax.pvary`` before; where
+  neither exists (a jax without varying types) ``value`` itself.
+  """
+  pcast = getattr(jax.lax, 'pcast', None)
+  if pcast is not None:
+    return pcast(value, axes, to='varying')
+  pvary = getattr(jax.lax, 'pvary', None)
+  return value if pvary is None else pvary(value, axes)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from tract_optax._src import jax_compat
 from tract_optax._src.axes import AxisName
 
 PrecisionLike = Union[None, str, jax.lax.Precision]
@@ -51,12 +52,8 @@ FORMS = ('moment', 'rows')
 #: the rows, whose Woodbury system is ``N x N``.
 SYMBOLIC_MOMENT_MAX_FEATURES = 4096
 
-# Raised for a comparison that symbolic shapes leave open (jax.errors has it in
-# current releases; jax.core in older ones).
-_INCONCLUSIVE = (
-  getattr(jax.errors, 'InconclusiveDimensionOperation', None)
-  or jax.core.InconclusiveDimensionOperation
-)
+# Raised for a comparison that symbolic shapes leave open.
+_INCONCLUSIVE = jax_compat.INCONCLUSIVE_DIMENSION
 
 
 class TractStats(NamedTuple):

@@ -50,13 +50,12 @@ import jax.numpy as jnp
 import optax
 from flax import core as flax_core
 from flax.core import meta
-from flax.core import scope as scope_lib
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import docs_link, first_layer, gradient_route, layer_core
+from tract_optax._src import docs_link, first_layer, flax_compat, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
 from tract_optax._src import transform as transform_lib
@@ -114,26 +113,11 @@ _KERNEL_LAYERS = LAYERS.kernel_layers
 _KERNEL_WRAPPERS = (nn.SpectralNorm, nn.WeightNorm)
 
 
-def _mapped_scope(module: nn.Module) -> Optional[str]:
-  """The debug path of ``module``'s scope if a ``map_variables`` lies on it.
-
-  Lifted transforms record themselves in the scope's ``debug_path`` (e.g.
-  ``('map_variables(dense)',)``); ``map_variables`` is the one that hands the
-  layer a function of its stored variables (``nn.SpectralNorm``,
-  ``nn.WeightNorm``, weight standardisation, masks all go through it).
-  """
-  scope = module.scope
-  debug_path = tuple(getattr(scope, 'debug_path', ()) or ())
-  if any(str(entry).startswith('map_variables(') for entry in debug_path):
-    return '/'.join(str(entry) for entry in debug_path)
-  return None
-
-
 def _check_not_mapped(module: nn.Module, path: ModulePath, type_name: str) -> None:
   """Raises if a ``map_variables`` (a reparameterisation wrapper) holds ``module``."""
   if module.scope is None:
     return
-  mapped = _mapped_scope(module)
+  mapped = flax_compat.map_variables_scope(module.scope)
   if mapped is not None:
     raise _capture.transformed_kernel(path, type_name, f'nn.map_variables (scope {mapped!r})')
 
@@ -189,16 +173,6 @@ def _lookup(tree: Mapping[str, Any], path: ModulePath) -> Any:
       return None
     node = node[name]
   return node
-
-
-def _lifted(module: nn.Module) -> bool:
-  """Whether ``module`` runs inside a lifted transform (``nn.scan``, ``nn.remat``, ...).
-
-  Lifted transforms record themselves in the scope's ``debug_path`` (e.g.
-  ``('scan(blocks)', 'Dense_0')``), which otherwise equals the module path.
-  """
-  debug_path = getattr(module.scope, 'debug_path', None)
-  return debug_path is None or tuple(str(e) for e in debug_path) != tuple(module.path)
 
 
 class _Recorder(layer_core.Recorder):
@@ -267,7 +241,7 @@ class _Recorder(layer_core.Recorder):
     return given is not None and meta.unbox(given) is meta.unbox(seen)
 
   def _check_not_wrapped(self, module: nn.Module, path: ModulePath) -> None:
-    mapped = _mapped_scope(module)
+    mapped = flax_compat.map_variables_scope(module.scope)
     if mapped is None or self._kernel_as_given(module, path):
       return
     wrapper = f'nn.map_variables (scope {mapped!r})'
@@ -294,7 +268,12 @@ class _Recorder(layer_core.Recorder):
     if module.has_variable('params', paths_lib.KERNEL_NAME):
       kernel_shape = tuple(jnp.shape(meta.unbox(module.get_variable('params', 'kernel'))))
     self.recorded_call(path, kernel_shape)
-    self.keep(path, stats, transformed=self.stop_early and _lifted(module))
+    self.keep(
+      path,
+      stats,
+      transformed=self.stop_early
+      and flax_compat.inside_lifted_transform(module.scope, tuple(module.path)),
+    )
 
   def collect(self, sown: Mapping[str, Any], variables: Variables) -> Dict[ModulePath, TractStats]:
     """``{path: TractStats}`` from the sown collection, lifted axes merged."""
@@ -536,7 +515,7 @@ def _recorded_pass(
   output is None when the recorder ended the pass early."""
   apply_kwargs = dict(apply_kwargs)
   user_mutable = apply_kwargs.pop('mutable', False)
-  mutable = scope_lib.union_filters(user_mutable, COLLECTION)
+  mutable = flax_compat.union_filters(user_mutable, COLLECTION)
   try:
     with nn.intercept_methods(recorder):
       output, mutated = module.apply(variables, *args, mutable=mutable, **apply_kwargs)

@@ -38,7 +38,6 @@ from typing import (
   Any,
   Callable,
   Dict,
-  Iterator,
   List,
   Mapping,
   Optional,
@@ -54,7 +53,7 @@ from flax import nnx
 
 from tract_optax._src import capture as _capture
 from tract_optax._src import conv as conv_lib
-from tract_optax._src import first_layer, gradient_route, layer_core
+from tract_optax._src import first_layer, flax_compat, gradient_route, layer_core
 from tract_optax._src import paths as paths_lib
 from tract_optax._src import stats as stats_lib
 from tract_optax._src.axes import AxisName
@@ -70,7 +69,7 @@ _SOW_NAME = 'tract_input_stats'
 
 #: Whether to collect with ``nnx.capture``; ``False`` uses attributes and
 #: ``nnx.pop`` (the route for Flax before 0.12.6). Tests switch it off.
-USE_CAPTURE = hasattr(nnx, 'capture')
+USE_CAPTURE = flax_compat.nnx_has_capture()
 
 
 def _einsum_axes(layer: nnx.Einsum) -> Optional[Tuple[Any, int, Tuple[int, ...]]]:
@@ -113,32 +112,6 @@ class TractInputStats(nnx.Intermediate):
 
   Only exists while ``capture_stats`` runs; never left on a model.
   """
-
-
-def _get(variable: nnx.Variable[Any]) -> Any:
-  if hasattr(variable, 'get_value'):
-    return variable.get_value()
-  return variable.value
-
-
-def _set(variable: nnx.Variable[Any], value: object) -> None:
-  if hasattr(variable, 'set_value'):
-    variable.set_value(value)
-  else:
-    variable.value = value
-
-
-def _iter_modules(model: nnx.Module) -> Iterator[Tuple[ModulePath, nnx.Module]]:
-  if hasattr(nnx, 'iter_modules'):
-    return nnx.iter_modules(model)
-  return model.iter_modules()
-
-
-def _raw(variable: object) -> object:
-  """The array a Variable holds, as stored (identity changes when it is set)."""
-  if hasattr(variable, 'get_raw_value'):
-    return variable.get_raw_value()
-  return getattr(variable, 'raw_value', None)
 
 
 def _wrapper_of(by_path: Dict[ModulePath, Any], path: ModulePath) -> Optional[str]:
@@ -252,13 +225,13 @@ def _hooked_class(cls: type, path: ModulePath) -> type:
 
 def _store(module: nnx.Module, stats: TractStats) -> None:
   """Sows ``stats`` (into ``nnx.capture``) or appends to the attribute."""
-  if hasattr(module, '__captures__') and module.sow(TractInputStats, _SOW_NAME, stats):
+  if flax_compat.sow_into_capture(module, TractInputStats, _SOW_NAME, stats):
     return
   current = getattr(module, _SOW_NAME, None)
   if current is None:
     setattr(module, _SOW_NAME, TractInputStats((stats,)))
   else:
-    _set(current, tuple(_get(current)) + (stats,))
+    flax_compat.set_variable_value(current, tuple(flax_compat.variable_value(current)) + (stats,))
 
 
 def _kernel_layers(by_path: Dict[ModulePath, nnx.Module]) -> Dict[ModulePath, nnx.Module]:
@@ -319,20 +292,20 @@ class _Hooks:
           'captures of the same model cannot be nested.'
         )
     for path, module in self.modules.items():
-      object.__setattr__(module, '__class__', _hooked_class(type(module), path))
+      flax_compat.swap_class(module, _hooked_class(type(module), path))
 
   def unhook(self) -> None:
     for module in self.modules.values():
       original = getattr(type(module), '_tract_original_class', None)
       if original is not None:
-        object.__setattr__(module, '__class__', original)
+        flax_compat.swap_class(module, original)
 
 
 class _ProbeRecorder(_Hooks):
   """Marks the input of every Conv/Linear call for the dependency probe."""
 
   def __init__(self, model: nnx.Module, probe: first_layer.DependencyProbe) -> None:
-    super().__init__(_kernel_layers(dict(_iter_modules(model))))
+    super().__init__(_kernel_layers(dict(flax_compat.iter_modules(model))))
     self.probe = probe
 
   def observe(
@@ -359,7 +332,7 @@ def _graph_spec(node: Any) -> Any:
 
 def _inputs_spec(inputs: Any) -> Any:
   """Hashable structure of ``(args, kwargs)``; a graph node (``nnx.Rngs``) by its own."""
-  is_node = nnx.graph.is_graph_node
+  is_node = flax_compat.is_graph_node
   leaves, treedef = jax.tree_util.tree_flatten(inputs, is_leaf=is_node)
   specs = [_graph_spec(v) if is_node(v) else first_layer.leaf_spec(v) for v in leaves]
   return treedef, tuple(specs)
@@ -432,7 +405,7 @@ class _Recorder(layer_core.Recorder):
     max_chunk_bytes: Optional[int],
     stop_early: bool = False,
   ) -> None:
-    by_path = dict(_iter_modules(model))
+    by_path = dict(flax_compat.iter_modules(model))
     resolved = _resolve(model, by_path, selected)
     selected_paths = [path for path, _ in resolved]
     super().__init__(LAYERS, selected_paths, precision, max_chunk_bytes, stop_early)
@@ -445,7 +418,10 @@ class _Recorder(layer_core.Recorder):
     self.hooks = _Hooks(modules)
     # the stored kernels before the pass: one set anew before a layer's call
     # was computed by a module holding it (a reparameterisation)
-    self.stored = {path: _raw(getattr(module, 'kernel', None)) for path, module in resolved}
+    self.stored = {
+      path: flax_compat.raw_variable_value(getattr(module, 'kernel', None))
+      for path, module in resolved
+    }
 
   def hook(self) -> None:
     self.hooks.hook()
@@ -464,7 +440,7 @@ class _Recorder(layer_core.Recorder):
   def _check_kernel_unchanged(self, module: nnx.Module, path: ModulePath) -> None:
     if module is not self.hooks.modules.get(path) or self.stored.get(path) is None:
       return  # inside an NNX transform the layer is a copy with values of its own
-    if _raw(getattr(module, 'kernel', None)) is not self.stored[path]:
+    if flax_compat.raw_variable_value(getattr(module, 'kernel', None)) is not self.stored[path]:
       raise _capture.transformed_kernel(
         path,
         f'nnx.{type(module).__name__}',
@@ -479,7 +455,9 @@ class _Recorder(layer_core.Recorder):
     self._check_kernel_unchanged(module, path)
     _store(module, stats)
     kernel = getattr(module, 'kernel', None)
-    self.recorded_call(path, None if kernel is None else tuple(_get(kernel).shape))
+    self.recorded_call(
+      path, None if kernel is None else tuple(flax_compat.variable_value(kernel).shape)
+    )
     # inside an NNX transform the layer is a copy: its statistic must leave it
     self.keep(path, stats, transformed=module is not self.hooks.modules.get(path))
 
@@ -502,40 +480,11 @@ class _Recorder(layer_core.Recorder):
             'come out of the forward pass. ' + _TRANSFORM_HINT
           )
         node = node[name]
-      calls = _get(node)
+      calls = flax_compat.variable_value(node)
       kernel = getattr(self.hooks.modules[path], 'kernel', None)
-      outer = None if kernel is None else tuple(_get(kernel).shape)
+      outer = None if kernel is None else tuple(flax_compat.variable_value(kernel).shape)
       result[path] = self.combined(path, calls, outer)
     return result
-
-
-def _registered_nodes(model: nnx.Module) -> List[Tuple[nnx.Module, Any]]:
-  """Each module of ``model`` with its set of registered data attributes.
-
-  Flax before 0.12 registers an attribute that holds a Variable in the
-  module's ``_pytree__nodes`` when it is set, but ``nnx.pop`` deletes the
-  attribute without unregistering it, so its name would stay in the model's
-  GraphDef. ``_unregister_popped`` undoes that from this snapshot.
-  """
-  return [(module, vars(module).get('_pytree__nodes')) for _, module in _iter_modules(model)]
-
-
-def _unregister_popped(registered: List[Tuple[nnx.Module, Any]]) -> None:
-  """Unregisters the popped statistics attribute (see ``_registered_nodes``)."""
-  for module, before in registered:
-    nodes = vars(module).get('_pytree__nodes')
-    if not isinstance(nodes, frozenset) or _SOW_NAME not in nodes or _SOW_NAME in vars(module):
-      continue  # Flax 0.12+ keeps a mapping and unregisters on delete
-    after = nodes - {_SOW_NAME}
-    # the very object from before keeps the GraphDef's text (set order) as it was
-    object.__setattr__(module, '_pytree__nodes', before if before == after else after)
-
-
-def _drop_captures(model: nnx.Module) -> None:
-  """Removes what a failed ``nnx.capture`` leaves on the modules."""
-  for _, module in _iter_modules(model):
-    if hasattr(module, '__captures__'):
-      delattr(module, '__captures__')
 
 
 def capture_stats(
@@ -612,7 +561,7 @@ def _captured_call(
 ) -> Tuple[Any, Dict[ModulePath, TractStats]]:
   """``fn(model, *args, **kwargs)`` with ``recorder`` hooked: ``(result,
   tract_stats)``; the result is None when the recorder ended the pass early."""
-  use_capture = USE_CAPTURE and not hasattr(model, '__captures__')
+  use_capture = USE_CAPTURE and not flax_compat.capture_active(model)
   recorder.hook()
   _stack().append(recorder)
   try:
@@ -620,14 +569,14 @@ def _captured_call(
       try:
         result, sown = nnx.capture(fn, TractInputStats)(model, *args, **kwargs)
       except layer_core.EnoughCalls:
-        _drop_captures(model)
+        flax_compat.drop_captures(model)
         return None, recorder.collect_direct()
       except Exception as error:
-        _drop_captures(model)
+        flax_compat.drop_captures(model)
         recorder.annotate(error)
         raise
     else:
-      registered = _registered_nodes(model)
+      registered = flax_compat.registered_nodes(model)
       try:
         result = fn(model, *args, **kwargs)
       except layer_core.EnoughCalls:
@@ -637,7 +586,7 @@ def _captured_call(
         raise
       finally:
         sown = nnx.pop(model, TractInputStats)
-        _unregister_popped(registered)
+        flax_compat.unregister_popped(registered, _SOW_NAME)
   finally:
     _stack().pop()
     recorder.unhook()
@@ -770,7 +719,7 @@ def _copy_graph_nodes(tree: Any) -> Any:
   Arguments such as an ``nnx.Rngs`` passed to the model are mutated by the
   forward pass; a pass that must leave no trace uses copies of them.
   """
-  is_node = nnx.graph.is_graph_node
+  is_node = flax_compat.is_graph_node
   return jax.tree_util.tree_map(lambda v: _copy(v) if is_node(v) else v, tree, is_leaf=is_node)
 
 
@@ -853,7 +802,7 @@ def apply_tract(
   if layers is None:
     layers = [first_layer_of(_call_model, graphdef, state, args, kwargs)]
   selected = _capture.normalize_layers(layers) or []
-  by_path = dict(_iter_modules(model))
+  by_path = dict(flax_compat.iter_modules(model))
   resolved = _resolve(model, by_path, selected)
   # a model hooked by an outer capture cannot be counted: no early end then
   stop_early = not any(hasattr(type(module), '_tract_original_class') for _, module in resolved)
@@ -902,7 +851,7 @@ class _CallCounter(_Hooks):
 
 def _restore_graph_nodes(tree: Any, saved: Any) -> None:
   """Sets each NNX graph node in ``tree`` back to its copy in ``saved``."""
-  is_node = nnx.graph.is_graph_node
+  is_node = flax_compat.is_graph_node
   nodes = jax.tree_util.tree_leaves(tree, is_leaf=is_node)
   copies = jax.tree_util.tree_leaves(saved, is_leaf=is_node)
   for node, copy in zip(nodes, copies, strict=True):
@@ -930,14 +879,14 @@ def _wrapped_call(
   try:
     for path, stats in tract_stats.items():
       kernel = cast(_KernelLayer, by_path[path]).kernel  # a recorded layer has one
-      value = _get(kernel)
+      value = flax_compat.variable_value(kernel)
       originals.append((kernel, value))
       name = paths_lib.format_path(paths_lib.normalize_path(path))
-      _set(kernel, wrap(value, stats, name=name))
+      flax_compat.set_variable_value(kernel, wrap(value, stats, name=name))
     return model(*args, **kwargs)
   finally:
     for kernel, value in reversed(originals):
-      _set(kernel, value)
+      flax_compat.set_variable_value(kernel, value)
     if counter is not None:
       _stack().pop()
       counter.unhook()

@@ -333,3 +333,13 @@ def test_wrapping_twice_is_refused():
   with pytest.raises(ValueError, match='already TrAct-wrapped'):
     eqx.filter_jit(eqx.filter_grad(lambda s: jnp.sum(tract_eqx.apply_tract(
         tract_eqx.tract_layer(s, x), x))))(linear)
+
+
+def test_a_weight_norm_wrapper_is_refused_with_advice_for_a_plain_stem():
+  import tract_optax.equinox as tract_eqx  # pylint: disable=import-outside-toplevel
+
+  wrapped = eqx.nn.WeightNorm(eqx.nn.Linear(4, 3, key=jax.random.key(0)))
+  for make in (lambda: tract_eqx.TractLayer(wrapped), lambda: tract_eqx.layer_stats(wrapped, jnp.ones((8, 4)))):
+    with pytest.raises(TypeError, match=r'WeightNorm computes the weight its Linear multiplies '
+                       r'from the stored one.*Use a plain layer as the stem'):
+      make()

@@ -54,11 +54,18 @@ def _check_layer(layer: object, owner: str) -> None:
           + docs_link.see('routes', 'Equinox')
         )
       return
+  inner = getattr(layer, 'layer', None)
+  if isinstance(inner, (eqx.nn.Linear, eqx.nn.Conv)):  # a wrapper that rewrites the weight
+    raise TypeError(
+      f'{owner}: {type(layer).__name__} computes the weight its '
+      f'{type(inner).__name__} multiplies from the stored one, so TrAct of either weight is '
+      'not TrAct of the layer. Use a plain layer as the stem (its inner layer swapped back '
+      'in is the same mistake).' + docs_link.see('limits', 'Layers whose kernel is transformed')
+    )
   raise TypeError(
-    f'{owner} takes an eqx.nn.Linear or eqx.nn.Conv (Conv1d, Conv2d, Conv3d); '
-    f'got {type(layer).__name__}. For other layers use tract_optax.tract_kernel '
-    "on the weight with the statistic of the layer's input rows "
-    '(tract_optax.dense_stats, tract_optax.conv_stats).'
+    f'{owner} takes an eqx.nn.Linear or eqx.nn.Conv (Conv1d, Conv2d, Conv3d); got '
+    f'{type(layer).__name__}. For a layer of your own, compute it with tract_optax.conv / '
+    'tract_optax.dense on its input.' + docs_link.see('routes', 'Equinox')
   )
 
 

@@ -132,3 +132,17 @@ def test_skipped_blocks_are_the_listed_ones():
 def test_python_block_runs(page, index, code):
   namespace = {'__name__': f'doc_block_{index}'}
   exec(compile(code, f'{page} block {index}', 'exec'), namespace)  # pylint: disable=exec-used
+
+
+# The docs theme shows about 88 characters of a code line before a scrollbar clips it.
+CODE_WIDTH = 88
+
+
+def test_python_blocks_fit_the_page_without_a_scrollbar():
+  wide = [
+    (page, index, line)
+    for page, index, code in PYTHON_BLOCKS + _blocks('py')
+    for line in code.splitlines()
+    if len(line) > CODE_WIDTH
+  ]
+  assert not wide, wide

@@ -100,6 +100,17 @@ OPTIMIZERS = {
 }
 
 
+def _exists(make):
+  try:
+    make()
+  except AttributeError:  # not in this Optax release (the lower bound lacks some of contrib)
+    return False
+  return True
+
+
+OPTIMIZERS = {name: make for name, make in OPTIMIZERS.items() if _exists(make)}
+
+
 def _abstract_state(tx, params=None):
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')

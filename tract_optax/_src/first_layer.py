@@ -391,23 +391,84 @@ def choose(
       f'No {kind} layer was called in the forward pass, so there is no first layer '
       'to precondition.' + _SEE_DEFINITION
     )
-  types: Dict[ModulePath, str] = {}
-  for call in calls:
-    types.setdefault(call.path, f'{call.type_name}, input {call.input_type}')
   candidates = [p for p, s in status.items() if s == DATA]
   unknown = [p for p, s in status.items() if s == UNKNOWN]
   first = next(iter(status))
   if len(candidates) == 1 and not unknown and candidates[0] == first:
     return first
+  types: Dict[ModulePath, str] = {}
+  for call in calls:
+    types.setdefault(call.path, f'{call.type_name}, input {call.input_type}')
+  raise _Verdicts(status, types, kind, input_readers).refusal()
 
-  def described(paths: Sequence[ModulePath]) -> str:
-    listed = [f'{_text(p)} ({types[p]})' for p in paths[:MAX_LISTED_CANDIDATES]]
+
+InputReaders = Callable[[], Optional[Tuple[str, List[ModulePath]]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdicts:
+  """The probe's verdicts on the layers called, worded for a refusal."""
+
+  status: Dict[ModulePath, str]  # path -> DATA / PARAMS / UNKNOWN, in first-call order
+  types: Dict[ModulePath, str]  # path -> 'nn.Conv, input float32[...]'
+  kind: str
+  input_readers: Optional[InputReaders]
+
+  def refusal(self) -> ValueError:
+    """Why no layer (or several) can be the first layer, listing the candidates."""
+    status, kind = self.status, self.kind
+    candidates = [p for p, s in status.items() if s == DATA]
+    unknown = [p for p, s in status.items() if s == UNKNOWN]
+    if unknown:
+      return ValueError(
+        f'Cannot tell whether the input of {self.described(unknown)} depends on '
+        'parameters: the probe never saw it differentiated (e.g. it runs inside '
+        'a jax.custom_vjp function).'
+        + (f' Layers with data-only input: {self.described(candidates)}.' if candidates else '')
+        + self.others(unknown + candidates)
+        + self.suggestion(unknown + candidates)
+        + _SEE_DEFINITION
+      )
+    if not candidates:
+      listed = list(status)[:MAX_LISTED_CANDIDATES]
+      return ValueError(
+        f'Every {kind} layer called takes an input that depends on parameters, '
+        'so none is a first layer (a learned scale before the stem?): '
+        f'{self.described(listed)}.'
+        + self.others(listed)
+        + ' A stem of your own (self.param with lax.conv) is not seen: compute it with '
+        'tract_optax.conv / dense. To precondition a layer anyway, name it with '
+        'layers=[...].' + _SEE_DEFINITION
+      )
+    if len(candidates) > 1:
+      return ValueError(
+        f'Several {kind} layers take input computed from data alone: '
+        f'{self.described(candidates)} (e.g. an image stem and a label or time '
+        'embedding); TrAct cannot tell which is the image stem.'
+        + self.others(candidates)
+        + self.suggestion(candidates)
+        + _SEE_DEFINITION
+      )
+    name = paths_lib.format_path(paths_lib.normalize_path(candidates[0]))
+    return ValueError(
+      f'The first {kind} layer called, {_text(next(iter(status)))}, takes an input that '
+      f'depends on parameters, so it is no first layer; the only layer with '
+      f'data-only input is {self.described(candidates)}.'
+      + self.others(candidates)
+      + f' If {name!r} is the image stem, pass layers=[{name!r}].'
+      + _SEE_DEFINITION
+    )
+
+  def described(self, paths: Sequence[ModulePath]) -> str:
+    """``'stem' (nn.Conv, input float32[...]), ...``, at most a few of them."""
+    listed = [f'{_text(p)} ({self.types[p]})' for p in paths[:MAX_LISTED_CANDIDATES]]
     if len(paths) > MAX_LISTED_CANDIDATES:
       listed.append(f'and {len(paths) - MAX_LISTED_CANDIDATES} more')
     return ', '.join(listed)
 
-  def others(excluded: Sequence[ModulePath]) -> str:
-    rest = [p for p in status if p not in excluded]
+  def others(self, excluded: Sequence[ModulePath]) -> str:
+    """A sentence on the layers called that ``excluded`` leaves out."""
+    rest = [p for p in self.status if p not in excluded]
     if not rest:
       return ''
     named = ', '.join(_text(p) for p in rest[:MAX_NAMED_OTHERS])
@@ -417,14 +478,15 @@ def choose(
       UNKNOWN: 'input of unknown dependence',
       DATA: 'data-only input',
     }
-    kinds = sorted({status[p] for p in rest}, key=[PARAMS, UNKNOWN, DATA].index)
+    kinds = sorted({self.status[p] for p in rest}, key=[PARAMS, UNKNOWN, DATA].index)
     what = ' or '.join(depends[k] for k in kinds)
     if len(rest) == 1:
-      return f' The other {kind} layer called, {named}, takes {what}.'
-    return f' The other {len(rest)} {kind} layers called take {what} ({named}{more}).'
+      return f' The other {self.kind} layer called, {named}, takes {what}.'
+    return f' The other {len(rest)} {self.kind} layers called take {what} ({named}{more}).'
 
-  def suggestion(pool: Sequence[ModulePath]) -> str:
-    found = input_readers() if input_readers is not None else None
+  def suggestion(self, pool: Sequence[ModulePath]) -> str:
+    """Which layer of ``pool`` to name, by the model's largest input, if one reads it."""
+    found = self.input_readers() if self.input_readers is not None else None
     if found is None:
       return (
         ' Name the image stem explicitly with layers=[<its module path>] (the '
@@ -442,45 +504,6 @@ def choose(
       f" The first of them that reads the model's largest input ({description}) "
       f'is {name!r}: if it is the image stem, pass layers=[{name!r}].'
     )
-
-  if unknown:
-    raise ValueError(
-      f'Cannot tell whether the input of {described(unknown)} depends on '
-      'parameters: the probe never saw it differentiated (e.g. it runs inside '
-      'a jax.custom_vjp function).'
-      + (f' Layers with data-only input: {described(candidates)}.' if candidates else '')
-      + others(unknown + candidates)
-      + suggestion(unknown + candidates)
-      + _SEE_DEFINITION
-    )
-  if not candidates:
-    raise ValueError(
-      f'Every {kind} layer called takes an input that depends on parameters, '
-      'so none is a first layer (a learned scale before the stem?): '
-      f'{described(list(status)[:MAX_LISTED_CANDIDATES])}.'
-      + others(list(status)[:MAX_LISTED_CANDIDATES])
-      + ' A stem of your own (self.param with lax.conv) is not seen: compute it with '
-      'tract_optax.conv / dense. To precondition a layer anyway, name it with '
-      'layers=[...].' + _SEE_DEFINITION
-    )
-  if len(candidates) > 1:
-    raise ValueError(
-      f'Several {kind} layers take input computed from data alone: '
-      f'{described(candidates)} (e.g. an image stem and a label or time '
-      'embedding); TrAct cannot tell which is the image stem.'
-      + others(candidates)
-      + suggestion(candidates)
-      + _SEE_DEFINITION
-    )
-  name = paths_lib.format_path(paths_lib.normalize_path(candidates[0]))
-  raise ValueError(
-    f'The first {kind} layer called, {_text(first)}, takes an input that '
-    f'depends on parameters, so it is no first layer; the only layer with '
-    f'data-only input is {described(candidates)}.'
-    + others(candidates)
-    + f' If {name!r} is the image stem, pass layers=[{name!r}].'
-    + _SEE_DEFINITION
-  )
 
 
 class Uncacheable(TypeError):

@@ -3,7 +3,8 @@
 The explanation of a refusal lives once, in the docs; a message says the problem and the fix
 in a sentence or two (at most MAX_CHARS characters of its own text, the docs pointer from
 ``docs_link.see`` not counted) and points there. Measured on the source: every string
-constant that makes up a ``raise``'s or ``warnings.warn``'s message, or a module-level
+constant that makes up the message of an error built (``raise``d or returned) or of a
+``warnings.warn``, or a module-level
 message constant (an UPPER_CASE name bound to text), placeholders not counted.
 """
 
@@ -35,12 +36,26 @@ def _text(node) -> str:
   return ''.join(parts)
 
 
+def _is_error_class(func) -> bool:
+  name = getattr(func, 'id', None) or getattr(func, 'attr', None) or ''
+  return name.endswith(('Error', 'Exception'))
+
+
 def _messages():
   for source in SOURCES:
     tree = ast.parse(source.read_text())
+    raised: set = set()  # calls already read as a raise's message
     for node in ast.walk(tree):
       if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+        raised.add(id(node.exc))
         yield f'{source.name}:{node.lineno}', _text(node.exc.args[0])
+      elif (
+        isinstance(node, ast.Call)
+        and id(node) not in raised
+        and _is_error_class(node.func)
+        and node.args
+      ):  # an error built to be raised elsewhere (return ValueError(...))
+        yield f'{source.name}:{node.lineno}', _text(node.args[0])
       elif (
         isinstance(node, ast.Call)
         and getattr(node.func, 'attr', None) == 'warn'

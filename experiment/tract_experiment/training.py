@@ -387,6 +387,21 @@ class _Progress:
       self.bar.close()
 
 
+def _schedule(config: Config, dataset: data_lib.Dataset,
+              budget: int) -> Tuple[int, jax.Array, jax.Array]:
+  """A ``budget``-epoch run's step count, and its cosine schedule's total and warm-up steps
+  as arrays (so one compiled step serves every budget)."""
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+  total_steps = budget * steps_per_epoch
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  return total_steps, jnp.asarray(total_steps), jnp.asarray(warmup_steps)
+
+
+def _input_note(dataset: data_lib.Dataset) -> str:
+  """What a run's progress name says about a non-standardised input scale."""
+  return '' if dataset.input_scale == 'standardized' else f' ({dataset.input_scale} input)'
+
+
 def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
               budget: int, lr: float, model: nn.Module, tx: optax.GradientTransformation,
               train_step: Callable, eval_step: Callable,
@@ -401,12 +416,8 @@ def train_run(config: Config, dataset: data_lib.Dataset, method: str, seed: int,
   """
   state = create_state(model, tx, dataset.image_shape, seed)
   name = f'{METHOD_LABELS[method]:13s} seed {seed} budget {budget} ep lr {lr:g}'
-  if dataset.input_scale != 'standardized':
-    name += f' ({dataset.input_scale} input)'
-  steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  total_steps = budget * steps_per_epoch
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  total_array, warmup_array = jnp.asarray(total_steps), jnp.asarray(warmup_steps)
+  name += _input_note(dataset)
+  total_steps, total_array, warmup_array = _schedule(config, dataset, budget)
   lr_array = jnp.asarray(lr, jnp.float32)
   progress = _Progress(config.progress, total_steps, name, log)
   train_losses = []
@@ -497,12 +508,8 @@ def train_groups(config: Config, dataset: data_lib.Dataset, methods: Sequence[st
             for method in methods}
   name = (f'{" + ".join(METHOD_LABELS[m] for m in methods)}, budget {budget} ep: '
           f'{len(seeds)} seeds x {len(lrs)} lrs each')
-  if dataset.input_scale != 'standardized':
-    name += f' ({dataset.input_scale} input)'
-  steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  total_steps = budget * steps_per_epoch
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  total_array, warmup_array = jnp.asarray(total_steps), jnp.asarray(warmup_steps)
+  name += _input_note(dataset)
+  total_steps, total_array, warmup_array = _schedule(config, dataset, budget)
   lr_array = jnp.asarray(lrs, jnp.float32)
   progress = _Progress(config.progress, total_steps, name, log)
   train_losses: Dict[str, List[np.ndarray]] = {method: [] for method in methods}

@@ -530,11 +530,13 @@ def test_linen_eager_data_dependent_branch_names_the_abstract_probe_and_layers()
     out = tract_linen.apply_tract(model, {'params': params}, image, **kwargs)
     return jnp.sum(out**2)
 
-  with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
-    jax.grad(loss)(variables['params'])
-  grads = jax.grad(functools.partial(loss, layers=['stem']))(variables['params'])
   plain = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, image) ** 2))(variables['params'])
   expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0), plain['stem']['kernel'])
+  grads = jax.grad(functools.partial(loss, layers=['stem']))(variables['params'])
+  assert _relative(grads['stem']['kernel'], expected) < 1e-4
+  # Under jax.grad the choice is read off the (eager) pass itself: no probe.
+  first_layer.clear_cache()
+  grads = jax.grad(loss)(variables['params'])
   assert _relative(grads['stem']['kernel'], expected) < 1e-4
 
 
@@ -784,3 +786,112 @@ def test_a_custom_stem_is_named_as_unseen_not_a_conv_after_it_as_the_stem():
   assert 'A stem of your own (self.param with lax.conv) is not seen' in message
   assert 'tract_optax.conv / dense' in message
   assert "reads the model's largest input" not in message  # the conv reads the stem's output
+
+
+# ----------------------------------------------------------------------------
+# The choice read off the differentiated pass itself (no probe trace)
+
+
+def _counting_grad_loss(model, route, **kwargs):
+  def loss(params, x):
+    variables = {'params': params}
+    if route == 'stats':
+      out, stats = tract_linen.apply_with_stats(model, variables, x, **kwargs)
+      return jnp.sum(out**2) + sum(jnp.sum(s.moment) for s in stats.values())
+    return jnp.sum(tract_linen.apply_tract(model, variables, x, lam=0.1, **kwargs) ** 2)
+
+  return loss
+
+
+@pytest.mark.parametrize('route', ['stats', 'tract'])
+def test_linen_differentiated_pass_chooses_without_the_probe(route):
+  first_layer.clear_cache()
+  runs = []
+  model = _counting_linen(runs)
+  x = _normal((8, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  loss = _counting_grad_loss(model, route)
+  expected_runs = (1, 1) if route == 'stats' else (2, 1)  # tract: the statistics pass stops early
+  assert _runs_in_trace(runs, jax.grad(loss), params, x) == expected_runs
+  assert _runs_in_trace(runs, jax.grad(loss), params, x) == expected_runs  # cached
+  if route == 'tract':
+    grads = jax.grad(loss)(params, x)
+    plain = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x) ** 2))(params)
+    expected = tract_optax.precondition(plain['stem']['kernel'], tract_optax.dense_stats(x), 0.1)
+    np.testing.assert_allclose(grads['stem']['kernel'], expected, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(grads['other']['kernel'], plain['other']['kernel'])
+
+
+@pytest.mark.parametrize('route', ['stats', 'tract'])
+def test_linen_pass_differentiated_in_part_asks_the_probe(route):
+  """A gradient in some parameters only, or in the input too, tells nothing:
+  the probe runs (an extra model run) and the choice is the same."""
+  runs = []
+  model = _counting_linen(runs)
+  x = _normal((8, 4))
+  params = model.init(jax.random.key(0), x)['params']
+  loss = _counting_grad_loss(model, route)
+
+  def head_only(head, other, x):
+    return loss({**other, 'head': head}, x)
+
+  others = {k: v for k, v in params.items() if k != 'head'}
+  extra = 1  # the probe's abstract run, to the end of the model
+  full = (1, 1) if route == 'stats' else (2, 1)
+  for fn, args in [
+    (jax.grad(head_only), (params['head'], others, x)),
+    (jax.grad(loss, argnums=(0, 1)), (params, x)),
+    (loss, (params, x)),  # no gradient at all
+  ]:
+    first_layer.clear_cache()
+    assert _runs_in_trace(runs, fn, *args) == (full[0] + extra, full[1] + extra)
+  _, stats = tract_linen.apply_with_stats(model, {'params': params}, x)
+  assert list(stats) == [('stem',)]
+
+
+@pytest.mark.parametrize(
+  'model,inputs',
+  [
+    (ConditionedCNN(), lambda: (_normal((2, 6, 6, 3)), jax.nn.one_hot(jnp.arange(2), 4))),
+    (TimeEmbedding(), lambda: (_normal((2, 6, 6, 3)), jnp.arange(2.0))),
+    (LearnedNormalization(), lambda: (_normal((2, 6, 6, 3)),)),
+    (TokenFirst(), lambda: (_normal((2, 6, 6, 3)), jnp.zeros((2, 5), jnp.int32))),
+  ],
+  ids=['label-first', 'time-embedding', 'learned-scale', 'token-first'],
+)
+@pytest.mark.parametrize('route', ['stats', 'tract'])
+def test_linen_refusals_under_grad_are_the_probes(model, inputs, route):
+  """Where the pass cannot accept, the probe words the refusal: the message
+  under jax.grad is the one without a gradient."""
+  args = inputs()
+  params = model.init(jax.random.key(0), *args)['params']
+  first_layer.clear_cache()
+  with pytest.raises(ValueError) as without_grad:
+    tract_linen.apply_with_stats(model, {'params': params}, *args)
+
+  def loss(p):
+    if route == 'stats':
+      return jnp.sum(tract_linen.apply_with_stats(model, {'params': p}, *args)[0])
+    return jnp.sum(tract_linen.apply_tract(model, {'params': p}, *args, lam=0.1))
+
+  first_layer.clear_cache()
+  with pytest.raises(ValueError) as under_grad:
+    jax.jit(jax.grad(loss))(params)
+  assert str(under_grad.value) == str(without_grad.value)
+
+
+def test_linen_error_of_the_provisional_pass_is_raised_after_the_probe_accepts():
+  """The first layer called is the stem, but a subclass the glue refuses: the
+  pass's own refusal is raised (the probe accepts the layer)."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name='head')(StdConv(4, (3, 3), name='stem')(x).mean((1, 2)))
+
+  x = _normal((2, 6, 6, 3))
+  params = Model().init(jax.random.key(0), x)['params']
+  first_layer.clear_cache()
+  loss = _counting_grad_loss(Model(), 'tract')
+  with pytest.raises(ValueError, match=r"'stem' is a nn.StdConv: its class StdConv overrides"):
+    jax.grad(loss)(params, x)

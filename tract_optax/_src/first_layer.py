@@ -22,6 +22,13 @@ of token or patch sequences), found by a second abstract trace with ``jvp``
 in that argument alone; a time-step MLP or a label embedding, though
 data-only, reads another argument and is never suggested.
 
+A pass the glue runs anyway can stand in for the probe's trace
+(``choose_in_pass``): only the first layer called can be chosen, so the pass
+takes it provisionally and marks every layer input with a token whose tangent
+comes from the parameters alone (``DependencyProbe.watch``). Under a
+``jax.grad`` in every parameter and nothing else, each marker's rule sees
+what it would see in the probe; otherwise the probe runs.
+
 The probe runs abstractly even when the model is called eagerly, so a model
 that turns an array into a Python value (``if float(jnp.max(x)) > 1: ...``)
 fails there; the error says so and names ``layers=[...]``, which skips the
@@ -44,6 +51,7 @@ from typing import (
   Optional,
   Sequence,
   Tuple,
+  TypeVar,
   Union,
   cast,
 )
@@ -148,9 +156,11 @@ def _marker_jvp(
 ) -> Tuple[ArrayLike, jax.Array]:
   """Reports to ``probe`` (a static argument: no registry) whether a tangent came."""
   x, _ = primals
-  x_tangent, _ = tangents
+  x_tangent, token_tangent = tangents
   data_only = isinstance(x_tangent, SymbolicZero)
-  if index < len(probe.calls):
+  # No tangent on the token: the parameters are not what is differentiated
+  # (a gradient in the inputs alone), so the call says nothing.
+  if index < len(probe.calls) and not isinstance(token_tangent, SymbolicZero):
     probe.calls[index].reached = not data_only
   if data_only:
     x_tangent = _zero_tangent(x)
@@ -158,6 +168,53 @@ def _marker_jvp(
 
 
 _marker.defjvp(_marker_jvp, symbolic_zeros=True)
+
+
+def _first_element_times_zero(x: jax.Array) -> jax.Array:
+  return jnp.ravel(x)[0].astype(jnp.float32) * 0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _params_token(
+  params: List[jax.Array], others: List[jax.Array], probe: DependencyProbe
+) -> jax.Array:
+  """A zero scalar whose tangent is nonzero when the parameters are differentiated."""
+  del others, probe
+  return _first_element_times_zero(params[0])
+
+
+def _params_token_jvp(
+  probe: DependencyProbe,
+  primals: Tuple[List[jax.Array], List[jax.Array]],
+  tangents: Tuple[List[Union[jax.Array, SymbolicZero]], List[Union[jax.Array, SymbolicZero]]],
+) -> Tuple[jax.Array, jax.Array]:
+  """Notes in ``probe`` whether exactly the parameters carry tangents.
+
+  The layer markers of a pass are then read as the probe's own would be: a
+  tangent reaches an input if and only if it depends on the parameters.
+  """
+  params, _ = primals
+  param_tangents, other_tangents = tangents
+  probe.differentiated = not any(isinstance(t, SymbolicZero) for t in param_tangents) and all(
+    isinstance(t, SymbolicZero) for t in other_tangents
+  )
+  token = _first_element_times_zero(params[0])
+  if not probe.differentiated:  # the markers then record nothing
+    return token, _zero_tangent(token)
+  # the first leaf's tangent, which has its primal's type (varying axes too)
+  return token, _first_element_times_zero(cast(jax.Array, param_tangents[0]))
+
+
+_params_token.defjvp(_params_token_jvp, symbolic_zeros=True)
+
+
+def _inexact_arrays(tree: Any) -> List[jax.Array]:
+  """The inexact JAX arrays (tracers included) among ``tree``'s leaves."""
+  return [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(tree)
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
 
 
 def _container(value: object) -> bool:
@@ -197,8 +254,48 @@ class DependencyProbe:
   def __init__(self) -> None:
     self.calls: List[LayerCall] = []
     self.token: Optional[jax.Array] = None
+    #: In a watched pass: whether exactly the parameters were differentiated
+    #: (None: nothing was).
+    self.differentiated: Optional[bool] = None
+
+  def watch(self, params: Any, others: Any) -> bool:
+    """Prepares the marking of a real pass (``mark`` then uses a token of ``params``).
+
+    When that pass is differentiated in every inexact leaf of ``params`` and
+    in nothing of ``others`` (the model's inputs and other variables), each
+    marker learns what the probe's own trace would tell, at no extra trace:
+    see ``pass_choice``.
+
+    Returns:
+      False when ``params`` has no inexact array (nothing can be learned).
+    """
+    self.calls, self.differentiated = [], None
+    leaves = _inexact_arrays(params)
+    if not leaves:
+      self.token = None
+      return False
+    self.token = _params_token(leaves, _inexact_arrays(others), self)
+    return True
+
+  def pass_choice(self, kind: str = 'Conv/Dense') -> Optional[ModulePath]:
+    """The first layer as read off a watched pass, or None when it cannot tell.
+
+    None when the pass was not differentiated in exactly the parameters, or
+    when ``choose`` would refuse (the caller then probes, which words the
+    refusal with its suggestion).
+    """
+    self.token = None
+    if not self.differentiated:
+      return None
+    try:
+      return choose(self.calls, kind)
+    except ValueError:
+      return None
 
   def mark(self, x: ArrayLike, path: ModulePath, type_name: str) -> ArrayLike:
+    """Notes a layer call and returns its input ``x``, marked when a token is set."""
+    if self.token is None:
+      return x
     index = len(self.calls)
     self.calls.append(LayerCall(path, type_name, _type_text(x)))
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -545,6 +642,14 @@ def _choice_cell(key: Hashable) -> List[ModulePath]:
   return []
 
 
+def _cell(key: Callable[[], Hashable]) -> Optional[List[ModulePath]]:
+  """The cache cell of ``key()``, or None for a key that cannot be hashed."""
+  try:
+    return _choice_cell(key())
+  except (Uncacheable, TypeError):  # an unhashable field: probe every time
+    return None
+
+
 def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePath]) -> ModulePath:
   """The first layer for a model structure and input types, chosen once.
 
@@ -563,14 +668,68 @@ def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePa
   Returns:
     The chosen layer's path.
   """
-  try:
-    built = key()
-    cell = _choice_cell(built)
-  except (Uncacheable, TypeError):  # an unhashable field: probe every time
+  cell = _cell(key)
+  if cell is None:
     return choose_now()
   if not cell:
     cell.append(choose_now())
   return cell[0]
+
+
+_Result = TypeVar('_Result')
+#: ``run(path, probe)``: one pass of the glue. With a ``path``, the pass for
+#: that layer (``probe`` is None). With None, the pass takes the first
+#: Conv/Dense layer it calls, provisionally, after ``probe.watch(...)``,
+#: marking every layer input with ``probe.mark``. Returns ``(result, the
+#: layer it took or None)``.
+PassRun = Callable[
+  [Optional[ModulePath], Optional['DependencyProbe']], Tuple[_Result, Optional[ModulePath]]
+]
+
+
+def choose_in_pass(
+  key: Callable[[], Hashable],
+  probe_now: Callable[[], ModulePath],
+  run: PassRun[_Result],
+  kind: str = 'Conv/Dense',
+) -> _Result:
+  """Runs a pass for the first layer, read off that very pass when not cached.
+
+  The first layer can only be the first one called. So when the choice is not
+  cached, ``run`` takes that layer provisionally and marks every layer
+  input; when the pass is differentiated in exactly the parameters (a
+  training step's ``jax.grad``), the markers tell what the probe would, and
+  the probe's extra trace is saved. Otherwise (no gradient, a gradient in
+  some parameters only or in the inputs too, or a verdict that refuses) the
+  probe decides as before, its refusal raised as before, and the pass is run
+  again only if it took another layer. An error of the provisional pass is
+  raised after the probe's own refusal, if it has one, so the messages are
+  the probe-first ones.
+
+  Args:
+    key: the cache key (see ``cached_choice``).
+    probe_now: runs the probe (raises its refusal).
+    run: the glue's pass (see ``PassRun``).
+    kind: how the layers are called in messages.
+
+  Returns:
+    The result of ``run`` for the chosen layer.
+  """
+  cell = _cell(key)
+  if cell:
+    return run(cell[0], None)[0]
+  probe = DependencyProbe()
+  try:
+    result, taken = run(None, probe)
+  except Exception:
+    probe_now()  # a refusal of the probe comes first, as when it ran first
+    raise
+  chosen = probe.pass_choice(kind)
+  if chosen is None or chosen != taken:
+    chosen = probe_now()
+  if cell is not None:
+    cell.append(chosen)
+  return result if chosen == taken else run(chosen, None)[0]
 
 
 def clear_cache() -> None:

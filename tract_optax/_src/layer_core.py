@@ -221,6 +221,8 @@ class Recorder:
   Attributes:
     table: the framework's ``LayerTable``.
     selected: the paths of the layers to record.
+    take_first: select the first layer with a kernel called (``selected``
+      empty): the provisional choice of ``first_layer.choose_in_pass``.
     called: every kernel layer called, in first-call order.
     recorded: the selected layers whose statistic was taken.
     kernel_shapes: each recorded layer's kernel shape as seen inside the pass
@@ -235,9 +237,11 @@ class Recorder:
     precision: stats_lib.PrecisionLike,
     max_chunk_bytes: Optional[int],
     stop_early: bool = False,
+    take_first: bool = False,
   ):
     self.table = table
     self.selected: List[ModulePath] = list(selected)
+    self.take_first = take_first
     self.precision = precision
     self.max_chunk_bytes = max_chunk_bytes
     self.called: List[ModulePath] = []
@@ -273,9 +277,12 @@ class Recorder:
     return {path: len(calls) for path, calls in self.direct.items()}
 
   def saw_call(self, layer: Any, path: ModulePath) -> None:
-    """Notes a call of ``layer`` (kept if it has a kernel)."""
+    """Notes a call of ``layer`` (kept if it has a kernel); with ``take_first``,
+    the first layer with a kernel becomes the selection."""
     if isinstance(layer, self.table.kernel_layers) and path not in self.called:
       self.called.append(path)
+      if self.take_first and not self.selected:
+        self.selected = [path]
 
   def stats(
     self,

@@ -30,18 +30,22 @@ as one ``(n, m)`` matrix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import (
   TYPE_CHECKING,
   Any,
   Callable,
+  ContextManager,
   Dict,
   List,
   Mapping,
   Optional,
   Sequence,
   Tuple,
+  TypeVar,
   Union,
+  cast,
 )
 
 import flax.linen as nn
@@ -185,8 +189,9 @@ class _Recorder(layer_core.Recorder):
     max_chunk_bytes: Optional[int],
     params: Optional[Mapping[str, Any]] = None,
     stop_early: bool = False,
+    take_first: bool = False,
   ) -> None:
-    super().__init__(LAYERS, selected, precision, max_chunk_bytes, stop_early)
+    super().__init__(LAYERS, selected, precision, max_chunk_bytes, stop_early, take_first)
     self.params = {} if params is None else params  # the kernels as given to apply
     self.wrappers: List[str] = []  # active nn.SpectralNorm / nn.WeightNorm calls
     self.active: List[list] = []  # [path, superseded] frames
@@ -359,18 +364,18 @@ def require_variables(variables: Any, owner: str) -> None:
     )
 
 
-def _probe_first_layer(
-  module: nn.Module, variables: Variables, args: Sequence[Any], apply_kwargs: Mapping[str, Any]
-) -> ModulePath:
-  """The first layer of ``module`` by ``tract_optax.first_layer``'s rule."""
-  probe = first_layer.DependencyProbe()
-  params = variables.get('params', {}) if hasattr(variables, 'get') else {}
-  active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
+class _Marking:
+  """Interceptor marking the input of every Conv/Dense call for ``probe``."""
 
-  def interceptor(
+  def __init__(self, probe: first_layer.DependencyProbe) -> None:
+    self.probe = probe
+    self.active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
+
+  def __call__(
+    self,
     next_fun: Callable[..., Any],
-    call_args: Tuple[Any, ...],
-    call_kwargs: Dict[str, Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
     context: InterceptorContext,
   ) -> Any:
     layer = context.module
@@ -379,45 +384,82 @@ def _probe_first_layer(
       or layer.scope is None
       or not isinstance(layer, _KERNEL_LAYERS)
     ):
-      return next_fun(*call_args, **call_kwargs)
-    path = tuple(context.module.path)
-    if path in active:  # a subclass calling super().__call__: marked already
-      return next_fun(*call_args, **call_kwargs)
-    active.append(path)
+      return next_fun(*args, **kwargs)
+    path = tuple(layer.path)
+    if path in self.active:  # a subclass calling super().__call__: marked already
+      return next_fun(*args, **kwargs)
+    self.active.append(path)
     try:
       type_name = f'nn.{type(layer).__name__}'
-      if call_args:
-        call_args = (probe.mark(call_args[0], path, type_name),) + tuple(call_args[1:])
-      elif 'inputs' in call_kwargs:
-        call_kwargs = {**call_kwargs, 'inputs': probe.mark(call_kwargs['inputs'], path, type_name)}
+      if args:
+        args = (self.probe.mark(args[0], path, type_name),) + tuple(args[1:])
+      elif 'inputs' in kwargs:
+        kwargs = {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
       else:
         raise _capture.missing_input(path)
-      return next_fun(*call_args, **call_kwargs)
+      return next_fun(*args, **kwargs)
     finally:
-      active.pop()
+      self.active.pop()
+
+
+def _probe_first_layer(
+  module: nn.Module, variables: Variables, args: Sequence[Any], apply_kwargs: Mapping[str, Any]
+) -> ModulePath:
+  """The first layer of ``module`` by ``tract_optax.first_layer``'s rule."""
+  probe = first_layer.DependencyProbe()
 
   def run(probed_params: Any, inputs: first_layer.ModelInputs, _: jax.Array) -> None:
     probed = dict(variables)
     probed['params'] = probed_params
     probed_args, probed_kwargs = inputs
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(_Marking(probe)):
       module.apply(probed, *probed_args, **probed_kwargs)
 
-  return probe.select(run, params, (args, apply_kwargs), 'Conv/Dense')
+  return probe.select(run, _params_of(variables), (args, apply_kwargs), 'Conv/Dense')
 
 
-def first_layer_of(
-  module: nn.Module, variables: Variables, args: Sequence[Any], apply_kwargs: Mapping[str, Any]
-) -> ModulePath:
-  """The first layer of ``module``, probed once per structure and input types.
+_Result = TypeVar('_Result')
+#: ``run(selected, marking)``: a pass of the glue, returning its result and the
+#: layers it took. With ``marking`` (the first layer not known yet),
+#: ``selected`` is empty: the pass takes the first layer called, and its
+#: differentiated pass runs under ``marking``.
+_GluePass = Callable[[List[ModulePath], Optional['_Marking']], Tuple[_Result, List[ModulePath]]]
 
-  The key is the module (Linen modules hash by their fields) and the tree
-  structure, shapes and dtypes of its variables and call arguments (other
-  values by themselves); see ``tract_optax.first_layer.cached_choice``.
+
+def _with_first_layer(
+  module: nn.Module,
+  variables: Variables,
+  args: Sequence[Any],
+  apply_kwargs: Mapping[str, Any],
+  layers: _capture.LayersLike,
+  run: _GluePass[_Result],
+) -> _Result:
+  """``run`` for the named layers or for the first layer.
+
+  Without ``layers`` the first layer is cached per module, structure and
+  input types (Linen modules hash by their fields; other values by
+  themselves), or read off the pass itself (see
+  ``tract_optax.first_layer.choose_in_pass``), or probed.
   """
-  return first_layer.cached_choice(
+  selected = _capture.normalize_layers(layers)
+  if selected is not None:
+    return run(selected, None)[0]
+
+  def run_pass(
+    path: Optional[ModulePath], probe: Optional[first_layer.DependencyProbe]
+  ) -> Tuple[_Result, Optional[ModulePath]]:
+    if probe is None:
+      return run([cast(ModulePath, path)], None)[0], path
+    others = ({k: v for k, v in variables.items() if k != 'params'}, args, apply_kwargs)
+    probe.watch(_params_of(variables), others)
+    result, taken = run([], _Marking(probe))
+    return result, (taken[0] if taken else None)
+
+  return first_layer.choose_in_pass(
     lambda: (module, first_layer.tree_spec((variables, args, apply_kwargs))),
     lambda: _probe_first_layer(module, variables, args, apply_kwargs),
+    run_pass,
+    'Conv/Dense',
   )
 
 
@@ -482,26 +524,33 @@ def apply_with_stats(
   """
   module = as_module(module, 'apply_with_stats')
   require_variables(variables, 'apply_with_stats')
-  selected = _selection(module, variables, args, apply_kwargs, layers)
-  recorder = _Recorder(selected, precision, max_chunk_bytes, params=_params_of(variables))
-  return _recorded_pass(module, variables, args, apply_kwargs, recorder)
+
+  def run(
+    selected: List[ModulePath], marking: Optional[_Marking]
+  ) -> Tuple[Tuple[Any, Dict[ModulePath, TractStats]], List[ModulePath]]:
+    recorder = _Recorder(
+      selected,
+      precision,
+      max_chunk_bytes,
+      params=_params_of(variables),
+      take_first=marking is not None,
+    )
+    with _intercepting(marking):
+      result = _recorded_pass(module, variables, args, apply_kwargs, recorder)
+    return result, recorder.selected
+
+  return _with_first_layer(module, variables, args, apply_kwargs, layers, run)
 
 
 def _params_of(variables: Variables) -> Any:
   return variables.get('params', {}) if hasattr(variables, 'get') else {}
 
 
-def _selection(
-  module: nn.Module,
-  variables: Variables,
-  args: Sequence[Any],
-  apply_kwargs: Mapping[str, Any],
-  layers: _capture.LayersLike,
-) -> List[ModulePath]:
-  selected = _capture.normalize_layers(layers)
-  if selected is None:
-    return [first_layer_of(module, variables, args, apply_kwargs)]
-  return selected
+def _intercepting(interceptor: Optional[Callable[..., Any]]) -> ContextManager[None]:
+  """``nn.intercept_methods(interceptor)``, or nothing for None."""
+  if interceptor is None:
+    return contextlib.nullcontext()
+  return nn.intercept_methods(interceptor)
 
 
 def _recorded_pass(
@@ -610,8 +659,9 @@ def apply_tract(
   their inputs; the main pass, with the kernels wrapped by
   ``tract_optax.tract_kernel``, checks that they are called no more
   (a layer called again later, e.g. a shared stem, makes both passes run in
-  full). Without ``layers``, the first layer is probed once per model
-  structure and input types (see ``docs/first_layer.md``).
+  full). Without ``layers``, the first layer is chosen once per model
+  structure and input types: read off this pass when it runs under
+  ``jax.grad`` in every parameter, else probed (see ``docs/first_layer.md``).
 
   Args:
     module_or_apply_fn: the Linen module, or its bound ``apply``
@@ -666,7 +716,6 @@ def apply_tract(
   module = as_module(module_or_apply_fn, 'apply_tract')
   require_variables(variables, 'apply_tract')
   gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
-  selected = _selection(module, variables, args, apply_kwargs, layers)
   wrap = functools.partial(
     gradient_route.tract_kernel,
     lam=lam,
@@ -681,24 +730,32 @@ def apply_tract(
   # gradients stopped) and ends right after the selected layers' first calls;
   # the main pass checks that they are called no more, else both run in full.
   stopped = jax.lax.stop_gradient(variables)
-  for stop_early in (True, False):
-    recorder = _Recorder(
-      selected, precision, max_chunk_bytes, params=_params_of(stopped), stop_early=stop_early
-    )
-    _, tract_stats = _recorded_pass(module, stopped, args, apply_kwargs, recorder)
-    params = variables['params']
-    for path, stats in tract_stats.items():
-      name = paths_lib.format_path(path)
-      params = _replace_kernel(params, path, functools.partial(wrap, stats=stats, name=name))
-    wrapped = _with_entry(variables, 'params', params)
-    if not recorder.ended_early:
-      return module.apply(wrapped, *args, **apply_kwargs)
-    try:
-      with nn.intercept_methods(_CallCounter(recorder.limits())):
-        return module.apply(wrapped, *args, **apply_kwargs)
-    except layer_core.MoreCalls:
-      continue  # a layer called again later: its statistic needs the whole pass
-  raise AssertionError('unreachable: the full statistics pass never stops early')
+
+  def run(selected: List[ModulePath], marking: Optional[_Marking]) -> Tuple[Any, List[ModulePath]]:
+    for stop_early in (True, False):
+      recorder = _Recorder(
+        selected,
+        precision,
+        max_chunk_bytes,
+        params=_params_of(stopped),
+        stop_early=stop_early,
+        take_first=marking is not None,
+      )
+      _, tract_stats = _recorded_pass(module, stopped, args, apply_kwargs, recorder)
+      params = variables['params']
+      for path, stats in tract_stats.items():
+        name = paths_lib.format_path(path)
+        params = _replace_kernel(params, path, functools.partial(wrap, stats=stats, name=name))
+      wrapped = _with_entry(variables, 'params', params)
+      counter = _CallCounter(recorder.limits()) if recorder.ended_early else None
+      try:
+        with _intercepting(marking), _intercepting(counter):
+          return module.apply(wrapped, *args, **apply_kwargs), recorder.selected
+      except layer_core.MoreCalls:
+        continue  # a layer called again later: its statistic needs the whole pass
+    raise AssertionError('unreachable: the full statistics pass never stops early')
+
+  return _with_first_layer(module, variables, args, apply_kwargs, layers, run)
 
 
 class TractTrainState(train_state.TrainState):

@@ -63,6 +63,8 @@ _FAST_IN_SLOW_MODULES = {
     'test_linen_model_runs_per_trace',
     'test_linen_cached_choice_follows_the_module_fields',
     'test_a_custom_stem_is_named_as_unseen_not_a_conv_after_it_as_the_stem',
+    'test_linen_differentiated_pass_chooses_without_the_probe',
+    'test_linen_pass_differentiated_in_part_asks_the_probe',
   }),
   'test_ridge.py': frozenset({
     'test_relative_lambda_against_float64',

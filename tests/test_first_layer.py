@@ -824,8 +824,9 @@ def test_linen_differentiated_pass_chooses_without_the_probe(route):
 
 @pytest.mark.parametrize('route', ['stats', 'tract'])
 def test_linen_pass_differentiated_in_part_asks_the_probe(route):
-  """A gradient in some parameters only, or in the input too, tells nothing:
-  the probe runs (an extra model run) and the choice is the same."""
+  """A gradient in some parameters only, in the input too, or one that
+  differentiates the pass only after it ran (``jax.checkpoint``) tells
+  nothing: the probe runs first (an extra model run), the choice the same."""
   runs = []
   model = _counting_linen(runs)
   x = _normal((8, 4))
@@ -842,6 +843,7 @@ def test_linen_pass_differentiated_in_part_asks_the_probe(route):
     (jax.grad(head_only), (params['head'], others, x)),
     (jax.grad(loss, argnums=(0, 1)), (params, x)),
     (loss, (params, x)),  # no gradient at all
+    (jax.grad(jax.checkpoint(loss)), (params, x)),  # differentiated after the pass
   ]:
     first_layer.clear_cache()
     assert _runs_in_trace(runs, fn, *args) == (full[0] + extra, full[1] + extra)

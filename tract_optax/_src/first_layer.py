@@ -264,17 +264,19 @@ class DependencyProbe:
     When that pass is differentiated in every inexact leaf of ``params`` and
     in nothing of ``others`` (the model's inputs and other variables), each
     marker learns what the probe's own trace would tell, at no extra trace:
-    see ``pass_choice``.
+    see ``pass_choice``. That is known at once under ``jax.grad``, ``vjp``
+    or ``jvp`` (their rules run as the token is made).
 
     Returns:
-      False when ``params`` has no inexact array (nothing can be learned).
+      Whether the pass is differentiated in exactly ``params``; when False,
+      marking teaches nothing and the probe must decide.
     """
     self.calls, self.differentiated = [], None
     leaves = _inexact_arrays(params)
-    if not leaves:
+    self.token = _params_token(leaves, _inexact_arrays(others), self) if leaves else None
+    if not self.differentiated:
       self.token = None
       return False
-    self.token = _params_token(leaves, _inexact_arrays(others), self)
     return True
 
   def pass_choice(self, kind: str = 'Conv/Dense') -> Optional[ModulePath]:
@@ -679,8 +681,8 @@ def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePa
 _Result = TypeVar('_Result')
 #: ``run(path, probe)``: one pass of the glue. With a ``path``, the pass for
 #: that layer (``probe`` is None). With None, the pass takes the first
-#: Conv/Dense layer it calls, provisionally, after ``probe.watch(...)``,
-#: marking every layer input with ``probe.mark``. Returns ``(result, the
+#: Conv/Dense layer it calls, provisionally, and marks every layer input of
+#: its differentiated pass with ``probe.mark``. Returns ``(result, the
 #: layer it took or None)``.
 PassRun = Callable[
   [Optional[ModulePath], Optional['DependencyProbe']], Tuple[_Result, Optional[ModulePath]]
@@ -690,25 +692,28 @@ PassRun = Callable[
 def choose_in_pass(
   key: Callable[[], Hashable],
   probe_now: Callable[[], ModulePath],
+  watched: Tuple[Any, Any],
   run: PassRun[_Result],
   kind: str = 'Conv/Dense',
 ) -> _Result:
   """Runs a pass for the first layer, read off that very pass when not cached.
 
   The first layer can only be the first one called. So when the choice is not
-  cached, ``run`` takes that layer provisionally and marks every layer
-  input; when the pass is differentiated in exactly the parameters (a
-  training step's ``jax.grad``), the markers tell what the probe would, and
-  the probe's extra trace is saved. Otherwise (no gradient, a gradient in
-  some parameters only or in the inputs too, or a verdict that refuses) the
-  probe decides as before, its refusal raised as before, and the pass is run
-  again only if it took another layer. An error of the provisional pass is
-  raised after the probe's own refusal, if it has one, so the messages are
-  the probe-first ones.
+  cached and the pass is differentiated in exactly the parameters (a training
+  step's ``jax.grad``), ``run`` takes that layer provisionally and marks every
+  layer input: the markers tell what the probe would, and the probe's extra
+  trace is saved. Otherwise (no gradient, a gradient in some parameters only
+  or in the inputs too) the probe decides first, as before. It also decides
+  when the pass's verdict is a refusal, so refusals are worded alike, and
+  an error of the provisional pass is raised after the probe's own refusal,
+  if it has one.
 
   Args:
     key: the cache key (see ``cached_choice``).
     probe_now: runs the probe (raises its refusal).
+    watched: ``(params, others)`` for ``DependencyProbe.watch``: the
+      parameters and everything else the pass reads (inputs, other
+      variables).
     run: the glue's pass (see ``PassRun``).
     kind: how the layers are called in messages.
 
@@ -719,17 +724,21 @@ def choose_in_pass(
   if cell:
     return run(cell[0], None)[0]
   probe = DependencyProbe()
+  if not probe.watch(*watched):
+    chosen = probe_now()
+    if cell is not None:
+      cell.append(chosen)
+    return run(chosen, None)[0]
   try:
     result, taken = run(None, probe)
   except Exception:
     probe_now()  # a refusal of the probe comes first, as when it ran first
     raise
-  chosen = probe.pass_choice(kind)
-  if chosen is None or chosen != taken:
-    chosen = probe_now()
+  read = probe.pass_choice(kind)
+  final = read if read is not None and read == taken else probe_now()
   if cell is not None:
-    cell.append(chosen)
-  return result if chosen == taken else run(chosen, None)[0]
+    cell.append(final)
+  return result if final == taken else run(final, None)[0]
 
 
 def clear_cache() -> None:

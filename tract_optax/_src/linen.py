@@ -450,14 +450,14 @@ def _with_first_layer(
   ) -> Tuple[_Result, Optional[ModulePath]]:
     if probe is None:
       return run([cast(ModulePath, path)], None)[0], path
-    others = ({k: v for k, v in variables.items() if k != 'params'}, args, apply_kwargs)
-    probe.watch(_params_of(variables), others)
     result, taken = run([], _Marking(probe))
     return result, (taken[0] if taken else None)
 
+  others = ({k: v for k, v in variables.items() if k != 'params'}, args, apply_kwargs)
   return first_layer.choose_in_pass(
     lambda: (module, first_layer.tree_spec((variables, args, apply_kwargs))),
     lambda: _probe_first_layer(module, variables, args, apply_kwargs),
+    (_params_of(variables), others),
     run_pass,
     'Conv/Dense',
   )

@@ -209,11 +209,11 @@ _params_token.defjvp(_params_token_jvp, symbolic_zeros=True)
 
 
 def _inexact_arrays(tree: Any) -> List[jax.Array]:
-  """The inexact JAX arrays (tracers included) among ``tree``'s leaves."""
+  """The non-empty inexact JAX arrays (tracers included) among ``tree``'s leaves."""
   return [
     leaf
     for leaf in jax.tree_util.tree_leaves(tree)
-    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
   ]
 
 

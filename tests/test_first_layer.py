@@ -543,11 +543,15 @@ def test_linen_eager_data_dependent_branch_names_the_abstract_probe_and_layers()
 def test_nnx_eager_data_dependent_branch_names_the_abstract_probe_and_layers():
   image = jnp.abs(_normal((2, 6, 6, 3))) * 100.0 + 50.0
   model = NNXBranchingModel(nnx.Rngs(0))
+  first_layer.clear_cache()
   with pytest.raises(TypeError, match=_ABSTRACT_PROBE):
-    nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image) ** 2))(model)
+    tract_nnx.apply_with_stats(model, image)
   grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image, layers=['stem']) ** 2))(model)
   plain = nnx.grad(lambda m: jnp.sum(m(image) ** 2))(model)
   expected = _tract_solve(_same_patch_rows(np.asarray(image) / 255.0), plain['stem']['kernel'][...])
+  assert _relative(grads['stem']['kernel'][...], expected) < 1e-4
+  # Under nnx.grad the choice is read off the (eager) pass itself: no probe.
+  grads = nnx.grad(lambda m: jnp.sum(tract_nnx.apply_tract(m, image) ** 2))(model)
   assert _relative(grads['stem']['kernel'][...], expected) < 1e-4
 
 
@@ -897,3 +901,60 @@ def test_linen_error_of_the_provisional_pass_is_raised_after_the_probe_accepts()
   loss = _counting_grad_loss(Model(), 'tract')
   with pytest.raises(ValueError, match=r"'stem' is a nn.StdConv: its class StdConv overrides"):
     jax.grad(loss)(params, x)
+
+
+@pytest.mark.parametrize('route', ['stats', 'tract'])
+def test_nnx_differentiated_pass_chooses_without_the_probe(route):
+  runs = []
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.stem = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      self.other = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+      self.bn = nnx.BatchNorm(4, rngs=nnx.Rngs(2))
+      self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(3))
+
+    def __call__(self, x):
+      runs.append('call')
+      out = self.head(self.bn(self.other(nnx.relu(self.stem(x)))))
+      runs.append('end')
+      return out
+
+  x = _normal((8, 3))
+
+  def loss(model, x):
+    if route == 'stats':
+      out, stats = tract_nnx.apply_with_stats(model, x)
+      return jnp.sum(out**2) + sum(jnp.sum(s.moment) for s in stats.values())
+    return jnp.sum(tract_nnx.apply_tract(model, x, lam=0.1) ** 2)
+
+  expected_runs = (1, 1) if route == 'stats' else (2, 1)
+  for cached in (False, True):
+    model = Net()
+    graphdef, state = nnx.split(model)
+    if not cached:
+      first_layer.clear_cache()
+    grad = nnx.grad(loss)
+    assert _runs_in_trace(runs, lambda s, x: grad(nnx.merge(graphdef, s), x), state, x) == (
+      expected_runs
+    )
+  # the same choice as named explicitly: gradient and BatchNorm state alike
+  first_layer.clear_cache()
+  chosen, named = Net(), Net()
+  if route == 'stats':
+
+    def loss_and_stats(model, x):
+      out, stats = tract_nnx.apply_with_stats(model, x)
+      return jnp.sum(out**2), stats
+
+    _, stats = nnx.grad(loss_and_stats, has_aux=True)(chosen, x)
+    assert list(stats) == [('stem',)]
+    return
+  grads = nnx.grad(loss)(chosen, x)
+  expected = nnx.grad(
+    lambda m, x: jnp.sum(tract_nnx.apply_tract(m, x, lam=0.1, layers=['stem']) ** 2)
+  )(named, x)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(grads), nnx.state(expected))
+  jax.tree.map(
+    np.testing.assert_array_equal, nnx.state(chosen, nnx.BatchStat), nnx.state(named, nnx.BatchStat)
+  )

@@ -692,7 +692,7 @@ PassRun = Callable[
 def choose_in_pass(
   key: Callable[[], Hashable],
   probe_now: Callable[[], ModulePath],
-  watched: Tuple[Any, Any],
+  watched: Optional[Tuple[Any, Any]],
   run: PassRun[_Result],
   kind: str = 'Conv/Dense',
 ) -> _Result:
@@ -713,7 +713,7 @@ def choose_in_pass(
     probe_now: runs the probe (raises its refusal).
     watched: ``(params, others)`` for ``DependencyProbe.watch``: the
       parameters and everything else the pass reads (inputs, other
-      variables).
+      variables); None when the pass cannot be marked (the probe decides).
     run: the glue's pass (see ``PassRun``).
     kind: how the layers are called in messages.
 
@@ -724,7 +724,7 @@ def choose_in_pass(
   if cell:
     return run(cell[0], None)[0]
   probe = DependencyProbe()
-  if not probe.watch(*watched):
+  if watched is None or not probe.watch(*watched):
     chosen = probe_now()
     if cell is not None:
       cell.append(chosen)

@@ -38,11 +38,13 @@ from typing import (
   Any,
   Callable,
   Dict,
+  Hashable,
   List,
   Mapping,
   Optional,
   Sequence,
   Tuple,
+  TypeVar,
   Union,
   cast,
 )
@@ -311,12 +313,23 @@ class _ProbeRecorder(_Hooks):
   def observe(
     self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
   ) -> CallArgs:
-    type_name = LAYERS.type_name(module)
-    if args:
-      return (self.probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
-    if 'inputs' in kwargs:
-      return args, {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
-    raise _capture.missing_input(path)
+    return _marked(self.probe, module, path, args, kwargs)
+
+
+def _marked(
+  probe: first_layer.DependencyProbe,
+  module: nnx.Module,
+  path: ModulePath,
+  args: Tuple[Any, ...],
+  kwargs: Dict[str, Any],
+) -> CallArgs:
+  """The call's arguments with its input marked for ``probe``."""
+  type_name = LAYERS.type_name(module)
+  if args:
+    return (probe.mark(args[0], path, type_name),) + tuple(args[1:]), kwargs
+  if 'inputs' in kwargs:
+    return args, {**kwargs, 'inputs': probe.mark(kwargs['inputs'], path, type_name)}
+  raise _capture.missing_input(path)
 
 
 def _call_model(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
@@ -349,8 +362,47 @@ def first_layer_of(
   ``fn``, probed once per structure and input types (see
   ``tract_optax.first_layer.cached_choice``)."""
   return first_layer.cached_choice(
-    lambda: (fn, graphdef, first_layer.tree_spec(state), _inputs_spec((args, kwargs))),
+    lambda: _choice_key(fn, graphdef, state, args, kwargs),
     lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
+  )
+
+
+def _choice_key(
+  fn: Callable[..., Any],
+  graphdef: nnx.GraphDef[nnx.Module],
+  state: nnx.State,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+) -> Hashable:
+  return (fn, graphdef, first_layer.tree_spec(state), _inputs_spec((args, kwargs)))
+
+
+_Result = TypeVar('_Result')
+
+
+def _with_first_layer(
+  fn: Callable[..., Any],
+  split: Tuple[nnx.GraphDef[nnx.Module], nnx.State],
+  by_path: Dict[ModulePath, nnx.Module],
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+  run: first_layer.PassRun[_Result],
+) -> _Result:
+  """``run`` for the first layer of the model called by ``fn``: cached per
+  structure and input types, read off the pass itself under ``nnx.grad`` in
+  every ``nnx.Param``, or probed (see
+  ``tract_optax.first_layer.choose_in_pass``). ``split`` is the model's
+  ``nnx.split``, ``by_path`` its modules by path. A model hooked by an outer
+  capture is probed: its layers cannot be marked a second time."""
+  graphdef, state = split
+  params, rest = nnx.split_state(state, nnx.Param, ...)
+  hooked = any(hasattr(type(module), '_tract_original_class') for module in by_path.values())
+  return first_layer.choose_in_pass(
+    lambda: _choice_key(fn, graphdef, state, args, kwargs),
+    lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
+    None if hooked else (params, (rest, args, kwargs)),
+    run,
+    'Conv/Linear',
   )
 
 
@@ -404,11 +456,15 @@ class _Recorder(layer_core.Recorder):
     precision: stats_lib.PrecisionLike,
     max_chunk_bytes: Optional[int],
     stop_early: bool = False,
+    take_first: bool = False,
+    probe: Optional[first_layer.DependencyProbe] = None,
   ) -> None:
     by_path = dict(flax_compat.iter_modules(model))
     resolved = _resolve(model, by_path, selected)
     selected_paths = [path for path, _ in resolved]
-    super().__init__(LAYERS, selected_paths, precision, max_chunk_bytes, stop_early)
+    super().__init__(LAYERS, selected_paths, precision, max_chunk_bytes, stop_early, take_first)
+    self.by_path = by_path
+    self.probe = probe  # marks every layer input, when the pass is one the choice is read off
     for path, module in resolved:  # refused before the pass: the model is untouched
       wrapper = _wrapper_of(by_path, path)
       if wrapper is not None:
@@ -418,9 +474,10 @@ class _Recorder(layer_core.Recorder):
     self.hooks = _Hooks(modules)
     # the stored kernels before the pass: one set anew before a layer's call
     # was computed by a module holding it (a reparameterisation)
+    # (with take_first, of every layer: the one taken is known only in the pass)
     self.stored = {
       path: flax_compat.raw_variable_value(getattr(module, 'kernel', None))
-      for path, module in resolved
+      for path, module in (modules.items() if take_first else resolved)
     }
 
   def hook(self) -> None:
@@ -432,7 +489,14 @@ class _Recorder(layer_core.Recorder):
   def observe(
     self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
   ) -> CallArgs:
+    if self.probe is not None:
+      args, kwargs = _marked(self.probe, module, path, args, kwargs)
+    taking = self.take_first and not self.selected
     self.saw_call(module, path)
+    if taking and self.selected:  # the provisional first layer: checked as a selected one
+      wrapper = _wrapper_of(self.by_path, path)
+      if wrapper is not None:
+        raise _capture.transformed_kernel(path, LAYERS.type_name(module), wrapper)
     if path in self.selected:
       self._record(module, path, args, kwargs)
     return args, kwargs
@@ -542,12 +606,23 @@ def capture_stats(
   def wrapped(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> Tuple[Any, Dict[ModulePath, TractStats]]:
-    chosen = selected
-    if chosen is None:
-      graphdef, state = nnx.split(model)
-      chosen = [paths_lib.normalize_path(first_layer_of(fn, graphdef, state, args, kwargs))]
-    recorder = _Recorder(model, chosen, precision, max_chunk_bytes)
-    return _captured_call(fn, model, args, kwargs, recorder)
+    if selected is not None:
+      recorder = _Recorder(model, selected, precision, max_chunk_bytes)
+      return _captured_call(fn, model, args, kwargs, recorder)
+
+    def run(
+      path: Optional[ModulePath], probe: Optional[first_layer.DependencyProbe]
+    ) -> Tuple[Tuple[Any, Dict[ModulePath, TractStats]], Optional[ModulePath]]:
+      chosen = [] if path is None else [paths_lib.normalize_path(path)]
+      recorder = _Recorder(
+        model, chosen, precision, max_chunk_bytes, take_first=path is None, probe=probe
+      )
+      result = _captured_call(fn, model, args, kwargs, recorder)
+      return result, (recorder.selected[0] if recorder.selected else None)
+
+    return _with_first_layer(
+      fn, nnx.split(model), dict(flax_compat.iter_modules(model)), args, kwargs, run
+    )
 
   return wrapped
 
@@ -790,22 +865,6 @@ def apply_tract(
     >>> _ = optimizer.update(model, grads)
   """
   gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
-  # One split serves the probe (when it runs) and the copy the statistics pass
-  # runs on: copies of the model and of graph nodes among the arguments (an
-  # nnx.Rngs), so that the call below draws the same random numbers and leaves
-  # the same state as a plain call. The copy's values have their gradients
-  # stopped: the statistic is of inputs, and its pass is traced without tangents.
-  # It ends right after the selected layers' first calls; the main pass checks
-  # that they are called no more, else the model and the arguments are set back
-  # and both passes run in full.
-  graphdef, state = nnx.split(model)
-  if layers is None:
-    layers = [first_layer_of(_call_model, graphdef, state, args, kwargs)]
-  selected = _capture.normalize_layers(layers) or []
-  by_path = dict(flax_compat.iter_modules(model))
-  resolved = _resolve(model, by_path, selected)
-  # a model hooked by an outer capture cannot be counted: no early end then
-  stop_early = not any(hasattr(type(module), '_tract_original_class') for _, module in resolved)
   wrap = functools.partial(
     gradient_route.tract_kernel,
     lam=lam,
@@ -816,37 +875,75 @@ def apply_tract(
     check_condition=check_condition,
     per_lane_stats=per_lane_stats,
   )
-  saved = None
-  for attempt in (stop_early, False):
-    copy = nnx.merge(graphdef, jax.tree_util.tree_map(_stopped, state))
-    copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
-    recorder = _Recorder(copy, selected, precision, max_chunk_bytes, stop_early=attempt)
-    _, tract_stats = _captured_call(_call_model, copy, copied_args, copied_kwargs, recorder)
-    if not recorder.ended_early:
-      return _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, None)
-    saved = (jax.tree_util.tree_map(lambda v: v, state), _copy_graph_nodes((args, kwargs)))
-    try:
-      return _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, recorder.limits())
-    except layer_core.MoreCalls:
-      nnx.update(model, saved[0])  # set back what the aborted pass changed
-      _restore_graph_nodes((args, kwargs), saved[1])
-  raise AssertionError('unreachable: the full statistics pass never ends early')
+  # One split serves the copy the statistics pass runs on: copies of the model
+  # and of graph nodes among the arguments (an nnx.Rngs), so that the call below
+  # draws the same random numbers and leaves the same state as a plain call. The
+  # copy's values have their gradients stopped: the statistic is of inputs, and
+  # its pass is traced without tangents. It ends right after the selected
+  # layers' first calls; the main pass checks that they are called no more,
+  # else the model and the arguments are set back and both passes run in full.
+  graphdef, state = nnx.split(model)
+  by_path = dict(flax_compat.iter_modules(model))
+
+  def run(
+    path: Optional[ModulePath], probe: Optional[first_layer.DependencyProbe]
+  ) -> Tuple[Any, Optional[ModulePath]]:
+    if path is None and probe is None:  # the layers named
+      selected = _capture.normalize_layers(layers) or []
+    else:
+      selected = [] if path is None else [paths_lib.normalize_path(path)]
+    watched = [module for _, module in _resolve(model, by_path, selected)]
+    if path is None and probe is not None:
+      watched = list(_kernel_layers(by_path).values())
+    # a model hooked by an outer capture cannot be counted: no early end then
+    stop_early = not any(hasattr(type(module), '_tract_original_class') for module in watched)
+    for attempt in (stop_early, False):
+      copy = nnx.merge(graphdef, jax.tree_util.tree_map(_stopped, state))
+      copied_args, copied_kwargs = _copy_graph_nodes((args, kwargs))
+      recorder = _Recorder(
+        copy, selected, precision, max_chunk_bytes, stop_early=attempt, take_first=probe is not None
+      )
+      _, tract_stats = _captured_call(_call_model, copy, copied_args, copied_kwargs, recorder)
+      taken = recorder.selected[0] if recorder.selected else None
+      if not recorder.ended_early:
+        return _wrapped_call(model, by_path, tract_stats, wrap, args, kwargs, None, probe), taken
+      saved = (jax.tree_util.tree_map(lambda v: v, state), _copy_graph_nodes((args, kwargs)))
+      try:
+        output = _wrapped_call(
+          model, by_path, tract_stats, wrap, args, kwargs, recorder.limits(), probe
+        )
+        return output, taken
+      except layer_core.MoreCalls:
+        nnx.update(model, saved[0])  # set back what the aborted pass changed
+        _restore_graph_nodes((args, kwargs), saved[1])
+    raise AssertionError('unreachable: the full statistics pass never ends early')
+
+  if layers is not None:
+    return run(None, None)[0]
+  return _with_first_layer(_call_model, (graphdef, state), by_path, args, kwargs, run)
 
 
-class _CallCounter(_Hooks):
-  """Raises ``MoreCalls`` when a hooked layer is called more
-  often than its limit."""
+class _MainPassHooks(_Hooks):
+  """The main pass's hooks: ``MoreCalls`` when a layer is called more often
+  than its limit; with a probe, every layer input marked for it."""
 
-  def __init__(self, modules: Dict[ModulePath, nnx.Module], limits: Dict[ModulePath, int]) -> None:
+  def __init__(
+    self,
+    modules: Dict[ModulePath, nnx.Module],
+    limits: Dict[ModulePath, int],
+    probe: Optional[first_layer.DependencyProbe],
+  ) -> None:
     super().__init__(modules)
     self.limit = layer_core.CallLimit(limits)
+    self.probe = probe
 
   def observe(
     self, module: nnx.Module, path: ModulePath, args: Tuple[Any, ...], kwargs: Dict[str, Any]
   ) -> CallArgs:
-    del module
     self.limit.count(path)
-    return args, kwargs
+    if self.probe is None:
+      return args, kwargs
+    return _marked(self.probe, module, path, args, kwargs)
 
 
 def _restore_graph_nodes(tree: Any, saved: Any) -> None:
@@ -867,12 +964,16 @@ def _wrapped_call(
   args: Sequence[Any],
   kwargs: Mapping[str, Any],
   limits: Optional[Dict[ModulePath, int]],
+  probe: Optional[first_layer.DependencyProbe] = None,
 ) -> Any:
   """``model(*args, **kwargs)`` with the selected kernels TrAct-wrapped; with
-  ``limits``, a layer called more often raises ``MoreCalls``."""
+  ``limits``, a layer called more often raises ``MoreCalls``; with ``probe``,
+  every layer input is marked for it."""
   counter = None
-  if limits is not None:
-    counter = _CallCounter({path: by_path[path] for path in limits}, limits)
+  if limits is not None or probe is not None:
+    modules = _kernel_layers(by_path) if probe is not None else {}
+    modules.update({path: by_path[path] for path in limits or {}})
+    counter = _MainPassHooks(modules, limits or {}, probe)
     counter.hook()
     _stack().append(counter)
   originals = []

@@ -229,6 +229,52 @@ def test_explicit_layers_and_the_first_layer_rule():
   assert len(str(error.value)) < 300 and 'docs/routes.md#haiku' in str(error.value)
 
 
+def test_first_layer_read_off_the_differentiated_pass():
+  """Under jax.grad in every parameter the first trace runs the model once
+  (no probe); without a gradient the probe runs too; refusals are the probe's."""
+  from tract_optax._src import first_layer
+
+  runs = []
+
+  def net(x):
+    runs.append('call')
+    return hk.Linear(2, name='head')(jax.nn.relu(hk.Conv2D(4, 3, name='stem')(x)).mean((1, 2)))
+
+  f = hk.transform(net)
+  x = _normal((2, 6, 6, 1))
+  params = f.init(jax.random.key(0), x)
+
+  def loss(p):
+    return jnp.sum(tract_hk.apply_tract(f.apply, p, None, x) ** 2)
+
+  for fn, expected in [(jax.grad(loss), 1), (loss, 2)]:
+    first_layer.clear_cache()
+    runs.clear()
+    jax.make_jaxpr(fn)(params)
+    assert len(runs) == expected
+  first_layer.clear_cache()
+  plain, _ = _grads(f.apply, params, None, x, tract=False)
+  want, _ = _conv_reference(x, params['stem']['w'], plain['stem']['w'], (1, 1), 'SAME', (1, 1), 1)
+  chosen, _ = _eager_grads(f.apply, params, None, x)  # the choice read off this pass
+  assert reference.rel_err(chosen['stem']['w'], want) < TOL
+
+  def conditioned(x, t):
+    scale = hk.Linear(4, name='time_embed')(t)
+    return hk.Linear(2, name='head')((hk.Conv2D(4, 3, name='stem')(x) * scale).mean((1, 2)))
+
+  g = hk.transform(conditioned)
+  t = _normal((2, 1, 1, 3), seed=1)
+  params = g.init(jax.random.key(0), x, t)
+  messages = []
+  for grad in (False, True):
+    first_layer.clear_cache()
+    call = lambda p: jnp.sum(tract_hk.apply_tract(g.apply, p, None, x, t))  # noqa: E731
+    with pytest.raises(ValueError, match=r'Several hk\.Conv/hk\.Linear layers') as error:
+      (jax.grad(call) if grad else call)(params)
+    messages.append(str(error.value))
+  assert messages[0] == messages[1]
+
+
 def test_refusals():
   no_layer = hk.transform(lambda x: x * hk.get_parameter('s', [], init=jnp.ones))
   x = _normal((2, 3))

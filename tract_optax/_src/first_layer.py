@@ -93,7 +93,7 @@ _CONCRETIZATION_ERRORS = tuple(
   if hasattr(jax.errors, name)
 )
 
-#: Choices kept by ``cached_choice`` (keys are hashable structure only).
+#: Choices kept by ``choose_in_pass`` (keys are hashable structure only).
 CACHE_SIZE = 256
 
 
@@ -645,37 +645,20 @@ def _choice_cell(key: Hashable) -> List[ModulePath]:
 
 
 def _cell(key: Callable[[], Hashable]) -> Optional[List[ModulePath]]:
-  """The cache cell of ``key()``, or None for a key that cannot be hashed."""
+  """The cache cell of ``key()``, or None for a key that cannot be hashed.
+
+  The verdict depends only on the model's code and settings and the
+  structure, shapes and dtypes of its parameters and inputs, never on their
+  values, so it is kept in a bounded cache keyed by exactly those (``key()``,
+  e.g. a Linen module, which hashes by its fields, and ``tree_spec`` of its
+  variables and arguments): a later trace with the same key does not choose
+  again. A refusal is never cached; a key that cannot be hashed (a module
+  holding a list, ``key()`` raising ``Uncacheable``) chooses every time.
+  """
   try:
     return _choice_cell(key())
   except (Uncacheable, TypeError):  # an unhashable field: probe every time
     return None
-
-
-def cached_choice(key: Callable[[], Hashable], choose_now: Callable[[], ModulePath]) -> ModulePath:
-  """The first layer for a model structure and input types, chosen once.
-
-  The verdict of the probe depends only on the model's code and settings and
-  the structure, shapes and dtypes of its parameters and inputs, never on
-  their values, so it is kept in a bounded cache keyed by exactly those
-  (``key()``, e.g. a Linen module, which hashes by its fields, and
-  ``tree_spec`` of its variables and arguments): a later trace with the
-  same key does not probe again. A refusal is never cached; a key that cannot
-  be hashed (a module holding a list) probes every time.
-
-  Args:
-    key: builds the hashable key; may raise ``Uncacheable``.
-    choose_now: runs the probe.
-
-  Returns:
-    The chosen layer's path.
-  """
-  cell = _cell(key)
-  if cell is None:
-    return choose_now()
-  if not cell:
-    cell.append(choose_now())
-  return cell[0]
 
 
 _Result = TypeVar('_Result')
@@ -709,7 +692,7 @@ def choose_in_pass(
   if it has one.
 
   Args:
-    key: the cache key (see ``cached_choice``).
+    key: builds the cache key (see ``_cell``).
     probe_now: runs the probe (raises its refusal).
     watched: ``(params, others)`` for ``DependencyProbe.watch``: the
       parameters and everything else the pass reads (inputs, other

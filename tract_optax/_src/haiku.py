@@ -20,6 +20,7 @@ depends on no parameter, if it is also the first called. Haiku module names
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import haiku as hk
@@ -165,14 +166,15 @@ def _tract_output(
   return out[0] if unbatched else out
 
 
-def _probe_first_layer(
-  apply_fn: Callable[..., Any], params: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> ModulePath:
-  """The first layer of ``apply_fn`` by ``tract_optax._src.first_layer``'s rule."""
-  probe = first_layer.DependencyProbe()
-  active: List[ModulePath] = []  # a subclass calling super().__call__ is one call
+class _Marking:
+  """Interceptor marking the input of every ``hk.ConvND`` / ``hk.Linear`` call for ``probe``."""
 
-  def interceptor(
+  def __init__(self, probe: first_layer.DependencyProbe) -> None:
+    self.probe = probe
+    self.active: List[ModulePath] = []  # a subclass calling super().__call__ is one call
+
+  def __call__(
+    self,
     next_fun: Callable[..., Any],
     call_args: Tuple[Any, ...],
     call_kwargs: Dict[str, Any],
@@ -182,32 +184,29 @@ def _probe_first_layer(
     if context.method_name != '__call__' or not isinstance(module, _LAYERS):
       return next_fun(*call_args, **call_kwargs)
     path = _path(module)
-    if path in active:
+    if path in self.active:
       return next_fun(*call_args, **call_kwargs)
-    active.append(path)
+    self.active.append(path)
     try:
       inputs, rest, rest_kwargs = _call_input(path, call_args, call_kwargs)
-      marked = probe.mark(inputs, path, _type_name(module))
+      marked = self.probe.mark(inputs, path, _type_name(module))
       return next_fun(marked, *rest, **rest_kwargs)
     finally:
-      active.pop()
+      self.active.pop()
+
+
+def _probe_first_layer(
+  apply_fn: Callable[..., Any], params: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> ModulePath:
+  """The first layer of ``apply_fn`` by ``tract_optax._src.first_layer``'s rule."""
+  probe = first_layer.DependencyProbe()
 
   def run(probed_params: Any, inputs: Any, _: Optional[jax.Array]) -> None:
     probed_args, probed_kwargs = inputs
-    with hk.intercept_methods(interceptor):
+    with hk.intercept_methods(_Marking(probe)):
       apply_fn(probed_params, *probed_args, **probed_kwargs)
 
   return probe.select(run, params, (args, kwargs), KIND)
-
-
-def first_layer_of(
-  apply_fn: Callable[..., Any], params: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> ModulePath:
-  """The first layer, probed once per ``apply_fn`` and structure of its arguments."""
-  return first_layer.cached_choice(
-    lambda: (apply_fn, first_layer.tree_spec((params, args, kwargs))),
-    lambda: _probe_first_layer(apply_fn, params, args, kwargs),
-  )
 
 
 def _normalize_layers(layers: Union[str, Sequence[str]]) -> List[ModulePath]:
@@ -302,10 +301,6 @@ def apply_tract(
       'ops (a plain gradient). Pass the plain f.apply and jit the loss around '
       'apply_tract.' + _SEE
     )
-  if layers is None:
-    selected = [first_layer_of(apply_fn, params, args, kwargs)]
-  else:
-    selected = _normalize_layers(layers)
   options = dict(
     lam=lam,
     axis_name=axis_name,
@@ -314,47 +309,68 @@ def apply_tract(
     check_condition=check_condition,
     per_lane_stats=per_lane_stats,
   )
-  seen: List[ModulePath] = []  # Conv/Linear modules called, in order
-  done: List[ModulePath] = []  # selected layers computed by a layer op
-  active: List[ModulePath] = []
 
-  def interceptor(
-    next_fun: Callable[..., Any],
-    call_args: Tuple[Any, ...],
-    call_kwargs: Dict[str, Any],
-    context: hk.MethodContext,
-  ) -> Any:
-    module = context.module
-    if context.method_name != '__call__':
-      return next_fun(*call_args, **call_kwargs)
-    path = _path(module)
-    if isinstance(module, _LAYERS) and path not in seen:
-      seen.append(path)
-    if path not in selected or path in active:
-      return next_fun(*call_args, **call_kwargs)
-    _check_layer(module, path)
-    if path in done:
+  def run(
+    path: Optional[ModulePath], probe: Optional[first_layer.DependencyProbe]
+  ) -> Tuple[Any, Optional[ModulePath]]:
+    if path is None and probe is None:  # the layers named
+      selected = _normalize_layers(cast(Union[str, Sequence[str]], layers))
+    else:  # with a probe: the first layer called, taken provisionally
+      selected = [] if path is None else [path]
+    seen: List[ModulePath] = []  # Conv/Linear modules called, in order
+    done: List[ModulePath] = []  # selected layers computed by a layer op
+    active: List[ModulePath] = []
+
+    def interceptor(
+      next_fun: Callable[..., Any],
+      call_args: Tuple[Any, ...],
+      call_kwargs: Dict[str, Any],
+      context: hk.MethodContext,
+    ) -> Any:
+      module = context.module
+      if context.method_name != '__call__':
+        return next_fun(*call_args, **call_kwargs)
+      path = _path(module)
+      if isinstance(module, _LAYERS) and path not in seen:
+        seen.append(path)
+        if probe is not None and not selected:
+          selected.append(path)
+      if path not in selected or path in active:
+        return next_fun(*call_args, **call_kwargs)
+      _check_layer(module, path)
+      if path in done:
+        raise ValueError(
+          f'apply_tract: the layer {paths_lib.format_path(path)!r} is called more than '
+          "once; each call's TrAct gradient would use its own rows only. Call it once "
+          '(concatenate the views into one batch), or use the Optax route.' + _SEE
+        )
+      done.append(path)
+      active.append(path)
+      try:
+        layer = cast(Union[hk.ConvND, hk.Linear], module)  # _check_layer refused anything else
+        return _tract_output(layer, path, call_args, call_kwargs, options)
+      finally:
+        active.pop()
+
+    marking = contextlib.nullcontext() if probe is None else hk.intercept_methods(_Marking(probe))
+    with marking, hk.intercept_methods(interceptor):  # marking first: it sees every input
+      output = apply_fn(params, *args, **kwargs)
+    missing = [path for path in selected if path not in done]
+    if missing:
+      names = ', '.join(repr(paths_lib.format_path(p)) for p in missing)
+      called = ', '.join(repr(paths_lib.format_path(p)) for p in seen) or 'none'
       raise ValueError(
-        f'apply_tract: the layer {paths_lib.format_path(path)!r} is called more than '
-        "once; each call's TrAct gradient would use its own rows only. Call it once "
-        '(concatenate the views into one batch), or use the Optax route.' + _SEE
+        f'apply_tract: layers names {names}, which the forward pass never called. '
+        f'The {KIND} modules called: {called}.' + _SEE
       )
-    done.append(path)
-    active.append(path)
-    try:
-      layer = cast(Union[hk.ConvND, hk.Linear], module)  # _check_layer refused anything else
-      return _tract_output(layer, path, call_args, call_kwargs, options)
-    finally:
-      active.pop()
+    return output, (selected[0] if selected else None)
 
-  with hk.intercept_methods(interceptor):
-    output = apply_fn(params, *args, **kwargs)
-  missing = [path for path in selected if path not in done]
-  if missing:
-    names = ', '.join(repr(paths_lib.format_path(p)) for p in missing)
-    called = ', '.join(repr(paths_lib.format_path(p)) for p in seen) or 'none'
-    raise ValueError(
-      f'apply_tract: layers names {names}, which the forward pass never called. '
-      f'The {KIND} modules called: {called}.' + _SEE
-    )
-  return output
+  if layers is not None:
+    return run(None, None)[0]
+  return first_layer.choose_in_pass(
+    lambda: (apply_fn, first_layer.tree_spec((params, args, kwargs))),
+    lambda: _probe_first_layer(apply_fn, params, args, kwargs),
+    (params, (args, kwargs)),
+    run,
+    KIND,
+  )

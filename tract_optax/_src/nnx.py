@@ -351,22 +351,6 @@ def _inputs_spec(inputs: Any) -> Any:
   return treedef, tuple(specs)
 
 
-def first_layer_of(
-  fn: Callable[..., Any],
-  graphdef: nnx.GraphDef[nnx.Module],
-  state: nnx.State,
-  args: Sequence[Any],
-  kwargs: Mapping[str, Any],
-) -> ModulePath:
-  """The first layer of the model ``nnx.merge(graphdef, state)`` called by
-  ``fn``, probed once per structure and input types (see
-  ``tract_optax.first_layer.cached_choice``)."""
-  return first_layer.cached_choice(
-    lambda: _choice_key(fn, graphdef, state, args, kwargs),
-    lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
-  )
-
-
 def _choice_key(
   fn: Callable[..., Any],
   graphdef: nnx.GraphDef[nnx.Module],

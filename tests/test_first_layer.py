@@ -958,3 +958,29 @@ def test_nnx_differentiated_pass_chooses_without_the_probe(route):
   jax.tree.map(
     np.testing.assert_array_equal, nnx.state(chosen, nnx.BatchStat), nnx.state(named, nnx.BatchStat)
   )
+
+
+def test_linen_pass_and_probe_that_disagree_are_refused_not_run_twice():
+  """A model whose call order changes from call to call: the pass took one
+  layer, the probe (the next call) finds another; refused, with the fix."""
+  calls = []
+
+  class Alternating(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      calls.append(None)
+      scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
+      a, b = nn.Dense(4, name='a'), nn.Dense(4, name='b')
+      if len(calls) <= 2:  # the two passes: 'a' first, reading a learned scale
+        return a(x * scale) + b(x)
+      return b(x) + a(x * scale)  # later calls (the probe): 'b' first, on data
+
+  model = Alternating()
+  x = _normal((8, 3))
+  params = model.init(jax.random.key(0), x)['params']
+  calls.clear()
+  first_layer.clear_cache()
+  loss = _counting_grad_loss(model, 'tract')
+  with pytest.raises(ValueError, match=r"called, 'a', is not the one the probe finds, 'b'"):
+    jax.grad(loss)(params, x)
+  assert len(calls) == 3  # statistics pass, main pass, probe: no second main pass

@@ -689,7 +689,8 @@ def choose_in_pass(
   or in the inputs too) the probe decides first, as before. It also decides
   when the pass's verdict is a refusal, so refusals are worded alike, and
   an error of the provisional pass is raised after the probe's own refusal,
-  if it has one.
+  if it has one. A probe that picks another layer than the pass took (a
+  model whose call order changes) is refused: the pass is not run twice.
 
   Args:
     key: builds the cache key (see ``_cell``).
@@ -719,9 +720,15 @@ def choose_in_pass(
     raise
   read = probe.pass_choice(kind)
   final = read if read is not None and read == taken else probe_now()
+  if final != taken:  # the pass already ran (and may have updated state): no second run
+    raise ValueError(
+      f'The first layer this pass called, {_text(taken) if taken else "none"}, is not the '
+      f'one the probe finds, {_text(final)}: does the model call its layers in another '
+      f'order from call to call? Name the layer with layers=[...].' + _SEE_DEFINITION
+    )
   if cell is not None:
     cell.append(final)
-  return result if final == taken else run(final, None)[0]
+  return result
 
 
 def clear_cache() -> None:

@@ -18,8 +18,14 @@ sensitive to other processes' load), each as a ratio to plain. The first-layer p
 (``layers=None``) is cleared before every repetition unless ``--cached``, so
 the default measures what a job's first compile costs.
 
+With ``--eager`` the same steps run un-jitted instead (every call traces its
+operations as it goes, so an eager step's time is mostly tracing): each
+variant is called once to warm the first-layer cache, then timed round by
+round, interleaved; the report gives medians and ratios to plain.
+
 Usage:
   python benchmarks/trace_compile.py                 # ViT-B/16 size, 32 px, 3 rounds
+  python benchmarks/trace_compile.py --eager --depth 2 --dim 64 --rounds 15
   python benchmarks/trace_compile.py --depth 2 --dim 64 --rounds 1   # a quick check
   python benchmarks/trace_compile.py --layers patch_embed   # skip the probe
   PYTHONPATH=/tmp/old python benchmarks/trace_compile.py --baseline-package tract_optax_old
@@ -33,7 +39,7 @@ import importlib
 import json
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -142,27 +148,35 @@ def _clear_probe_cache() -> None:
     clear()
 
 
+def _variants(
+  args: argparse.Namespace, model: nn.Module, params: Any
+) -> Tuple[Dict[str, Callable[[], Callable]], Dict[str, Any]]:
+  """The step builders of every variant (``--baseline-package``'s too) and their
+  optimizer states."""
+  layers = None if args.layers is None else [args.layers]
+  builders = make_steps(model, layers)
+  sgd_state = optax.sgd(0.1).init(params)
+  opt_states = {
+    'plain': sgd_state,
+    'gradient': sgd_state,
+    'optax': optax.chain(tract_optax.tract(0.1), optax.sgd(0.1)).init(params),
+  }
+  if args.baseline_package:
+    baseline = importlib.import_module(args.baseline_package)
+    suffix = '@' + args.baseline_package
+    builders.update(make_steps(model, layers, baseline, suffix))
+    opt_states['gradient' + suffix] = sgd_state
+    opt_states['optax' + suffix] = optax.chain(baseline.tract(0.1), optax.sgd(0.1)).init(params)
+  return builders, opt_states
+
+
 def measure(args: argparse.Namespace) -> Dict[str, object]:
   """Times every variant's trace + compile, interleaved over ``args.rounds``."""
   model = ViT(depth=args.depth, dim=args.dim, heads=args.heads, patch=args.patch)
   images = jnp.zeros((args.batch, args.size, args.size, 3), jnp.float32)
   labels = jnp.zeros((args.batch,), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
-  opt_states = {
-    'plain': optax.sgd(0.1).init(params),
-    'gradient': optax.sgd(0.1).init(params),
-    'optax': optax.chain(tract_optax.tract(0.1), optax.sgd(0.1)).init(params),
-  }
-  layers = None if args.layers is None else [args.layers]
-  builders = make_steps(model, layers)
-  opt_states = {name: opt_states[name.split('@')[0]] for name in builders}
-  if args.baseline_package:
-    baseline = importlib.import_module(args.baseline_package)
-    builders.update(make_steps(model, layers, baseline, '@' + args.baseline_package))
-    opt_states['optax@' + args.baseline_package] = optax.chain(
-      baseline.tract(0.1), optax.sgd(0.1)
-    ).init(params)
-    opt_states['gradient@' + args.baseline_package] = opt_states['plain']
+  builders, opt_states = _variants(args, model, params)
   times: Dict[str, List[float]] = {name: [] for name in builders}
   phases: Dict[str, List[List[float]]] = {name: [] for name in builders}
   cpu_times: Dict[str, List[float]] = {name: [] for name in builders}
@@ -209,6 +223,33 @@ def measure(args: argparse.Namespace) -> Dict[str, object]:
   }
 
 
+def measure_eager(args: argparse.Namespace) -> Dict[str, object]:
+  """Times every variant's un-jitted step, interleaved over ``args.rounds``."""
+  model = ViT(depth=args.depth, dim=args.dim, heads=args.heads, patch=args.patch)
+  images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3))
+  labels = jnp.zeros((args.batch,), jnp.int32)
+  params = model.init(jax.random.key(0), images)['params']
+  builders, opt_states = _variants(args, model, params)
+  steps = {name: build() for name, build in builders.items()}
+  times: Dict[str, List[float]] = {name: [] for name in steps}
+  for name, step in steps.items():  # warm-up: the first layer is chosen here
+    jax.block_until_ready(step(params, opt_states[name], images, labels))
+  for _ in range(args.rounds):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(params, opt_states[name], images, labels))
+      times[name].append(time.perf_counter() - start)
+  medians = {name: statistics.median(values) for name, values in times.items()}
+  return {
+    'model': f'ViT depth {args.depth} x dim {args.dim}, patch {args.patch}, {args.size} px',
+    'eager': True,
+    'layers': args.layers,
+    'seconds': times,
+    'median_s': medians,
+    'ratio_to_plain': {name: medians[name] / medians['plain'] for name in medians},
+  }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__.split('\n\n')[0],
@@ -233,9 +274,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     help='another importable copy of tract_optax (e.g. an earlier version renamed) whose '
     'gradient and Optax routes are measured in the same rounds',
   )
+  parser.add_argument(
+    '--eager', action='store_true', help='time un-jitted steps instead of trace + compile'
+  )
   parser.add_argument('--out', default=None, help='write the result as JSON here')
   args = parser.parse_args(argv)
-  result = measure(args)
+  result = measure_eager(args) if args.eager else measure(args)
   text = json.dumps(result, indent=2)
   print(text)
   if args.out:

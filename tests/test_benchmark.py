@@ -157,3 +157,21 @@ def test_the_application_vits_have_their_patch_size(name, patch, tokens):
   assert params['patch_embed']['kernel'].shape == (patch, patch, 1, 64)
   assert params['position_embedding'].shape == (1, tokens + 1, 64)
   assert images.shape == (128, 28, 28, 1) and sorted(jitted) == ['plain', 'tract@default']
+
+
+@pytest.mark.parametrize('eager', [False, True])
+def test_trace_compile_benchmark_runs_and_reports_ratios(tmp_path, eager):
+  import trace_compile  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / 'trace_compile.json'
+  argv = ['--depth', '1', '--dim', '16', '--heads', '2', '--patch', '4', '--size', '8',
+          '--rounds', '1', '--out', str(out)] + (['--eager'] if eager else [])
+  assert trace_compile.main(argv) == 0
+  result = json.loads(out.read_text())
+  assert set(result['median_s']) == {'plain', 'gradient', 'optax'}
+  assert all(seconds > 0 for seconds in result['median_s'].values())
+  assert result['ratio_to_plain']['plain'] == 1.0
+  for name, seconds in result['median_s'].items():
+    assert abs(result['ratio_to_plain'][name] - seconds / result['median_s']['plain']) < 1e-9
+  if not eager:
+    assert set(result['median_phase_s']['optax']) == {'trace', 'lower', 'compile'}

@@ -217,7 +217,9 @@ class ConvGeometry:
   """Resolved geometry of a convolution over concrete input shapes.
 
   All fields are static Python values; ``pads`` is the explicit zero padding
-  left once 'CIRCULAR' / 'REFLECT' padding has been applied to the input.
+  left once 'CIRCULAR' / 'REFLECT' padding has been applied to the input:
+  that padding's ``np.pad`` mode is ``mode`` (None without one) and its
+  widths ``mode_pads``; ``in_spatial`` is the input's size after it.
   """
 
   kernel_size: Tuple[int, ...]
@@ -229,6 +231,8 @@ class ConvGeometry:
   out_spatial: Tuple[int, ...]
   channels: int
   groups: int
+  mode: Optional[str] = None
+  mode_pads: Pads = ()
 
   @property
   def window(self) -> int:
@@ -274,19 +278,35 @@ class ConvGeometry:
     )
 
 
-def _resolve(
-  shape: Sequence[int],
+def conv_geometry(
+  x: Union[jax.typing.ArrayLike, jax.ShapeDtypeStruct],
   kernel_size: IntOrSeq,
-  strides: IntOrSeq,
-  padding: PaddingLike,
-  dilation: IntOrSeq,
-  feature_group_count: int,
-) -> Tuple[ConvGeometry, Optional[str], Pads]:
-  """Validates arguments against an input shape; shapes only, no data.
+  strides: IntOrSeq = 1,
+  padding: PaddingLike = 'SAME',
+  dilation: IntOrSeq = 1,
+  *,
+  feature_group_count: int = 1,
+) -> ConvGeometry:
+  """The ``ConvGeometry`` of a convolution of ``x``, from its shape alone.
+
+  Validates every argument; reads no data.
+
+  Args:
+    x: the inputs, or anything with their ``shape`` (``jax.ShapeDtypeStruct``).
+    kernel_size, strides, padding, dilation, feature_group_count: as for
+      ``conv_stats``.
 
   Returns:
-    The geometry, the ``np.pad`` mode of 'CIRCULAR' / 'REFLECT' padding (or
-    None), and the padding applied in that mode before the convolution.
+    The resolved geometry: output shape, explicit zero padding, ``N``, ``n``,
+    and the mode padding ('CIRCULAR' / 'REFLECT') applied before it.
+
+  Raises:
+    ValueError, TypeError: as ``conv_stats``.
+
+  Example:
+    >>> g = conv_geometry(jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32), (3, 3), 2)
+    >>> g.out_spatial, g.pads, g.num_rows, g.num_features
+    ((16, 16), ((0, 1), (0, 1)), 2048, 27)
   """
   kernel_size = _kernel_size_tuple(kernel_size)
   num_spatial = len(kernel_size)
@@ -294,7 +314,7 @@ def _resolve(
   dilation = _spatial_ints(dilation, num_spatial, 'dilation', '1 = no dilation')
   padding = _canonical_padding(padding, num_spatial)
   groups = _group_count(feature_group_count)
-  batch, *spatial_sizes, channels = _batched_shape(tuple(shape), kernel_size)
+  batch, *spatial_sizes, channels = _batched_shape(tuple(np.shape(x)), kernel_size)
   window_dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=False))
 
   mode, mode_pads = None, ((0, 0),) * num_spatial
@@ -332,40 +352,19 @@ def _resolve(
     )
   if channels % groups:
     raise ValueError(f'feature_group_count={groups} must divide the {channels} input channels.')
-  geometry = ConvGeometry(
-    kernel_size, strides, dilation, pads, batch, in_spatial, out_spatial, channels, groups
+  return ConvGeometry(
+    kernel_size,
+    strides,
+    dilation,
+    pads,
+    batch,
+    in_spatial,
+    out_spatial,
+    channels,
+    groups,
+    mode,
+    mode_pads if mode is not None else (),
   )
-  return geometry, mode, mode_pads
-
-
-def conv_geometry(
-  x: Union[jax.typing.ArrayLike, jax.ShapeDtypeStruct],
-  kernel_size: IntOrSeq,
-  strides: IntOrSeq = 1,
-  padding: PaddingLike = 'SAME',
-  dilation: IntOrSeq = 1,
-  *,
-  feature_group_count: int = 1,
-) -> ConvGeometry:
-  """The ``ConvGeometry`` of a convolution of ``x``, from shapes alone.
-
-  Args:
-    x: the inputs, or anything with their ``shape`` (``jax.ShapeDtypeStruct``).
-    kernel_size, strides, padding, dilation, feature_group_count: as for
-      ``conv_stats``.
-
-  Returns:
-    The resolved geometry: output shape, explicit zero padding, ``N``, ``n``.
-
-  Raises:
-    ValueError, TypeError: as ``conv_stats``.
-
-  Example:
-    >>> g = conv_geometry(jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32), (3, 3), 2)
-    >>> g.out_spatial, g.pads, g.num_rows, g.num_features
-    ((16, 16), ((0, 1), (0, 1)), 2048, 27)
-  """
-  return _resolve(np.shape(x), kernel_size, strides, padding, dilation, feature_group_count)[0]
 
 
 def _prepare(
@@ -381,14 +380,14 @@ def _prepare(
 
   Integer and boolean inputs become float32; complex inputs are rejected.
   """
-  geometry, mode, mode_pads = _resolve(
-    np.shape(x), kernel_size, strides, padding, dilation, feature_group_count
+  geometry = conv_geometry(
+    x, kernel_size, strides, padding, dilation, feature_group_count=feature_group_count
   )
   x = stats_lib.as_real_input(x, where)
   num_spatial = len(geometry.kernel_size)
   x = x.reshape((geometry.batch,) + x.shape[x.ndim - num_spatial - 1 :])
-  if mode is not None:
-    x = jnp.pad(x, ((0, 0),) + mode_pads + ((0, 0),), mode=mode)
+  if geometry.mode is not None:
+    x = jnp.pad(x, ((0, 0),) + geometry.mode_pads + ((0, 0),), mode=geometry.mode)
   return x, geometry
 
 

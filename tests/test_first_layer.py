@@ -984,3 +984,52 @@ def test_linen_pass_and_probe_that_disagree_are_refused_not_run_twice():
   with pytest.raises(ValueError, match=r"called, 'a', is not the one the probe finds, 'b'"):
     jax.grad(loss)(params, x)
   assert len(calls) == 3  # statistics pass, main pass, probe: no second main pass
+
+
+def test_linen_nn_scan_first_layer_read_off_the_pass(monkeypatch):
+  """Through nn.scan (its markers' rules run as the scan is differentiated)
+  the pass alone decides: the probe is never asked."""
+  xs = _normal((5, 3, 6))
+  model = ScanRNN()
+  variables = model.init(jax.random.key(0), xs)
+
+  def no_probe(*args, **kwargs):
+    raise AssertionError('the probe ran')
+
+  monkeypatch.setattr(first_layer.DependencyProbe, 'select', no_probe)
+  first_layer.clear_cache()
+
+  def loss(params, apply):
+    return jnp.sum(apply({'params': params}) ** 2)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  grads = grad(variables['params'], lambda v: tract_linen.apply_tract(model, v, xs))
+  plain = grad(variables['params'], lambda v: model.apply(v, xs))
+  rows = np.float64(xs).reshape(-1, 6)
+  expected = _tract_solve(rows, plain['cell']['inp']['kernel'])
+  assert _relative(grads['cell']['inp']['kernel'], expected) < 1e-4
+  np.testing.assert_allclose(
+    grads['cell']['rec']['kernel'], plain['cell']['rec']['kernel'], rtol=1e-5, atol=1e-7
+  )
+
+
+def test_nnx_scan_first_layer_read_off_the_pass(monkeypatch):
+  xs = _normal((5, 3, 6))
+  model = NNXScanRNN(nnx.Rngs(0))
+
+  def no_probe(*args, **kwargs):
+    raise AssertionError('the probe ran')
+
+  monkeypatch.setattr(first_layer.DependencyProbe, 'select', no_probe)
+  first_layer.clear_cache()
+
+  def loss_and_stats(m):
+    out, stats = tract_nnx.apply_with_stats(m, xs)
+    return jnp.sum(out**2), stats
+
+  _, stats = nnx.grad(loss_and_stats, has_aux=True)(model)
+  assert list(stats) == [('inp',)]
+  rows = np.float64(xs).reshape(-1, 6)
+  np.testing.assert_allclose(
+    stats[('inp',)].moment, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6
+  )

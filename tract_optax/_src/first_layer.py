@@ -171,7 +171,7 @@ _marker.defjvp(_marker_jvp, symbolic_zeros=True)
 
 
 def _first_element_times_zero(x: jax.Array) -> jax.Array:
-  return jnp.ravel(x)[0].astype(jnp.float32) * 0
+  return jnp.real(jnp.ravel(x)[0]).astype(jnp.float32) * 0
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

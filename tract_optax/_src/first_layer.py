@@ -713,11 +713,14 @@ def choose_in_pass(
     if cell is not None:
       cell.append(chosen)
     return run(chosen, None)[0]
+  failed: Optional[Exception] = None
   try:
     result, taken = run(None, probe)
-  except Exception:
-    probe_now()  # a refusal of the probe comes first, as when it ran first
-    raise
+  except Exception as error:  # raised again below, after the probe
+    failed = error
+  if failed is not None:
+    probe_now()  # a refusal of the probe comes first (outside the handler: not chained)
+    raise failed
   read = probe.pass_choice(kind)
   final = read if read is not None and read == taken else probe_now()
   if final != taken:  # the pass already ran (and may have updated state): no second run

@@ -154,3 +154,24 @@ def test_shape_mismatch_names_both_shapes():
     tract_optax.precondition(jnp.zeros((3, 3, 2, 5)), grouped, 0.1)
   with pytest.raises(TypeError, match='must be a tract_optax.TractStats'):
     tract_optax.precondition(jnp.zeros((3, 2)), np.eye(3), 0.1)
+
+
+@pytest.mark.parametrize('shape', [(6,), (6, 1), (6, 40)])
+def test_cholesky_solve_against_numpy(shape):
+  """The transposed right-side solves equal a float64 solve of L L^T x = b."""
+  from tract_optax._src import precondition as precondition_lib
+
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(6, 6))
+  system = a @ a.T + 0.5 * np.eye(6)
+  rhs = rng.normal(size=shape)
+  factor = np.linalg.cholesky(system)
+  expected = np.linalg.solve(system, rhs)
+  got = precondition_lib._cho_solve(jnp.asarray(factor, jnp.float32), jnp.asarray(rhs, jnp.float32))
+  assert got.shape == rhs.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  batched = jax.vmap(precondition_lib._cho_solve)(
+    jnp.asarray(np.stack([factor, 2 * factor]), jnp.float32),
+    jnp.asarray(np.stack([rhs, rhs]), jnp.float32),
+  )
+  np.testing.assert_allclose(batched[1], expected / 4, rtol=1e-4, atol=1e-5)

@@ -219,6 +219,69 @@ def _normalize_layers(layers: Union[str, Sequence[str]]) -> List[ModulePath]:
   return [paths_lib.normalize_path(name) for name in names]
 
 
+class _LayerOps:
+  """Interceptor computing the selected layers' calls with the layer ops (one pass).
+
+  Attributes:
+    selected: the layers to compute; with ``take_first`` (and none given),
+      the first ``hk.ConvND`` / ``hk.Linear`` called becomes the selection.
+    seen: every ``hk.ConvND`` / ``hk.Linear`` called, in order.
+  """
+
+  def __init__(
+    self, selected: List[ModulePath], options: Dict[str, Any], take_first: bool = False
+  ) -> None:
+    self.selected = selected
+    self.options = options
+    self.take_first = take_first
+    self.seen: List[ModulePath] = []
+    self.done: List[ModulePath] = []  # selected layers computed by a layer op
+    self.active: List[ModulePath] = []
+
+  def __call__(
+    self,
+    next_fun: Callable[..., Any],
+    call_args: Tuple[Any, ...],
+    call_kwargs: Dict[str, Any],
+    context: hk.MethodContext,
+  ) -> Any:
+    module = context.module
+    if context.method_name != '__call__':
+      return next_fun(*call_args, **call_kwargs)
+    path = _path(module)
+    if isinstance(module, _LAYERS) and path not in self.seen:
+      self.seen.append(path)
+      if self.take_first and not self.selected:
+        self.selected.append(path)
+    if path not in self.selected or path in self.active:
+      return next_fun(*call_args, **call_kwargs)
+    _check_layer(module, path)
+    if path in self.done:
+      raise ValueError(
+        f'apply_tract: the layer {paths_lib.format_path(path)!r} is called more than '
+        "once; each call's TrAct gradient would use its own rows only. Call it once "
+        '(concatenate the views into one batch), or use the Optax route.' + _SEE
+      )
+    self.done.append(path)
+    self.active.append(path)
+    try:
+      layer = cast(Union[hk.ConvND, hk.Linear], module)  # _check_layer refused anything else
+      return _tract_output(layer, path, call_args, call_kwargs, self.options)
+    finally:
+      self.active.pop()
+
+  def check_all_called(self) -> None:
+    """Raises if a selected layer was never called."""
+    missing = [path for path in self.selected if path not in self.done]
+    if missing:
+      names = ', '.join(repr(paths_lib.format_path(p)) for p in missing)
+      called = ', '.join(repr(paths_lib.format_path(p)) for p in self.seen) or 'none'
+      raise ValueError(
+        f'apply_tract: layers names {names}, which the forward pass never called. '
+        f'The {KIND} modules called: {called}.' + _SEE
+      )
+
+
 def apply_tract(
   apply_fn: Callable[..., Any],
   params: Any,
@@ -314,56 +377,14 @@ def apply_tract(
     path: Optional[ModulePath], probe: Optional[first_layer.DependencyProbe]
   ) -> Tuple[Any, Optional[ModulePath]]:
     if path is None and probe is None:  # the layers named
-      selected = _normalize_layers(cast(Union[str, Sequence[str]], layers))
+      ops = _LayerOps(_normalize_layers(cast(Union[str, Sequence[str]], layers)), options)
     else:  # with a probe: the first layer called, taken provisionally
-      selected = [] if path is None else [path]
-    seen: List[ModulePath] = []  # Conv/Linear modules called, in order
-    done: List[ModulePath] = []  # selected layers computed by a layer op
-    active: List[ModulePath] = []
-
-    def interceptor(
-      next_fun: Callable[..., Any],
-      call_args: Tuple[Any, ...],
-      call_kwargs: Dict[str, Any],
-      context: hk.MethodContext,
-    ) -> Any:
-      module = context.module
-      if context.method_name != '__call__':
-        return next_fun(*call_args, **call_kwargs)
-      path = _path(module)
-      if isinstance(module, _LAYERS) and path not in seen:
-        seen.append(path)
-        if probe is not None and not selected:
-          selected.append(path)
-      if path not in selected or path in active:
-        return next_fun(*call_args, **call_kwargs)
-      _check_layer(module, path)
-      if path in done:
-        raise ValueError(
-          f'apply_tract: the layer {paths_lib.format_path(path)!r} is called more than '
-          "once; each call's TrAct gradient would use its own rows only. Call it once "
-          '(concatenate the views into one batch), or use the Optax route.' + _SEE
-        )
-      done.append(path)
-      active.append(path)
-      try:
-        layer = cast(Union[hk.ConvND, hk.Linear], module)  # _check_layer refused anything else
-        return _tract_output(layer, path, call_args, call_kwargs, options)
-      finally:
-        active.pop()
-
+      ops = _LayerOps([] if path is None else [path], options, take_first=probe is not None)
     marking = contextlib.nullcontext() if probe is None else hk.intercept_methods(_Marking(probe))
-    with marking, hk.intercept_methods(interceptor):  # marking first: it sees every input
+    with marking, hk.intercept_methods(ops):  # marking first: it sees every input
       output = apply_fn(params, *args, **kwargs)
-    missing = [path for path in selected if path not in done]
-    if missing:
-      names = ', '.join(repr(paths_lib.format_path(p)) for p in missing)
-      called = ', '.join(repr(paths_lib.format_path(p)) for p in seen) or 'none'
-      raise ValueError(
-        f'apply_tract: layers names {names}, which the forward pass never called. '
-        f'The {KIND} modules called: {called}.' + _SEE
-      )
-    return output, (selected[0] if selected else None)
+    ops.check_all_called()
+    return output, (ops.selected[0] if ops.selected else None)
 
   if layers is not None:
     return run(None, None)[0]

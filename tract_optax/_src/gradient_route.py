@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +270,38 @@ def check_settings(
   ridge_lib.validate_lam(lam)
   reduce_over = axes_lib.resolve_axis_name(axis_name, local_stats, owner=owner)
   return tuple(reduce_over) if isinstance(reduce_over, list) else reduce_over
+
+
+def kernel_wrapper(
+  owner: str,
+  *,
+  lam: Union[float, jax.Array],
+  axis_name: axes_lib.AxisName,
+  local_stats: bool,
+  relative_lam: bool,
+  check_condition: Optional[bool],
+  per_lane_stats: bool,
+) -> Callable[..., jax.Array]:
+  """``tract_kernel`` with a glue's settings bound, checked up front.
+
+  For the Flax glue's ``apply_tract`` (``owner`` in messages): its kernels
+  are channels-last, so ``channels_first=False`` (a square Dense is
+  ambiguous by shape). The result takes ``(kernel, stats, name=...)``.
+
+  Raises:
+    TypeError, ValueError: as ``check_settings``.
+  """
+  check_settings(lam, axis_name, local_stats, owner)
+  return functools.partial(
+    tract_kernel,
+    lam=lam,
+    axis_name=axis_name,
+    local_stats=local_stats,
+    relative_lam=relative_lam,
+    channels_first=False,
+    check_condition=check_condition,
+    per_lane_stats=per_lane_stats,
+  )
 
 
 def tract_kernel(

@@ -715,14 +715,12 @@ def apply_tract(
   """
   module = as_module(module_or_apply_fn, 'apply_tract')
   require_variables(variables, 'apply_tract')
-  gradient_route.check_settings(lam, axis_name, local_stats, 'apply_tract')
-  wrap = functools.partial(
-    gradient_route.tract_kernel,
+  wrap = gradient_route.kernel_wrapper(
+    'apply_tract',
     lam=lam,
     axis_name=axis_name,
     local_stats=local_stats,
     relative_lam=relative_lam,
-    channels_first=False,  # Flax kernels; a square Dense is ambiguous by shape
     check_condition=check_condition,
     per_lane_stats=per_lane_stats,
   )

@@ -364,12 +364,26 @@ def require_variables(variables: Any, owner: str) -> None:
     )
 
 
-class _Marking:
-  """Interceptor marking the input of every Conv/Dense call for ``probe``."""
+class _OutermostCalls:
+  """An interceptor acting once per layer call: a subclass's
+  ``super().__call__`` inside it is the same call. Subclasses say which
+  layers they watch (``watches``) and what they do around a call (``call``)."""
 
-  def __init__(self, probe: first_layer.DependencyProbe) -> None:
-    self.probe = probe
-    self.active: List[ModulePath] = []  # layer calls under way (super().__call__ nests)
+  def __init__(self) -> None:
+    self.active: List[ModulePath] = []  # watched calls under way
+
+  def watches(self, layer: nn.Module, path: ModulePath) -> bool:
+    raise NotImplementedError
+
+  def call(
+    self,
+    layer: nn.Module,
+    path: ModulePath,
+    next_fun: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+  ) -> Any:
+    raise NotImplementedError
 
   def __call__(
     self,
@@ -379,27 +393,44 @@ class _Marking:
     context: InterceptorContext,
   ) -> Any:
     layer = context.module
-    if (
-      context.method_name != '__call__'
-      or layer.scope is None
-      or not isinstance(layer, _KERNEL_LAYERS)
-    ):
+    if context.method_name != '__call__' or layer.scope is None:
       return next_fun(*args, **kwargs)
     path = tuple(layer.path)
-    if path in self.active:  # a subclass calling super().__call__: marked already
+    if path in self.active or not self.watches(layer, path):
       return next_fun(*args, **kwargs)
     self.active.append(path)
     try:
-      type_name = f'nn.{type(layer).__name__}'
-      if args:
-        args = (self.probe.mark(args[0], path, type_name),) + tuple(args[1:])
-      elif 'inputs' in kwargs:
-        kwargs = {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
-      else:
-        raise _capture.missing_input(path)
-      return next_fun(*args, **kwargs)
+      return self.call(layer, path, next_fun, args, kwargs)
     finally:
       self.active.pop()
+
+
+class _Marking(_OutermostCalls):
+  """Interceptor marking the input of every Conv/Dense call for ``probe``."""
+
+  def __init__(self, probe: first_layer.DependencyProbe) -> None:
+    super().__init__()
+    self.probe = probe
+
+  def watches(self, layer: nn.Module, path: ModulePath) -> bool:
+    return isinstance(layer, _KERNEL_LAYERS)
+
+  def call(
+    self,
+    layer: nn.Module,
+    path: ModulePath,
+    next_fun: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+  ) -> Any:
+    type_name = f'nn.{type(layer).__name__}'
+    if args:
+      args = (self.probe.mark(args[0], path, type_name),) + tuple(args[1:])
+    elif 'inputs' in kwargs:
+      kwargs = {**kwargs, 'inputs': self.probe.mark(kwargs['inputs'], path, type_name)}
+    else:
+      raise _capture.missing_input(path)
+    return next_fun(*args, **kwargs)
 
 
 def _probe_first_layer(
@@ -577,33 +608,27 @@ def _recorded_pass(
   return (output, _strip_collection(mutated)), tract_stats
 
 
-class _CallCounter(layer_core.CallLimit):
-  """Interceptor raising ``MoreCalls`` past ``limits[path]``
-  calls (counted outermost: a subclass's ``super().__call__`` is the same call)."""
+class _CallCounter(_OutermostCalls):
+  """Interceptor raising ``MoreCalls`` past ``limits[path]`` calls (counted
+  outermost: a subclass's ``super().__call__`` is the same call)."""
 
   def __init__(self, limits: Dict[ModulePath, int]) -> None:
-    super().__init__(limits)
-    self.active: List[ModulePath] = []
+    super().__init__()
+    self.limit = layer_core.CallLimit(limits)
 
-  def __call__(
+  def watches(self, layer: nn.Module, path: ModulePath) -> bool:
+    return path in self.limit.limits
+
+  def call(
     self,
+    layer: nn.Module,
+    path: ModulePath,
     next_fun: Callable[..., Any],
     args: Tuple[Any, ...],
     kwargs: Dict[str, Any],
-    context: InterceptorContext,
   ) -> Any:
-    module = context.module
-    if context.method_name != '__call__' or module.scope is None:
-      return next_fun(*args, **kwargs)
-    path = tuple(module.path)
-    if path not in self.limits or path in self.active:
-      return next_fun(*args, **kwargs)
-    self.count(path)
-    self.active.append(path)
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      self.active.pop()
+    self.limit.count(path)
+    return next_fun(*args, **kwargs)
 
 
 def _replace_kernel(

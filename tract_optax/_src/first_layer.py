@@ -675,7 +675,7 @@ PassRun = Callable[
 def choose_in_pass(
   key: Callable[[], Hashable],
   probe_now: Callable[[], ModulePath],
-  watched: Optional[Tuple[Any, Any]],
+  watched: Callable[[], Optional[Tuple[Any, Any]]],
   run: PassRun[_Result],
   kind: str = 'Conv/Dense',
 ) -> _Result:
@@ -695,9 +695,10 @@ def choose_in_pass(
   Args:
     key: builds the cache key (see ``_cell``).
     probe_now: runs the probe (raises its refusal).
-    watched: ``(params, others)`` for ``DependencyProbe.watch``: the
+    watched: builds ``(params, others)`` for ``DependencyProbe.watch``: the
       parameters and everything else the pass reads (inputs, other
       variables); None when the pass cannot be marked (the probe decides).
+      Called only when the choice is not cached.
     run: the glue's pass (see ``PassRun``).
     kind: how the layers are called in messages.
 
@@ -708,7 +709,8 @@ def choose_in_pass(
   if cell:
     return run(cell[0], None)[0]
   probe = DependencyProbe()
-  if watched is None or not probe.watch(*watched):
+  to_watch = watched()
+  if to_watch is None or not probe.watch(*to_watch):
     chosen = probe_now()
     if cell is not None:
       cell.append(chosen)

@@ -391,7 +391,7 @@ def apply_tract(
   return first_layer.choose_in_pass(
     lambda: (apply_fn, first_layer.tree_spec((params, args, kwargs))),
     lambda: _probe_first_layer(apply_fn, params, args, kwargs),
-    (params, (args, kwargs)),
+    lambda: (params, (args, kwargs)),
     run,
     KIND,
   )

@@ -484,11 +484,14 @@ def _with_first_layer(
     result, taken = run([], _Marking(probe))
     return result, (taken[0] if taken else None)
 
-  others = ({k: v for k, v in variables.items() if k != 'params'}, args, apply_kwargs)
+  def watched() -> Tuple[Any, Any]:
+    others = {k: v for k, v in variables.items() if k != 'params'}
+    return _params_of(variables), (others, args, apply_kwargs)
+
   return first_layer.choose_in_pass(
     lambda: (module, first_layer.tree_spec((variables, args, apply_kwargs))),
     lambda: _probe_first_layer(module, variables, args, apply_kwargs),
-    (_params_of(variables), others),
+    watched,
     run_pass,
     'Conv/Dense',
   )

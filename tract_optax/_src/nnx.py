@@ -367,24 +367,30 @@ _Result = TypeVar('_Result')
 def _with_first_layer(
   fn: Callable[..., Any],
   split: Tuple[nnx.GraphDef[nnx.Module], nnx.State],
-  by_path: Dict[ModulePath, nnx.Module],
+  model: nnx.Module,
   args: Sequence[Any],
   kwargs: Mapping[str, Any],
   run: first_layer.PassRun[_Result],
 ) -> _Result:
-  """``run`` for the first layer of the model called by ``fn``: cached per
+  """``run`` for the first layer of ``model`` called by ``fn``: cached per
   structure and input types, read off the pass itself under ``nnx.grad`` in
   every ``nnx.Param``, or probed (see
   ``tract_optax.first_layer.choose_in_pass``). ``split`` is the model's
-  ``nnx.split``, ``by_path`` its modules by path. A model hooked by an outer
-  capture is probed: its layers cannot be marked a second time."""
+  ``nnx.split``. A model hooked by an outer capture is probed: its layers
+  cannot be marked a second time."""
   graphdef, state = split
-  params, rest = nnx.split_state(state, nnx.Param, ...)
-  hooked = any(hasattr(type(module), '_tract_original_class') for module in by_path.values())
+
+  def watched() -> Optional[Tuple[Any, Any]]:
+    modules = flax_compat.iter_modules(model)
+    if any(hasattr(type(module), '_tract_original_class') for _, module in modules):
+      return None
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+    return params, (rest, args, kwargs)
+
   return first_layer.choose_in_pass(
     lambda: _choice_key(fn, graphdef, state, args, kwargs),
     lambda: _probe_first_layer(fn, graphdef, state, args, kwargs),
-    None if hooked else (params, (rest, args, kwargs)),
+    watched,
     run,
     'Conv/Linear',
   )
@@ -604,9 +610,7 @@ def capture_stats(
       result = _captured_call(fn, model, args, kwargs, recorder)
       return result, (recorder.selected[0] if recorder.selected else None)
 
-    return _with_first_layer(
-      fn, nnx.split(model), dict(flax_compat.iter_modules(model)), args, kwargs, run
-    )
+    return _with_first_layer(fn, nnx.split(model), model, args, kwargs, run)
 
   return wrapped
 
@@ -902,7 +906,7 @@ def apply_tract(
 
   if layers is not None:
     return run(None, None)[0]
-  return _with_first_layer(_call_model, (graphdef, state), by_path, args, kwargs, run)
+  return _with_first_layer(_call_model, (graphdef, state), model, args, kwargs, run)
 
 
 class _MainPassHooks(_Hooks):

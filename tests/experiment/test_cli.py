@@ -630,6 +630,9 @@ def test_sigint_ends_with_one_line_and_exit_130(tmp_path):
   """A real Ctrl-C (SIGINT) in the console program once the first runs are written."""
   out = tmp_path / 'out'
   argv = [a for a in SMOKE_ARGV if a != '--no-progress']
+  # the second budget long enough that the signal lands inside it: with the runs of a
+  # budget trained as one vectorised group, a short second group could finish first
+  argv[argv.index('--epochs') + 1] = '1,40'
   process = subprocess.Popen(
       [sys.executable, '-m', 'tract_experiment', *argv, '--seeds', '40', '--no-progress',
        '--out', str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
